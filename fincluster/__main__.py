@@ -1,0 +1,5 @@
+import sys
+
+from fincluster.cli import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""``fincluster`` command line: model import, certificates, registry, serve, generate, demo.
+
+Entry point only: it reads settings (arguments > environment > TOML) and hands typed objects down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fincluster.errors import FinclusterError
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    print(f"\r{stage}: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+def _tls_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    given = {k: getattr(args, k) for k in ("ca_cert", "cert", "key") if getattr(args, k, None) is not None}
+    if given and len(given) != 3:
+        raise FinclusterError("--ca-cert, --cert and --key go together")
+    return {"tls": given} if given else {}
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from fincluster.logs import configure_logging
+    from fincluster.settings import load_settings
+
+    overrides.update(_tls_overrides(args))
+    settings = load_settings(args.config, **overrides)
+    configure_logging(settings.logging)
+    return settings
+
+
+def _credential(settings: Any) -> Any:
+    if settings.tls is None:
+        raise FinclusterError("TLS material is required: give --ca-cert/--cert/--key or FINCLUSTER_TLS__*")
+    return settings.tls.credential()
+
+
+def _wait_for_signal(stop: Callable[[], None]) -> None:
+    done = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    done.wait()
+    stop()
+
+
+# model -----------------------------------------------------------------------------------------
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from fincluster.store import import_model
+
+    store = import_model(
+        args.source, args.out, model_id=args.model_id, progress=_progress, overwrite=args.overwrite
+    )
+    print(f"imported {store.model_id}: {store.num_blocks} blocks into {store.path}")
+    print(f"manifest sha256 {store.manifest_digest}")
+    return 0
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from fincluster.store import ModelStore
+
+    store = ModelStore.open(args.store)
+    store.verify()
+    print(f"{store.path}: all {len(store.manifest.files)} files match the manifest ({store.manifest_digest})")
+    return 0
+
+
+# certificates ----------------------------------------------------------------------------------
+def cmd_certs_init_ca(args: argparse.Namespace) -> int:
+    from fincluster.trust.pki import CertificateAuthority, parse_ttl
+
+    ca = CertificateAuthority.init(args.dir, trust_domain=args.trust_domain, ttl=parse_ttl(args.ttl))
+    print(f"created CA for trust domain {ca.trust_domain} in {args.dir}")
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from fincluster.trust.pki import CertificateAuthority, Role, parse_ttl
+
+    ca = CertificateAuthority.load(args.dir)
+    hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
+    credential = ca.issue(Role(args.role), args.name, ttl=parse_ttl(args.ttl), hosts=hosts)
+    print(f"{credential.spiffe_id}\n  cert {credential.cert_path}\n  key  {credential.key_path}")
+    return 0
+
+
+def cmd_certs_revoke(args: argparse.Namespace) -> int:
+    from fincluster.trust.pki import CertificateAuthority
+
+    CertificateAuthority.load(args.dir).revoke(Path(args.cert))
+    print(f"revoked {args.cert}; CRL updated in {args.dir}")
+    return 0
+
+
+# services --------------------------------------------------------------------------------------
+def cmd_registry(args: argparse.Namespace) -> int:
+    from fincluster.registry.server import RegistryServer
+
+    overrides: dict[str, Any] = {"registry": {"port": args.port}} if args.port is not None else {}
+    settings = _settings(args, **overrides)
+    server = RegistryServer(_credential(settings), host=settings.registry.host, port=settings.registry.port)
+    address = server.start()
+    print(f"registry listening on {address}", flush=True)
+    _wait_for_signal(server.stop)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import grpc
+
+    from fincluster.registry.service import RegistryClient
+    from fincluster.serving.server import BlockServer, ServedModel, load_span_model
+    from fincluster.serving.span_model import BlockSpan
+    from fincluster.store import ModelStore
+    from fincluster.trust.tls import channel_credentials
+
+    server_overrides = {
+        key: value
+        for key, value in (("store", args.store), ("blocks", args.blocks), ("port", args.port), ("dtype", args.dtype))
+        if value is not None
+    }
+    overrides: dict[str, Any] = {"server": server_overrides}
+    if args.registry:
+        overrides["registry"] = {"address": args.registry}
+    settings = _settings(args, **overrides)
+    if settings.server.store is None or settings.server.blocks is None:
+        raise FinclusterError("serve needs --store and --blocks (or FINCLUSTER_SERVER__STORE/BLOCKS)")
+    credential = _credential(settings)
+    store = ModelStore.open(settings.server.store)
+    span = BlockSpan.parse(settings.server.blocks)
+    model = load_span_model(store, span, dtype=settings.server.dtype, device=settings.server.device)
+    registry = None
+    if settings.registry.address:
+        channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
+        registry = RegistryClient(channel)
+    server = BlockServer(
+        model, ServedModel(store.model_id, store.manifest_digest), settings.server, credential, registry=registry
+    )
+    address = server.start()
+    print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
+    _wait_for_signal(server.stop)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fincluster.demo import run_demo
+
+    return run_demo(workdir=args.workdir, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+
+
+# parser ----------------------------------------------------------------------------------------
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-cert", type=Path, help="swarm CA certificate (PEM)")
+    parser.add_argument("--cert", type=Path, help="this node's certificate (PEM)")
+    parser.add_argument("--key", type=Path, help="this node's private key (PEM)")
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fincluster", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="model stores").add_subparsers(dest="model_command", required=True)
+    imp = model.add_parser("import", help="import a transformers directory, a GGUF file or a known alias")
+    imp.add_argument("source", help="directory, .gguf file, or alias such as smollm2-135m-instruct")
+    imp.add_argument("--out", required=True, type=Path, help="store directory to create")
+    imp.add_argument("--model-id", help="model id recorded in the manifest")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    imp.set_defaults(handler=cmd_model_import)
+    ver = model.add_parser("verify", help="check every store file against the manifest")
+    ver.add_argument("store", type=Path)
+    ver.set_defaults(handler=cmd_model_verify)
+
+    certs = commands.add_parser("certs", help="swarm PKI").add_subparsers(dest="certs_command", required=True)
+    init = certs.add_parser("init-ca", help="create the swarm CA")
+    init.add_argument("--dir", type=Path, default=Path("certs"))
+    init.add_argument("--trust-domain", required=True)
+    init.add_argument("--ttl", default="365d")
+    init.set_defaults(handler=cmd_certs_init_ca)
+    issue = certs.add_parser("issue", help="issue (or renew) a node certificate")
+    issue.add_argument("--dir", type=Path, default=Path("certs"))
+    issue.add_argument("--role", required=True, choices=["server", "client", "registry"])
+    issue.add_argument("--name", required=True)
+    issue.add_argument("--ttl", default="24h")
+    issue.add_argument("--host", action="append", help="DNS name or IP the node is reached at (repeatable)")
+    issue.set_defaults(handler=cmd_certs_issue)
+    revoke = certs.add_parser("revoke", help="revoke a certificate and update the CRL")
+    revoke.add_argument("cert", help="certificate file to revoke")
+    revoke.add_argument("--dir", type=Path, default=Path("certs"))
+    revoke.set_defaults(handler=cmd_certs_revoke)
+
+    registry = commands.add_parser("registry", help="run the embedded registry service")
+    _add_tls(registry)
+    registry.add_argument("--port", type=int)
+    registry.set_defaults(handler=cmd_registry)
+
+    serve = commands.add_parser("serve", help="serve a span of blocks")
+    _add_tls(serve)
+    serve.add_argument("--store", type=Path)
+    serve.add_argument("--blocks", help="START:END")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    serve.add_argument("--registry", help="registry host:port")
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="import the demo model, start a 3-server swarm, generate")
+    demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
+    demo.add_argument("--prompt", default=None)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except FinclusterError as error:
+        print(f"fincluster: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Running hidden states through a chain of spans: autograd-aware forward, and inference sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fincluster.client.transport import SpanClient, SpanSessionClient
+from fincluster.errors import ClosedError, FinclusterError
+from fincluster.serving.runner import SpanInputs
+
+
+class _RemoteSpanFunction(torch.autograd.Function):
+    """One hop as an autograd node: backward asks the span for d(output)/d(input)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, client: SpanClient
+    ) -> torch.Tensor:
+        inputs = SpanInputs(hidden.detach(), mask, positions)
+        ctx.client = client
+        ctx.inputs = inputs
+        return client.forward(inputs).to(hidden.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        grad = ctx.client.backward(ctx.inputs, grad_output.contiguous().to(ctx.inputs.hidden_states.dtype))
+        return grad.to(grad_output.device), None, None, None
+
+
+def chain_forward(
+    clients: Sequence[SpanClient], hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Stateless pass through every hop; differentiable w.r.t. ``hidden``."""
+    for client in clients:
+        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client)
+    return hidden
+
+
+@dataclass
+class _HopState:
+    client: SpanClient
+    session: SpanSessionClient | None = None
+    # Inputs this hop has received, kept so a replacement node can rebuild its KV cache (failover).
+    history: list[SpanInputs] = field(default_factory=list)
+
+
+class InferenceSession:
+    """A KV-cached session across every hop of a chain, for step-by-step generation.
+
+    Hop sessions open lazily at the first step (when the batch size is known). ``position`` counts the
+    tokens every hop holds. ``close()`` ends all hop sessions; using a closed session raises ClosedError.
+    """
+
+    def __init__(self, plan: Callable[[], Sequence[SpanClient]], *, max_length: int) -> None:
+        if max_length < 1:
+            raise ValueError("max_length must be at least 1")
+        self.max_length = max_length
+        self.position = 0
+        self.token_history: torch.Tensor | None = None
+        self._plan = plan
+        self._hops: list[_HopState] | None = None
+        self._closed = False
+
+    def holds_prefix_of(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids`` starts with exactly the tokens this session already holds."""
+        held = self.token_history
+        return (
+            held is not None
+            and 0 < held.shape[1] < input_ids.shape[1]
+            and held.shape[0] == input_ids.shape[0]
+            and torch.equal(input_ids[:, : held.shape[1]].to(held.device), held)
+        )
+
+    def record_tokens(self, input_ids: torch.Tensor | None, new: int) -> None:
+        """Remember the token ids sent (client-side only) so a later call may repeat them as a prefix.
+
+        Tokens repeated before the ``new`` ones must be exactly the held ones, or the call is refused.
+        """
+        if input_ids is None:
+            self.token_history = None  # embeddings were sent: no prefix can be checked later
+            return
+        repeated = input_ids[:, : input_ids.shape[1] - new]
+        if repeated.shape[1] and not self.holds_prefix_of(input_ids):
+            raise ValueError("input_ids do not continue the tokens this inference session already holds")
+        fresh = input_ids[:, input_ids.shape[1] - new :].detach()
+        held = self.token_history
+        if held is None:
+            self.token_history = fresh.clone() if self.position == 0 else None
+        else:
+            self.token_history = torch.cat([held, fresh], 1)
+
+    @property
+    def hops(self) -> list[_HopState]:
+        return list(self._hops or [])
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self._closed:
+            raise ClosedError("inference session is closed")
+        seq = hidden.shape[1]
+        if self.position + seq > self.max_length:
+            raise FinclusterError(
+                f"session max_length {self.max_length} reached: {self.position} tokens held, {seq} more given"
+            )
+        if self._hops is None:
+            self._hops = [_HopState(client) for client in self._plan()]
+        for hop in self._hops:
+            if hop.session is None:
+                hop.session = hop.client.open_session(max_length=self.max_length, batch_size=hidden.shape[0])
+            inputs = SpanInputs(hidden, mask, positions)
+            hop.history.append(inputs)
+            hidden = hop.session.step(inputs)
+        self.position += seq
+        return hidden
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for hop in self._hops or []:
+            if hop.session is not None:
+                hop.session.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,189 @@
+"""``DistributedModelForCausalLM``: a transformers model whose blocks run on a swarm.
+
+The client holds the embeddings, final norm and LM head (from the store's client part); hidden states
+travel through a chain of servers. It is a ``PreTrainedModel`` with ``GenerationMixin``, so
+``generate`` (greedy, sampling, repetition penalty, stop strings, streamers, padded batches) and
+``model(input_ids)`` with autograd behave as with a local transformers model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fincluster.client.chain import InferenceSession, chain_forward
+from fincluster.client.swarm import ChainPlanner
+from fincluster.client.transport import SpanClient
+from fincluster.errors import ClosedError, ConfigurationError
+from fincluster.serving.span_model import BlockSpan
+from fincluster.store import ModelStore
+
+
+def _client_modules(
+    config: PretrainedConfig, state: dict[str, torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.nn.Embedding, torch.nn.Module, torch.nn.Linear]:
+    """Embeddings, final norm and LM head of the model family, loaded from the store's client part."""
+    head_config = copy.deepcopy(config)
+    head_config.num_hidden_layers = 0
+    if getattr(head_config, "layer_types", None) is not None:
+        head_config.layer_types = []
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(head_config)
+    embed, norm, head = skeleton.model.embed_tokens, skeleton.model.norm, skeleton.lm_head
+    embed.load_state_dict({"weight": state["embed_tokens.weight"].to(dtype)}, assign=True)
+    norm.load_state_dict({"weight": state["norm.weight"].to(dtype)}, assign=True)
+    if "lm_head.weight" in state:
+        head.load_state_dict({"weight": state["lm_head.weight"].to(dtype)}, assign=True)
+    else:
+        head.weight = embed.weight
+    return embed, norm, head
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[misc]
+    """Causal LM whose transformer blocks run on the swarm (see module docstring)."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "fincluster"
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        *,
+        store: ModelStore,
+        swarm: ChainPlanner,
+        client_state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(config)
+        self.store = store
+        self.swarm = swarm
+        self.model_id = store.model_id
+        self.embed_tokens, self.norm, self.lm_head = _client_modules(config, client_state, dtype)
+        self.requires_grad_(False)
+        self._session: InferenceSession | None = None
+        self._closed = False
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, store: str | os.PathLike[str] | ModelStore, *, swarm: ChainPlanner, dtype: torch.dtype = torch.float32
+    ) -> DistributedModelForCausalLM:
+        """Load the client part of ``store`` (digests checked) and connect it to ``swarm``."""
+        store = store if isinstance(store, ModelStore) else ModelStore.open(store)
+        config = store.load_config()
+        model = cls(config, store=store, swarm=swarm, client_state=store.load_client_state(), dtype=dtype)
+        return model.eval()
+
+    # transformers hooks -------------------------------------------------------------------------
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.lm_head
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Weights come from the store; nothing is initialised randomly."""
+
+    # routing ------------------------------------------------------------------------------------
+    def plan(self) -> Sequence[SpanClient]:
+        """The chain of span clients that covers every block, chosen now from the registry."""
+        if self._closed:
+            raise ClosedError("model is closed")
+        return self.swarm.plan_chain(self.model_id, BlockSpan(0, self.config.num_hidden_layers))
+
+    @contextlib.contextmanager
+    def inference_session(self, *, max_length: int) -> Iterator[InferenceSession]:
+        """Keep one KV-cached session across several ``generate``/forward calls."""
+        if self._session is not None:
+            raise ConfigurationError("an inference session is already active on this model")
+        session = InferenceSession(self.plan, max_length=max_length)
+        self._session = session
+        try:
+            yield session
+        finally:
+            self._session = None
+            session.close()
+
+    # forward ------------------------------------------------------------------------------------
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        session = self._session
+        past = session.position if session is not None else 0
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        # hidden: [batch, seq, hidden]
+        batch, seq = hidden.shape[:2]
+        if attention_mask is not None:  # transformers' convention: the mask spans held + new tokens
+            new = attention_mask.shape[1] - past
+        elif session is not None and input_ids is not None and session.holds_prefix_of(input_ids):
+            new = seq - past
+        else:
+            new = seq
+        if not 1 <= new <= seq:
+            raise ValueError(
+                f"{seq} tokens given with a mask of {attention_mask.shape[1] if attention_mask is not None else None}"
+                f" while the session holds {past}: the mask must cover the held tokens plus 1..{seq} new ones"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + new, dtype=torch.int64, device=hidden.device)
+        if session is not None:
+            session.record_tokens(input_ids, new)
+        hidden = hidden[:, seq - new :]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + new, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        positions = position_ids[..., -new:].to(torch.int64).contiguous()
+        mask = attention_mask.to(torch.int64).contiguous()
+        wire_dtype = self.embed_tokens.weight.dtype
+        hidden = hidden.to(wire_dtype).contiguous()
+        if session is not None:
+            hidden = session.step(hidden, mask, positions)
+        else:
+            hidden = chain_forward(self.plan(), hidden, mask, positions)
+        logits = self.lm_head(self.norm(hidden)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """transformers' ``generate``; opens a session sized for the request unless one is active."""
+        if self._session is not None:
+            return super().generate(inputs, **kwargs)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is None:
+            raise ValueError("generate needs input_ids (or inputs_embeds)")
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        with self.inference_session(max_length=max_length):
+            return super().generate(inputs, **kwargs)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,131 @@
+"""A client's connection to one swarm: the registry, mTLS channels to servers, and routing."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+
+from fincluster.client.routing import Hop, NodeFilter, plan_route
+from fincluster.client.transport import GrpcSpanClient, SpanClient
+from fincluster.errors import ClosedError, RemoteError, RoutingError
+from fincluster.registry.backend import Registry
+from fincluster.registry.service import RegistryClient
+from fincluster.serving.span_model import BlockSpan
+from fincluster.settings import ClientSettings
+from fincluster.trust.pki import Credential
+from fincluster.trust.tls import channel_credentials, expected_server_identity
+from fincluster.wire import fincluster_pb2 as pb
+
+
+class ChainPlanner(Protocol):
+    """What a model needs from a swarm: span clients that cover ``blocks`` of ``model_id``."""
+
+    def plan_chain(self, model_id: str, blocks: BlockSpan) -> Sequence[SpanClient]: ...
+
+
+class LocalSwarm:
+    """Span clients fixed in advance (in-process spans, or a given chain): no registry, no routing."""
+
+    def __init__(self, clients: Sequence[SpanClient]) -> None:
+        self.clients = list(clients)
+
+    def plan_chain(self, model_id: str, blocks: BlockSpan) -> Sequence[SpanClient]:
+        covered = [c.span for c in self.clients]
+        if not covered or covered[0].start != blocks.start or covered[-1].end != blocks.end or any(
+            a.end != b.start for a, b in zip(covered, covered[1:], strict=False)
+        ):
+            raise RoutingError(f"local spans {[str(s) for s in covered]} do not chain over blocks {blocks}")
+        return self.clients
+
+
+class Swarm:
+    """Servers of a swarm as seen by one client identity.
+
+    ``registry`` is the registry's ``host:port`` (reached over mTLS with ``credential``) or any
+    ``Registry`` object. Channels are cached per address and closed by ``close()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: str | Registry,
+        credential: Credential,
+        settings: ClientSettings | None = None,
+        node_filter: NodeFilter | None = None,
+    ) -> None:
+        self.credential = credential
+        self.client_id = credential.spiffe_id
+        self.settings = settings or ClientSettings()
+        self.node_filter = node_filter
+        self._credentials = channel_credentials(credential)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._rtt: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        if isinstance(registry, str):
+            self.registry: Registry = RegistryClient(
+                self._channel(registry), timeout_seconds=self.settings.request_timeout_seconds
+            )
+        else:
+            self.registry = registry
+
+    def _channel(self, address: str, identity: str | None = None) -> grpc.Channel:
+        """Channel to ``address``; with ``identity``, the TLS handshake must prove that server identity."""
+        if self._closed:
+            raise ClosedError("swarm connection is closed")
+        key = f"{identity or ''}@{address}"
+        with self._lock:
+            channel = self._channels.get(key)
+            if channel is None:
+                limit = self.settings.max_message_bytes
+                options: list[tuple[str, object]] = [
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
+                ]
+                if identity is not None:
+                    options.extend(expected_server_identity(identity))
+                channel = grpc.secure_channel(address, self._credentials, options=options)
+                self._channels[key] = channel
+            return channel
+
+    def span_client(self, record: pb.ServerRecord) -> GrpcSpanClient:
+        return GrpcSpanClient(
+            record, self._channel(record.address, record.node_id), timeout_seconds=self.settings.request_timeout_seconds
+        )
+
+    def rtt(self, record: pb.ServerRecord) -> float:
+        """Measured round trip of an Info call to ``record``'s server (cached per address)."""
+        if record.address not in self._rtt:
+            client = self.span_client(record)
+            started = time.perf_counter()
+            try:
+                client.info()
+            except RemoteError:
+                return math.inf  # unreachable now: not routed to, and measured again next time
+            self._rtt[record.address] = time.perf_counter() - started
+        return self._rtt[record.address]
+
+    def route(self, model_id: str, blocks: BlockSpan) -> list[Hop]:
+        records = self.registry.list(model_id)
+        return plan_route(records, blocks, rtt=self.rtt, allow=self.node_filter)
+
+    def plan_chain(self, model_id: str, blocks: BlockSpan) -> list[SpanClient]:
+        return [self.span_client(hop.record) for hop in self.route(model_id, blocks)]
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

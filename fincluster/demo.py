@@ -1,0 +1,187 @@
+"""``fincluster demo``: a whole swarm on loopback, every link mTLS, one finance question answered.
+
+Imports the demo model (once), creates a development CA and node certificates, starts the registry
+and three block servers as separate processes, generates through the chain, prints the answer, the
+placement and the timings, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import torch
+from transformers import TextStreamer
+
+from fincluster.errors import FinclusterError
+
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_SPANS = ("0:10", "10:20", "20:30")
+DEMO_PROMPT = "In two sentences: what is the difference between a bond's coupon rate and its yield to maturity?"
+TRUST_DOMAIN = "demo.fincluster.internal"
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+
+    def start_reader(self) -> None:
+        def pump(stream: IO[str]) -> None:
+            for line in stream:
+                self.lines.put(line.rstrip("\n"))
+
+        assert self.popen.stdout is not None
+        threading.Thread(target=pump, args=(self.popen.stdout,), daemon=True).start()
+
+    def wait_line(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise FinclusterError(f"{self.name} exited with code {self.popen.returncode}; see its log")
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line.startswith(prefix):
+                return line
+        raise FinclusterError(f"{self.name} did not report {prefix!r} within {timeout:.0f} s")
+
+
+class _TimingStreamer(TextStreamer):
+    """Prints tokens as they come and notes when the first one arrived (end of prefill)."""
+
+    def __init__(self, tokenizer: object) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.started = time.perf_counter()
+        self.token_times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt:
+            self.started = time.perf_counter()
+        else:
+            self.token_times.append(time.perf_counter())
+        super().put(value)
+
+
+def _spawn(name: str, args: list[str], log_dir: Path) -> _Process:
+    log_file = (log_dir / f"{name}.log").open("w")
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "fincluster", *args], stdout=subprocess.PIPE, stderr=log_file, text=True
+    )
+    process = _Process(name, popen)
+    process.start_reader()
+    return process
+
+
+def _prepare(workdir: Path) -> tuple[Path, Path]:
+    from fincluster.store import ModelStore, import_model
+    from fincluster.trust.pki import CertificateAuthority, Role
+
+    store_dir = workdir / "store"
+    if not (store_dir / "manifest.json").exists():
+        print(f"importing {DEMO_MODEL} into {store_dir} (once; about 30 s) …", flush=True)
+        import_model(DEMO_MODEL, store_dir, overwrite=True)
+    ModelStore.open(store_dir)
+    certs = workdir / "certs"
+    ca = (
+        CertificateAuthority.load(certs)
+        if (certs / "ca.pem").exists()
+        else CertificateAuthority.init(certs, trust_domain=TRUST_DOMAIN)
+    )
+    ca.issue(Role.REGISTRY, "registry")
+    for name in ("a", "b", "c"):
+        ca.issue(Role.SERVER, name)
+    ca.issue(Role.CLIENT, "analyst")
+    return store_dir, certs
+
+
+def _tls_args(certs: Path, role: str, name: str) -> list[str]:
+    nodes = certs / "nodes"
+    return ["--ca-cert", str(certs / "ca.pem"), "--cert", str(nodes / f"{role}-{name}.pem"),
+            "--key", str(nodes / f"{role}-{name}.key")]
+
+
+def run_demo(*, workdir: Path, prompt: str | None, max_new_tokens: int) -> int:
+    from fincluster.client import DistributedModelForCausalLM, Swarm
+    from fincluster.store import ModelStore
+    from fincluster.trust.pki import Credential
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    store_dir, certs = _prepare(workdir)
+    log_dir = workdir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    processes: list[_Process] = []
+    try:
+        registry = _spawn("registry", ["registry", *_tls_args(certs, "registry", "registry")], log_dir)
+        processes.append(registry)
+        registry_address = registry.wait_line("registry listening on ", 60).rsplit(" ", 1)[1]
+        print(f"registry      {registry_address}")
+        servers = []
+        for name, span in zip(("a", "b", "c"), DEMO_SPANS, strict=True):
+            args = ["serve", "--store", str(store_dir), "--blocks", span, "--registry", registry_address,
+                    *_tls_args(certs, "server", name)]
+            servers.append(_spawn(f"server-{name}", args, log_dir))
+        processes.extend(servers)
+        for server in servers:
+            print(server.wait_line("serving blocks", 180))
+
+        store = ModelStore.open(store_dir)
+        nodes = certs / "nodes"
+        credential = Credential.from_files(
+            cert_path=nodes / "client-analyst.pem", key_path=nodes / "client-analyst.key", ca_cert_path=certs / "ca.pem"
+        )
+        with Swarm(registry=registry_address, credential=credential) as swarm:
+            deadline = time.monotonic() + 30
+            while len(swarm.registry.list(store.model_id)) < len(DEMO_SPANS):
+                if time.monotonic() > deadline:
+                    raise FinclusterError("servers did not appear in the registry within 30 s")
+                time.sleep(0.2)
+            model = DistributedModelForCausalLM.from_pretrained(store, swarm=swarm)
+            tokenizer = store.load_tokenizer()
+            question = prompt or DEMO_PROMPT
+            chat = [{"role": "user", "content": question}]
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            input_ids = tokenizer(text, return_tensors="pt").input_ids
+            print(f"\nquestion: {question}\nanswer:   ", end="", flush=True)
+            streamer = _TimingStreamer(tokenizer)
+            with model.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
+                model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+                placement = [(hop.client.node_id, hop.client.span) for hop in session.hops]
+            _print_report(placement, streamer, input_ids.shape[1])
+    finally:
+        _shutdown(processes)
+    return 0
+
+
+def _print_report(placement: list[tuple[str, object]], streamer: _TimingStreamer, prompt_tokens: int) -> None:
+    print("\n\nplacement")
+    for node_id, span in placement:
+        print(f"  blocks {span!s:>6}  {node_id}")
+    times = streamer.token_times
+    if times:
+        prefill = times[0] - streamer.started
+        decode = (times[-1] - times[0]) / max(len(times) - 1, 1)
+        print("timings")
+        print(f"  prefill  {prompt_tokens} tokens in {prefill * 1000:.0f} ms")
+        print(f"  decode   {len(times) - 1} tokens, {decode * 1000:.1f} ms/token ({1 / max(decode, 1e-9):.1f} tokens/s)")
+
+
+def _shutdown(processes: list[_Process]) -> None:
+    for process in reversed(processes):
+        if process.popen.poll() is None:
+            process.popen.terminate()
+    for process in reversed(processes):
+        try:
+            code = process.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            code = process.popen.wait()
+        print(f"stopped {process.name} (exit {code})")

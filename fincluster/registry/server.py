@@ -1,0 +1,70 @@
+"""Lifecycle of the embedded registry service (``fincluster registry``, and inside ``fincluster demo``)."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import structlog
+
+from fincluster.errors import ClosedError
+from fincluster.registry.backend import InMemoryRegistry
+from fincluster.registry.service import AnnounceCheck, RegistryServicer
+from fincluster.trust.pki import Credential
+from fincluster.trust.tls import server_credentials
+from fincluster.wire import fincluster_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+
+class RegistryServer:
+    """mTLS gRPC registry over an ``InMemoryRegistry``; no socket until ``start()``."""
+
+    def __init__(
+        self,
+        credential: Credential,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        backend: InMemoryRegistry | None = None,
+        announce_check: AnnounceCheck | None = None,
+    ) -> None:
+        self.credential = credential
+        self.host = host
+        self.port = port
+        self.backend = backend or InMemoryRegistry()
+        self._servicer = RegistryServicer(self.backend, announce_check=announce_check)
+        self._grpc: grpc.Server | None = None
+        self._closed = False
+        self.address: str | None = None
+
+    def start(self) -> str:
+        if self._closed:
+            raise ClosedError("this registry was stopped; create a new one")
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-rpc"))
+        pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
+        port = server.add_secure_port(f"{self.host}:{self.port}", server_credentials(self.credential))
+        server.start()
+        self._grpc = server
+        self.address = f"{self.host}:{port}"
+        log.info("registry started", address=self.address)
+        return self.address
+
+    def stop(self, grace_seconds: float = 1.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._servicer.stop_watches()
+        if self._grpc is not None:
+            self._grpc.stop(grace_seconds).wait()
+
+    def wait(self) -> None:
+        if self._grpc is not None:
+            self._grpc.wait_for_termination()
+
+    def __enter__(self) -> RegistryServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

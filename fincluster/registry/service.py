@@ -1,0 +1,121 @@
+"""The embedded registry as a gRPC service (mTLS), and its client.
+
+Only a server may announce, and only under its own identity: the record's node id must equal the
+SPIFFE id of the certificate that made the call. ``announce_check`` is the seam where registry-side
+policy plugs in (the trust layer refuses, e.g., unattested nodes announcing sensitive blocks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+import structlog
+
+from fincluster.errors import PolicyError, RegistryError
+from fincluster.registry.backend import Registry
+from fincluster.trust.pki import Role, parse_spiffe_id
+from fincluster.trust.tls import peer_identity
+from fincluster.wire import fincluster_pb2 as pb
+from fincluster.wire import fincluster_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+AnnounceCheck = Callable[[pb.ServerRecord], None]
+MAX_TTL_SECONDS = 300
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    def __init__(self, backend: Registry, *, announce_check: AnnounceCheck | None = None) -> None:
+        self._backend = backend
+        self._announce_check = announce_check
+        self._stopping = threading.Event()
+
+    def stop_watches(self) -> None:
+        self._stopping.set()
+
+    def Announce(self, request: pb.AnnounceRequest, context: grpc.ServicerContext) -> pb.AnnounceResponse:
+        caller = peer_identity(context)
+        _, role, _ = parse_spiffe_id(caller)
+        if role is not Role.SERVER or request.record.node_id != caller:
+            log.warning("announce refused: identity mismatch", caller=caller, record_node=request.record.node_id)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "a server may announce only its own identity")
+        if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}")
+        record = request.record
+        if not record.address or not record.model_id or record.span.end <= record.span.start:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "record needs address, model_id and a non-empty span")
+        if self._announce_check is not None:
+            try:
+                self._announce_check(record)
+            except PolicyError as error:
+                log.warning("announce refused by policy", node=caller, reason=str(error))
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "announcement refused by policy")
+        expires = self._backend.announce(record, request.ttl_seconds)
+        return pb.AnnounceResponse(expires_at_unix=expires)
+
+    def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:
+        if request.node_id != peer_identity(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "a server may withdraw only its own record")
+        self._backend.withdraw(request.node_id)
+        return pb.WithdrawResponse()
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        return pb.ListResponse(records=self._backend.list(request.model_id))
+
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RegistryEvent]:
+        done = threading.Event()
+        context.add_callback(done.set)
+        stop = threading.Event()
+
+        def relay() -> None:
+            while not (done.wait(0.2) or self._stopping.is_set()):
+                pass
+            stop.set()
+
+        threading.Thread(target=relay, daemon=True, name="registry-watch-relay").start()
+        yield from self._backend.watch(request.model_id, stop)
+
+
+class RegistryClient:
+    """``Registry`` over gRPC, for servers and clients."""
+
+    def __init__(self, channel: grpc.Channel, *, timeout_seconds: float = 10.0) -> None:
+        self._stub = pb_grpc.RegistryServiceStub(channel)
+        self._timeout = timeout_seconds
+
+    def _rpc(self, name: str, call: Callable[[], object]) -> object:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            raise RegistryError(f"registry {name} failed: {error.code().name}: {error.details()}") from None
+
+    def announce(self, record: pb.ServerRecord, ttl_seconds: int) -> float:
+        response = self._rpc(
+            "announce",
+            lambda: self._stub.Announce(
+                pb.AnnounceRequest(record=record, ttl_seconds=ttl_seconds), timeout=self._timeout
+            ),
+        )
+        assert isinstance(response, pb.AnnounceResponse)
+        return response.expires_at_unix
+
+    def withdraw(self, node_id: str) -> None:
+        self._rpc("withdraw", lambda: self._stub.Withdraw(pb.WithdrawRequest(node_id=node_id), timeout=self._timeout))
+
+    def list(self, model_id: str) -> list[pb.ServerRecord]:
+        response = self._rpc(
+            "list", lambda: self._stub.List(pb.ListRequest(model_id=model_id), timeout=self._timeout)
+        )
+        assert isinstance(response, pb.ListResponse)
+        return list(response.records)
+
+    def watch(self, model_id: str, stop: threading.Event) -> Iterator[pb.RegistryEvent]:
+        call = self._stub.Watch(pb.WatchRequest(model_id=model_id))
+        threading.Thread(target=lambda: (stop.wait(), call.cancel()), daemon=True).start()
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise RegistryError(f"registry watch failed: {error.code().name}: {error.details()}") from None

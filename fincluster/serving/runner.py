@@ -1,0 +1,101 @@
+"""What a server computes, independent of the transport: validated inputs in, hidden states out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fincluster.errors import RemoteError, SessionError, WireError
+from fincluster.serving.sessions import Session
+from fincluster.serving.span_model import BlockSpan, SpanModel
+from fincluster.wire.tensors import expect
+
+
+@dataclass(frozen=True)
+class SpanInputs:
+    """One pass over a span: hidden_states [batch, seq, hidden], attention_mask [batch, past + seq],
+    position_ids [batch, seq]."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+class BlockRunner:
+    """Runs forward, backward and session steps of one span, validating every input first."""
+
+    def __init__(self, model: SpanModel) -> None:
+        self.model = model
+        self.span = model.span
+        self.hidden_size: int = model.config.hidden_size
+
+    def check_span(self, span: BlockSpan) -> None:
+        if span != self.span:
+            raise RemoteError(
+                f"blocks {span} requested; this server serves blocks {self.span} only",
+                span=(span.start, span.end),
+                code="OUT_OF_RANGE",
+            )
+
+    def validate(self, inputs: SpanInputs, *, batch_size: int | None = None, past_length: int = 0) -> None:
+        hidden = expect(
+            inputs.hidden_states,
+            name="hidden_states",
+            dtype=self.model.dtype,
+            rank=3,
+            sizes=(batch_size, None, self.hidden_size),
+        )
+        batch, seq = hidden.shape[0], hidden.shape[1]
+        if batch < 1 or seq < 1:
+            raise WireError(f"hidden_states: empty batch or sequence (shape {tuple(hidden.shape)})")
+        expect(inputs.attention_mask, name="attention_mask", dtype=torch.int64, rank=2, sizes=(batch, past_length + seq))
+        expect(inputs.position_ids, name="position_ids", dtype=torch.int64, rank=2, sizes=(batch, seq))
+        if not bool(((inputs.attention_mask == 0) | (inputs.attention_mask == 1)).all()):
+            raise WireError("attention_mask: values must be 0 or 1")
+        if bool((inputs.position_ids < 0).any()):
+            raise WireError("position_ids: negative position")
+
+    def _to_device(self, inputs: SpanInputs) -> SpanInputs:
+        device = self.model.device
+        return SpanInputs(*(t.to(device) for t in (inputs.hidden_states, inputs.attention_mask, inputs.position_ids)))
+
+    @torch.no_grad()
+    def forward(self, span: BlockSpan, inputs: SpanInputs) -> torch.Tensor:
+        self.check_span(span)
+        self.validate(inputs)
+        inputs = self._to_device(inputs)
+        return self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids)
+
+    def backward(self, span: BlockSpan, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the input hidden states; the span's weights stay frozen."""
+        self.check_span(span)
+        self.validate(inputs)
+        expect(grad_outputs, name="grad_outputs", dtype=self.model.dtype, rank=3, sizes=inputs.hidden_states.shape)
+        inputs = self._to_device(inputs)
+        with torch.enable_grad():
+            hidden = inputs.hidden_states.detach().requires_grad_(True)
+            output = self.model(hidden, inputs.attention_mask, inputs.position_ids)
+            (grad,) = torch.autograd.grad(output, hidden, grad_outputs.to(output.device))
+        return grad
+
+    @torch.no_grad()
+    def step(self, session: Session, inputs: SpanInputs) -> torch.Tensor:
+        """Run new tokens through the span, extending the session's KV cache."""
+        with session.lock:
+            if session.closed_reason is not None:
+                raise SessionError(
+                    f"session {session.closed_reason}", session_id=session.session_id, code="NOT_FOUND"
+                )
+            self.validate(inputs, batch_size=session.batch_size, past_length=session.position)
+            seq = inputs.hidden_states.shape[1]
+            if session.position + seq > session.max_length:
+                raise SessionError(
+                    f"step of {seq} tokens at position {session.position} exceeds max_length {session.max_length}",
+                    session_id=session.session_id,
+                    code="OUT_OF_RANGE",
+                )
+            inputs = self._to_device(inputs)
+            output = self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids, session.cache)
+            session.position += seq
+            return output

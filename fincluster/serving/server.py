@@ -1,0 +1,190 @@
+"""A block server's lifecycle: load a span, serve it over mTLS gRPC, announce it, shut down cleanly.
+
+Constructing a ``BlockServer`` opens no socket; ``start()`` binds and starts the announce/reaper thread;
+``stop()`` withdraws the announcement, refuses new calls, lets running calls finish within the grace
+period, then closes every session and frees its cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import structlog
+import torch
+
+from fincluster.errors import ClosedError, RegistryError
+from fincluster.registry.backend import Registry
+from fincluster.serving.runner import BlockRunner
+from fincluster.serving.service import BlockServicer
+from fincluster.serving.sessions import CacheBudget, SessionManager
+from fincluster.serving.span_model import BlockSpan, SpanModel, cache_bytes_per_token
+from fincluster.settings import ServerSettings
+from fincluster.store import ModelStore
+from fincluster.trust.pki import Credential
+from fincluster.trust.tls import server_credentials
+from fincluster.wire import fincluster_pb2 as pb
+from fincluster.wire import fincluster_pb2_grpc as pb_grpc
+from fincluster.wire.tensors import wire_dtype
+
+log = structlog.get_logger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_span_model(store: ModelStore, span: BlockSpan, *, dtype: str, device: str) -> SpanModel:
+    """Load only ``span``'s weights from ``store`` (each file checked against the manifest)."""
+    config = store.load_config()
+    blocks = {index: store.load_block_state(index) for index in range(span.start, span.end)}
+    return SpanModel(config, span, blocks, dtype=DTYPES[dtype], device=device)
+
+
+def measure_throughput(model: SpanModel, repeats: int = 3) -> float:
+    """Blocks per second for a one-token forward pass (announced to help routing)."""
+    hidden = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    mask = torch.ones(1, 1, dtype=torch.int64, device=model.device)
+    with torch.inference_mode():
+        model(hidden, mask, mask - 1)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(hidden, mask, mask - 1)
+        elapsed = (time.perf_counter() - started) / repeats
+    return len(model.span) / max(elapsed, 1e-9)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Identity of what a server serves."""
+
+    model_id: str
+    manifest_digest: str
+
+
+class BlockServer:
+    def __init__(
+        self,
+        model: SpanModel,
+        served: ServedModel,
+        settings: ServerSettings,
+        credential: Credential,
+        *,
+        registry: Registry | None = None,
+    ) -> None:
+        self.model = model
+        self.served = served
+        self.settings = settings
+        self.credential = credential
+        self.node_id = credential.spiffe_id
+        self.registry = registry
+        self.budget = CacheBudget(settings.cache_budget_bytes)
+        self.sessions = SessionManager(
+            self.budget,
+            new_cache=model.new_cache,
+            bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
+            max_session_length=settings.max_session_length,
+            idle_timeout_seconds=settings.session_idle_timeout_seconds,
+            wait_seconds=settings.cache_wait_seconds,
+        )
+        self.throughput = 0.0
+        self.address: str | None = None
+        self._grpc: grpc.Server | None = None
+        self._stopping = threading.Event()
+        self._background: threading.Thread | None = None
+        self._closed = False
+
+    def info(self) -> pb.ServerInfo:
+        return pb.ServerInfo(
+            node_id=self.node_id,
+            model_id=self.served.model_id,
+            manifest_digest=self.served.manifest_digest,
+            span=pb.BlockSpan(start=self.model.span.start, end=self.model.span.end),
+            hidden_size=self.model.config.hidden_size,
+            dtype=wire_dtype(self.model.dtype),
+            cache_bytes_total=self.budget.total_bytes,
+            cache_bytes_free=self.budget.free_bytes,
+            max_session_length=self.settings.max_session_length,
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+
+    def record(self) -> pb.ServerRecord:
+        assert self.address is not None
+        return pb.ServerRecord(
+            node_id=self.node_id,
+            address=self.address,
+            model_id=self.served.model_id,
+            manifest_digest=self.served.manifest_digest,
+            span=pb.BlockSpan(start=self.model.span.start, end=self.model.span.end),
+            throughput=self.throughput,
+            cache_bytes_free=self.budget.free_bytes,
+        )
+
+    def start(self) -> str:
+        """Bind, serve, announce; returns the address clients should dial."""
+        if self._closed:
+            raise ClosedError("this server was stopped; create a new one")
+        self.throughput = measure_throughput(self.model)
+        limit = self.settings.max_message_bytes
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="block-rpc"),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        pb_grpc.add_BlockServiceServicer_to_server(
+            BlockServicer(BlockRunner(self.model), self.sessions, self.info), server
+        )
+        port = server.add_secure_port(f"{self.settings.host}:{self.settings.port}", server_credentials(self.credential))
+        server.start()
+        self._grpc = server
+        self.address = self.settings.public_address or f"{self.settings.host}:{port}"
+        self._background = threading.Thread(target=self._maintain, name="server-maintenance", daemon=True)
+        self._background.start()
+        log.info("server started", node=self.node_id, address=self.address, span=str(self.model.span))
+        return self.address
+
+    def _maintain(self) -> None:
+        """Refresh the announcement (TTL heartbeat) and expire idle sessions until stopped."""
+        interval = max(self.settings.announce_ttl_seconds / 3, 0.2)
+        next_announce = 0.0
+        while not self._stopping.is_set():
+            for session_id in self.sessions.expire_idle():
+                log.info("session expired", session=session_id)
+            if self.registry is not None and time.monotonic() >= next_announce:
+                try:
+                    self.registry.announce(self.record(), self.settings.announce_ttl_seconds)
+                    next_announce = time.monotonic() + interval
+                except RegistryError as error:
+                    log.warning("announce failed; retrying", error=str(error))
+                    next_announce = time.monotonic() + min(interval, 1.0)
+            self._stopping.wait(0.2)
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Withdraw, drain running calls for the grace period, then close every session."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        if self._background is not None:
+            self._background.join()
+        if self.registry is not None and self.address is not None:
+            try:
+                self.registry.withdraw(self.node_id)
+            except RegistryError as error:
+                log.warning("withdraw failed; the record expires with its TTL", error=str(error))
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        self.sessions.close_all()
+        log.info("server stopped", node=self.node_id)
+
+    def wait(self) -> None:
+        if self._grpc is not None:
+            self._grpc.wait_for_termination()
+
+    def __enter__(self) -> BlockServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

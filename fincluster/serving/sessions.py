@@ -1,0 +1,160 @@
+"""Inference sessions and the KV-cache memory budget.
+
+A session reserves the cache bytes for ``batch_size * max_length`` tokens when it opens, so a step can
+never run out of memory half-way. When the budget is full, ``open`` waits a bounded time for another
+session to end and then fails with ``CapacityError``. Sessions idle longer than the timeout are expired
+and their memory released; the reaper runs in the server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transformers import DynamicCache
+
+from fincluster.errors import CapacityError, SessionError
+from fincluster.serving.span_model import BlockSpan
+
+
+class CacheBudget:
+    """Bytes of KV cache a server may hold, shared by all of its sessions."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self._used = 0
+        self._changed = threading.Condition()
+
+    @property
+    def free_bytes(self) -> int:
+        with self._changed:
+            return self.total_bytes - self._used
+
+    def reserve(self, nbytes: int, *, wait_seconds: float) -> bool:
+        """Reserve ``nbytes``, waiting up to ``wait_seconds`` for room; False when there is none."""
+        if nbytes > self.total_bytes:
+            return False
+        with self._changed:
+            fits = self._changed.wait_for(lambda: self._used + nbytes <= self.total_bytes, timeout=wait_seconds)
+            if not fits:
+                return False
+            self._used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._changed:
+            self._used -= nbytes
+            self._changed.notify_all()
+
+
+@dataclass
+class Session:
+    """Server-side state of one inference session: its span, limits and KV cache."""
+
+    session_id: str
+    span: BlockSpan
+    max_length: int
+    batch_size: int
+    reserved_bytes: int
+    cache: DynamicCache
+    client_id: str
+    last_used: float
+    position: int = 0
+    closed_reason: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionManager:
+    """Opens, looks up, expires and closes sessions; owns their memory reservations."""
+
+    def __init__(
+        self,
+        budget: CacheBudget,
+        *,
+        new_cache: Callable[[], DynamicCache],
+        bytes_per_token: Callable[[BlockSpan], int],
+        max_session_length: int,
+        idle_timeout_seconds: float,
+        wait_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._budget = budget
+        self._new_cache = new_cache
+        self._bytes_per_token = bytes_per_token
+        self._max_session_length = max_session_length
+        self._idle_timeout = idle_timeout_seconds
+        self._wait_seconds = wait_seconds
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, span: BlockSpan, *, max_length: int, batch_size: int, client_id: str) -> Session:
+        if max_length < 1 or max_length > self._max_session_length:
+            raise SessionError(
+                f"max_length {max_length} outside 1..{self._max_session_length} allowed by this server",
+                code="OUT_OF_RANGE",
+            )
+        if batch_size < 1:
+            raise SessionError("batch_size must be at least 1", code="INVALID_ARGUMENT")
+        nbytes = self._bytes_per_token(span) * max_length * batch_size
+        if not self._budget.reserve(nbytes, wait_seconds=self._wait_seconds):
+            raise CapacityError(
+                f"KV-cache budget full: session needs {nbytes} bytes, {self._budget.free_bytes} of "
+                f"{self._budget.total_bytes} free after waiting {self._wait_seconds:g} s",
+                span=(span.start, span.end),
+            )
+        session = Session(
+            session_id=uuid.uuid4().hex,
+            span=span,
+            max_length=max_length,
+            batch_size=batch_size,
+            reserved_bytes=nbytes,
+            cache=self._new_cache(),
+            client_id=client_id,
+            last_used=self._clock(),
+        )
+        with self._lock:
+            self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionError("unknown or closed session", session_id=session_id, code="NOT_FOUND")
+        if session.closed_reason is not None:
+            raise SessionError(f"session {session.closed_reason}", session_id=session_id, code="NOT_FOUND")
+        session.last_used = self._clock()
+        return session
+
+    def close(self, session_id: str, reason: str = "closed") -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        with session.lock:
+            session.closed_reason = reason
+            session.cache = self._new_cache()
+        self._budget.release(session.reserved_bytes)
+
+    def expire_idle(self) -> list[str]:
+        """Close sessions idle past the timeout; returns their ids."""
+        now = self._clock()
+        with self._lock:
+            idle = [s.session_id for s in self._sessions.values() if now - s.last_used > self._idle_timeout]
+        for session_id in idle:
+            self.close(session_id, reason=f"expired after {self._idle_timeout:g} s idle")
+        return idle
+
+    def close_all(self, reason: str = "closed: server shutting down") -> None:
+        with self._lock:
+            ids = list(self._sessions)
+        for session_id in ids:
+            self.close(session_id, reason=reason)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)

@@ -1,0 +1,130 @@
+"""A run of consecutive transformer blocks, computed by transformers' own code.
+
+The span is the family's base model class (``LlamaModel``, ``MistralModel``, ``Qwen2Model`` …) built
+from a copy of the model config cut down to the span: its decoder layers, rotary embeddings, causal /
+sliding-window masks and KV cache are transformers' own, so remote output matches a local run. The
+embedding table is dropped (inputs are hidden states) and the final norm is an identity (the client
+applies it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoModel, DynamicCache, PretrainedConfig
+
+from fincluster.errors import StoreError
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """Half-open range ``[start, end)`` of transformer blocks."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"invalid block span {self.start}:{self.end}")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}"
+
+    def contains(self, other: BlockSpan) -> bool:
+        return self.start <= other.start and other.end <= self.end
+
+    @classmethod
+    def parse(cls, text: str) -> BlockSpan:
+        """Parse ``"START:END"``."""
+        start, sep, end = text.partition(":")
+        if not sep:
+            raise ValueError(f"block span {text!r} is not START:END")
+        return cls(int(start), int(end))
+
+
+def span_config(config: PretrainedConfig, span: BlockSpan) -> PretrainedConfig:
+    """The model config restricted to ``span`` (layer count and per-layer attention types)."""
+    if span.end > config.num_hidden_layers:
+        raise StoreError(f"block span {span} exceeds the model's {config.num_hidden_layers} blocks")
+    sub = copy.deepcopy(config)
+    sub.num_hidden_layers = len(span)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        sub.layer_types = list(layer_types[span.start : span.end])
+    return sub
+
+
+class SpanModel(torch.nn.Module):
+    """Blocks ``span`` of a model; forward maps hidden states to hidden states."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        span: BlockSpan,
+        block_states: Mapping[int, Mapping[str, torch.Tensor]],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.span = span
+        self.config = span_config(config, span)
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):
+            base = AutoModel.from_config(self.config)
+        base.embed_tokens = None
+        base.norm = torch.nn.Identity()
+        state = {
+            f"layers.{index - span.start}.{name}": tensor.to(dtype)
+            for index in range(span.start, span.end)
+            for name, tensor in block_states[index].items()
+        }
+        missing, unexpected = base.load_state_dict(state, strict=False, assign=True)
+        if unexpected:
+            raise StoreError(f"unexpected weights for blocks {span}: {sorted(unexpected)[:5]}")
+        still_empty = [name for name, param in base.named_parameters() if param.is_meta]
+        if missing or still_empty:
+            raise StoreError(f"weights missing for blocks {span}: {sorted(set(missing) | set(still_empty))[:5]}")
+        base.requires_grad_(False)
+        self.base = base.to(device).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache for one inference session over this span."""
+        return DynamicCache(config=self.config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        # hidden_states: [batch, seq, hidden]; attention_mask: [batch, past + seq]; position_ids: [batch, seq]
+        output = self.base(
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        hidden: torch.Tensor = output.last_hidden_state
+        return hidden
+
+
+def cache_bytes_per_token(config: PretrainedConfig, span: BlockSpan, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token of one sequence takes in ``span`` (keys and values of every block)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * len(span) * heads * head_dim * itemsize

@@ -1,0 +1,119 @@
+"""Settings: one pydantic-settings tree, read only at the entry points (CLI, demo).
+
+Sources, highest priority first: keyword arguments, ``FINCLUSTER_*`` environment variables (nested
+with ``__``, e.g. ``FINCLUSTER_SERVER__PORT=7000``), a TOML file (``FINCLUSTER_CONFIG`` or ``--config``),
+defaults. Below the entry points settings travel as objects.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from fincluster.trust.pki import Credential
+
+
+class LogFormat(enum.StrEnum):
+    CONSOLE = "console"
+    JSON = "json"
+
+
+class TLSSettings(BaseModel):
+    """Paths of this node's mTLS material (issued by ``fincluster certs``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def credential(self) -> Credential:
+        return Credential.from_files(cert_path=self.cert, key_path=self.key, ca_cert_path=self.ca_cert)
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    store: Path | None = None
+    blocks: str | None = Field(default=None, description="block span START:END this server hosts")
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    public_address: str | None = Field(default=None, description="address announced; default host:port")
+    dtype: str = Field(default="float32", pattern="^(float32|float16|bfloat16)$")
+    device: str = "cpu"
+    cache_budget_bytes: int = Field(default=512 * 2**20, gt=0)
+    cache_wait_seconds: float = Field(default=1.0, ge=0, description="bounded wait for cache space at open")
+    max_session_length: int = Field(default=4096, gt=0)
+    session_idle_timeout_seconds: float = Field(default=300.0, gt=0)
+    max_message_bytes: int = Field(default=64 * 2**20, gt=0)
+    max_workers: int = Field(default=16, gt=0)
+    announce_ttl_seconds: int = Field(default=15, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+
+class ClientSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    request_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_message_bytes: int = Field(default=64 * 2**20, gt=0)
+
+
+class RegistrySettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    address: str | None = Field(default=None, description="host:port of the registry service")
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+
+
+class LoggingSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    format: LogFormat = LogFormat.CONSOLE
+    level: str = "info"
+
+
+class Settings(BaseSettings):
+    """Root of the settings tree."""
+
+    model_config = SettingsConfigDict(env_prefix="FINCLUSTER_", env_nested_delimiter="__", extra="forbid")
+
+    tls: TLSSettings | None = None
+    server: ServerSettings = ServerSettings()
+    client: ClientSettings = ClientSettings()
+    registry: RegistrySettings = RegistrySettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        import os
+
+        toml_path = os.environ.get("FINCLUSTER_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings at an entry point; ``config_file`` (TOML) sits below env and overrides."""
+    if config_file is not None:
+        if not config_file.is_file():
+            from fincluster.errors import ConfigurationError
+
+            raise ConfigurationError(f"config file {config_file} does not exist")
+        import os
+
+        os.environ["FINCLUSTER_CONFIG"] = str(config_file)
+    return Settings(**overrides)

@@ -1,0 +1,87 @@
+"""Tensors on the wire: raw little-endian bytes + shape + dtype, validated before use.
+
+Decoding never trusts the sender: the dtype must be known, the shape non-negative, and the byte
+length must equal ``prod(shape) * itemsize``. Callers then check rank and sizes against what they expect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fincluster.errors import WireError
+from fincluster.wire import fincluster_pb2 as pb
+
+_TO_WIRE: dict[torch.dtype, pb.DType.ValueType] = {
+    torch.float32: pb.FLOAT32,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.int64: pb.INT64,
+}
+_FROM_WIRE: dict[pb.DType.ValueType, torch.dtype] = {wire: dtype for dtype, wire in _TO_WIRE.items()}
+# bfloat16 has no numpy counterpart; it travels as its 16-bit pattern.
+_STORAGE_VIEW: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
+
+
+def wire_dtype(dtype: torch.dtype) -> pb.DType.ValueType:
+    try:
+        return _TO_WIRE[dtype]
+    except KeyError:
+        raise WireError(f"dtype {dtype} cannot be sent") from None
+
+
+def dtype_name(wire: pb.DType.ValueType) -> str:
+    return pb.DType.Name(wire)
+
+
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    """Serialise a CPU or GPU tensor (moved to CPU, made contiguous)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    dtype = wire_dtype(tensor.dtype)
+    view = tensor.view(_STORAGE_VIEW.get(tensor.dtype, tensor.dtype))
+    data = view.numpy().tobytes()
+    return pb.Tensor(data=data, shape=list(tensor.shape), dtype=dtype, compression=pb.COMPRESSION_NONE)
+
+
+def decode(message: pb.Tensor, *, name: str) -> torch.Tensor:
+    """Deserialise ``message``; ``name`` labels the field in error messages."""
+    if message.compression != pb.COMPRESSION_NONE:
+        raise WireError(f"{name}: unsupported compression {message.compression}")
+    dtype = _FROM_WIRE.get(message.dtype)
+    if dtype is None:
+        raise WireError(f"{name}: unknown or missing dtype {message.dtype}")
+    shape = tuple(int(dim) for dim in message.shape)
+    if any(dim < 0 for dim in shape):
+        raise WireError(f"{name}: negative dimension in shape {shape}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(message.data) != expected:
+        raise WireError(
+            f"{name}: {len(message.data)} bytes do not match shape {shape} of {dtype_name(message.dtype)} "
+            f"({expected} bytes expected)"
+        )
+    storage = _STORAGE_VIEW.get(dtype, dtype)
+    flat = torch.frombuffer(bytearray(message.data), dtype=storage) if expected else torch.empty(0, dtype=storage)
+    return flat.view(dtype).reshape(shape)
+
+
+def expect(
+    tensor: torch.Tensor, *, name: str, dtype: torch.dtype, rank: int, sizes: Sequence[int | None] = ()
+) -> torch.Tensor:
+    """Check dtype, rank and the given sizes (``None`` = any); raise WireError naming the field."""
+    if tensor.dtype != dtype:
+        raise WireError(f"{name}: dtype {tensor.dtype} received, {dtype} expected")
+    if tensor.dim() != rank:
+        raise WireError(f"{name}: rank {tensor.dim()} (shape {tuple(tensor.shape)}) received, rank {rank} expected")
+    for axis, size in enumerate(sizes):
+        if size is not None and tensor.shape[axis] != size:
+            raise WireError(f"{name}: size {tensor.shape[axis]} on axis {axis} received, {size} expected")
+    return tensor
+
+
+def digest(message: pb.Tensor) -> str:
+    """SHA-256 of exactly the bytes that travel (used by the audit log)."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
