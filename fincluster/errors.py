@@ -77,6 +77,7 @@ class RemoteError(FinclusterError):
             if value is not None
         )
         super().__init__(f"{message} ({context})" if context else message)
+        self.reason = message
         self.node_id = node_id
         self.span = span
         self.session_id = session_id

@@ -46,10 +46,10 @@ def abort_for(context: grpc.ServicerContext, error: Exception, *, method: str) -
     if isinstance(error, WireError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, CapacityError):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.reason)
     if isinstance(error, RemoteError):
         code = getattr(grpc.StatusCode, error.code or "FAILED_PRECONDITION", grpc.StatusCode.FAILED_PRECONDITION)
-        context.abort(code, str(error))
+        context.abort(code, error.reason)
     log.exception("request failed", method=method)
     context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
@@ -137,5 +137,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     def _stream_session(self, context: grpc.ServicerContext, session: Session | None, session_id: str) -> Session:
         if session is None or session.session_id != session_id:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown or closed session {session_id!r} on this stream")
+        if session.closed_reason is not None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"session {session_id} {session.closed_reason}")
         return self._call(context, "Inference", lambda: self._sessions.get(session_id))
 

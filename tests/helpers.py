@@ -1,0 +1,122 @@
+"""Building blocks for tests: tiny models, PKI material, and in-process swarms over real gRPC."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+
+from fincluster.client import DistributedModelForCausalLM, Swarm
+from fincluster.registry.server import RegistryServer
+from fincluster.serving.server import BlockServer, ServedModel, load_span_model
+from fincluster.serving.span_model import BlockSpan
+from fincluster.settings import ServerSettings
+from fincluster.store import ModelStore, import_from_model
+from fincluster.trust.pki import CertificateAuthority, Credential, Role
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 256}
+
+
+def tiny_config(arch: str, num_layers: int = 6) -> PretrainedConfig:
+    if arch == "llama":
+        return LlamaConfig(num_hidden_layers=num_layers, **TINY)
+    if arch == "mistral":  # a short window so the sliding-window mask matters
+        return MistralConfig(num_hidden_layers=num_layers, sliding_window=5, **TINY)
+    if arch == "qwen2":  # sliding-window layers above max_window_layers, full attention below
+        return Qwen2Config(num_hidden_layers=num_layers, use_sliding_window=True, sliding_window=5,
+                           max_window_layers=3, **TINY)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, num_layers: int = 6, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, num_layers)).eval()
+
+
+@dataclass
+class Pki:
+    directory: Path
+    ca: CertificateAuthority
+
+    def credential(self, role: Role, name: str) -> Credential:
+        path = self.ca.nodes_dir / f"{role.value}-{name}.pem"
+        if path.exists():
+            return Credential.from_files(
+                cert_path=path, key_path=path.with_suffix(".key"), ca_cert_path=self.ca.cert_path
+            )
+        return self.ca.issue(role, name)
+
+
+@dataclass
+class Cluster:
+    """A registry and block servers in this process, over real mTLS gRPC on loopback."""
+
+    pki: Pki
+    store: ModelStore
+    registry: RegistryServer
+    servers: list[BlockServer] = field(default_factory=list)
+
+    @property
+    def registry_address(self) -> str:
+        assert self.registry.address is not None
+        return self.registry.address
+
+    def swarm(self, client: str = "analyst") -> Swarm:
+        return Swarm(registry=self.registry_address, credential=self.pki.credential(Role.CLIENT, client))
+
+    def model(self, swarm: Swarm) -> DistributedModelForCausalLM:
+        return DistributedModelForCausalLM.from_pretrained(self.store, swarm=swarm)
+
+    def add_server(self, name: str, span: str, **settings: object) -> BlockServer:
+        from fincluster.registry.service import RegistryClient
+        from fincluster.trust.tls import channel_credentials
+
+        import grpc
+
+        credential = self.pki.credential(Role.SERVER, name)
+        options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
+        model = load_span_model(self.store, BlockSpan.parse(span), dtype=str(options.pop("dtype", "float32")),
+                                device="cpu")
+        channel = grpc.secure_channel(self.registry_address, channel_credentials(credential))
+        server = BlockServer(model, ServedModel(self.store.model_id, self.store.manifest_digest),
+                             ServerSettings(**options), credential, registry=RegistryClient(channel))
+        server.start()
+        self.servers.append(server)
+        return server
+
+    def wait_until_listed(self, count: int, timeout: float = 10.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.registry.backend.list(self.store.model_id)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} servers not listed within {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(0)
+        self.registry.stop(0)
+
+
+@contextlib.contextmanager
+def running_cluster(pki: Pki, store: ModelStore, spans: Sequence[str], **settings: object) -> Iterator[Cluster]:
+    registry = RegistryServer(pki.credential(Role.REGISTRY, "registry"))
+    registry.start()
+    cluster = Cluster(pki, store, registry)
+    try:
+        for index, span in enumerate(spans):
+            cluster.add_server(f"s{index}", span, **settings)
+        cluster.wait_until_listed(len(spans))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def store_of(model: torch.nn.Module, directory: Path, model_id: str) -> ModelStore:
+    return import_from_model(model, None, directory, model_id=model_id)
