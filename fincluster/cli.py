@@ -127,7 +127,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server_overrides = {
         key: value
-        for key, value in (("store", args.store), ("blocks", args.blocks), ("port", args.port), ("dtype", args.dtype))
+        for key, value in (
+            ("store", args.store),
+            ("blocks", args.blocks),
+            ("port", args.port),
+            ("dtype", args.dtype),
+        )
         if value is not None
     }
     overrides: dict[str, Any] = {"server": server_overrides}
@@ -145,7 +150,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
         registry = RegistryClient(channel)
     server = BlockServer(
-        model, ServedModel(store.model_id, store.manifest_digest), settings.server, credential, registry=registry
+        model,
+        ServedModel(store.model_id, store.manifest_digest),
+        settings.server,
+        credential,
+        registry=registry,
     )
     address = server.start()
     print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
@@ -171,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fincluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    model = commands.add_parser("model", help="model stores").add_subparsers(dest="model_command", required=True)
+    model = commands.add_parser("model", help="model stores").add_subparsers(
+        dest="model_command", required=True
+    )
     imp = model.add_parser("import", help="import a transformers directory, a GGUF file or a known alias")
     imp.add_argument("source", help="directory, .gguf file, or alias such as smollm2-135m-instruct")
     imp.add_argument("--out", required=True, type=Path, help="store directory to create")

@@ -18,8 +18,17 @@ from fincluster.settings import ServerSettings
 from fincluster.store import ModelStore, import_from_model
 from fincluster.trust.pki import CertificateAuthority, Credential, Role
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 256}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "max_position_embeddings": 256,
+}
 
 
 def tiny_config(arch: str, num_layers: int = 6) -> PretrainedConfig:
@@ -28,8 +37,13 @@ def tiny_config(arch: str, num_layers: int = 6) -> PretrainedConfig:
     if arch == "mistral":  # a short window so the sliding-window mask matters
         return MistralConfig(num_hidden_layers=num_layers, sliding_window=5, **TINY)
     if arch == "qwen2":  # sliding-window layers above max_window_layers, full attention below
-        return Qwen2Config(num_hidden_layers=num_layers, use_sliding_window=True, sliding_window=5,
-                           max_window_layers=3, **TINY)
+        return Qwen2Config(
+            num_hidden_layers=num_layers,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=3,
+            **TINY,
+        )
     raise ValueError(arch)
 
 
@@ -73,18 +87,24 @@ class Cluster:
         return DistributedModelForCausalLM.from_pretrained(self.store, swarm=swarm)
 
     def add_server(self, name: str, span: str, **settings: object) -> BlockServer:
+        import grpc
+
         from fincluster.registry.service import RegistryClient
         from fincluster.trust.tls import channel_credentials
 
-        import grpc
-
         credential = self.pki.credential(Role.SERVER, name)
         options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
-        model = load_span_model(self.store, BlockSpan.parse(span), dtype=str(options.pop("dtype", "float32")),
-                                device="cpu")
+        model = load_span_model(
+            self.store, BlockSpan.parse(span), dtype=str(options.pop("dtype", "float32")), device="cpu"
+        )
         channel = grpc.secure_channel(self.registry_address, channel_credentials(credential))
-        server = BlockServer(model, ServedModel(self.store.model_id, self.store.manifest_digest),
-                             ServerSettings(**options), credential, registry=RegistryClient(channel))
+        server = BlockServer(
+            model,
+            ServedModel(self.store.model_id, self.store.manifest_digest),
+            ServerSettings(**options),
+            credential,
+            registry=RegistryClient(channel),
+        )
         server.start()
         self.servers.append(server)
         return server
@@ -105,7 +125,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(pki: Pki, store: ModelStore, spans: Sequence[str], **settings: object) -> Iterator[Cluster]:
+def running_cluster(
+    pki: Pki, store: ModelStore, spans: Sequence[str], **settings: object
+) -> Iterator[Cluster]:
     registry = RegistryServer(pki.credential(Role.REGISTRY, "registry"))
     registry.start()
     cluster = Cluster(pki, store, registry)

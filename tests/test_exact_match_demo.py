@@ -20,8 +20,9 @@ LOGIT_TOLERANCE = 1e-4
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, return_tensors="pt").input_ids
 
 
@@ -68,8 +69,12 @@ def test_session_steps_match_parallel_forward(demo_cluster: Cluster, demo_refere
 def test_padded_batch_of_two_matches_local(demo_cluster: Cluster, demo_reference) -> None:
     reference, tokenizer = demo_reference
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in PROMPTS[:2]]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in PROMPTS[:2]
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     assert (batch.attention_mask == 0).any(), "the prompts must differ in length so padding is exercised"
     expected = reference.generate(**batch, max_new_tokens=16, do_sample=False)

@@ -32,19 +32,24 @@ def both(cluster: Cluster, reference, ids: torch.Tensor, **kwargs) -> tuple[list
     ],
     ids=["temperature", "top_k", "top_p", "repetition_penalty"],
 )
-def test_sampling_options_match_local_with_the_same_seed(demo_cluster: Cluster, demo_reference, options) -> None:
+def test_sampling_options_match_local_with_the_same_seed(
+    demo_cluster: Cluster, demo_reference, options
+) -> None:
     reference, tokenizer = demo_reference
-    produced, expected = both(demo_cluster, reference, chat_ids(tokenizer, PROMPT), max_new_tokens=20, **options)
+    produced, expected = both(
+        demo_cluster, reference, chat_ids(tokenizer, PROMPT), max_new_tokens=20, **options
+    )
     assert produced == expected
 
 
 def test_generation_stops_at_eos(demo_cluster: Cluster, demo_reference) -> None:
     reference, tokenizer = demo_reference
     ids = chat_ids(tokenizer, PROMPT)
-    greedy = reference.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    greedy = reference.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1] :].tolist()
     stop_token = greedy[4]  # declare the 5th greedy token to be end-of-sequence
-    produced, expected = both(demo_cluster, reference, ids, max_new_tokens=10, do_sample=False,
-                              eos_token_id=stop_token)
+    produced, expected = both(
+        demo_cluster, reference, ids, max_new_tokens=10, do_sample=False, eos_token_id=stop_token
+    )
     assert produced == expected
     assert produced[-1] == stop_token and len(produced) <= ids.shape[1] + 5
 
@@ -52,12 +57,19 @@ def test_generation_stops_at_eos(demo_cluster: Cluster, demo_reference) -> None:
 def test_stop_strings(demo_cluster: Cluster, demo_reference) -> None:
     reference, tokenizer = demo_reference
     ids = chat_ids(tokenizer, PROMPT)
-    full = tokenizer.decode(reference.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:])
+    full = tokenizer.decode(reference.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :])
     stop = full.split()[3]
-    produced, expected = both(demo_cluster, reference, ids, max_new_tokens=24, do_sample=False,
-                              stop_strings=[stop], tokenizer=tokenizer)
+    produced, expected = both(
+        demo_cluster,
+        reference,
+        ids,
+        max_new_tokens=24,
+        do_sample=False,
+        stop_strings=[stop],
+        tokenizer=tokenizer,
+    )
     assert produced == expected
-    assert tokenizer.decode(produced[ids.shape[1]:]).rstrip().endswith(stop)
+    assert tokenizer.decode(produced[ids.shape[1] :]).rstrip().endswith(stop)
 
 
 def test_text_streamer_prints_the_generated_text(demo_cluster: Cluster, demo_reference, capsys) -> None:
@@ -68,7 +80,7 @@ def test_text_streamer_prints_the_generated_text(demo_cluster: Cluster, demo_ref
             ids, max_new_tokens=12, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True)
         )
     printed = capsys.readouterr().out
-    assert printed.strip() == tokenizer.decode(output[0, ids.shape[1]:]).strip()
+    assert printed.strip() == tokenizer.decode(output[0, ids.shape[1] :]).strip()
 
 
 def test_one_session_across_several_generate_calls(demo_cluster: Cluster, demo_reference) -> None:

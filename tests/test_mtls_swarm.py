@@ -36,7 +36,9 @@ def test_client_without_certificate_is_refused(tiny_cluster: Cluster, pki: Pki) 
     assert info_status(channel) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_client_certificate_from_another_ca_is_refused(tiny_cluster: Cluster, pki: Pki, foreign_pki: Pki) -> None:
+def test_client_certificate_from_another_ca_is_refused(
+    tiny_cluster: Cluster, pki: Pki, foreign_pki: Pki
+) -> None:
     foreign = foreign_pki.credential(Role.CLIENT, "intruder")
     _, cert_pem, key_pem = foreign.read()
     credentials = grpc.ssl_channel_credentials(
@@ -53,7 +55,9 @@ def test_there_is_no_plaintext_port(tiny_cluster: Cluster, target: str) -> None:
 
 
 def test_registry_refuses_a_client_of_another_ca(tiny_cluster: Cluster, foreign_pki: Pki) -> None:
-    swarm = Swarm(registry=tiny_cluster.registry_address, credential=foreign_pki.credential(Role.CLIENT, "intruder"))
+    swarm = Swarm(
+        registry=tiny_cluster.registry_address, credential=foreign_pki.credential(Role.CLIENT, "intruder")
+    )
     with swarm, pytest.raises(RegistryError, match="UNAVAILABLE"):
         swarm.registry.list(tiny_cluster.store.model_id)
 
@@ -61,7 +65,9 @@ def test_registry_refuses_a_client_of_another_ca(tiny_cluster: Cluster, foreign_
 def test_client_pins_the_server_identity_from_the_record(tiny_cluster: Cluster) -> None:
     """A record naming server s1 at s0's address fails the handshake: s0 cannot prove it is s1."""
     s0, s1 = tiny_cluster.servers[0], tiny_cluster.servers[1]
-    forged = pb.ServerRecord(node_id=s1.node_id, address=s0.address, model_id="m", span=pb.BlockSpan(start=0, end=2))
+    forged = pb.ServerRecord(
+        node_id=s1.node_id, address=s0.address, model_id="m", span=pb.BlockSpan(start=0, end=2)
+    )
     with tiny_cluster.swarm() as swarm:
         client = swarm.span_client(forged)
         with pytest.raises(Exception, match="UNAVAILABLE"):

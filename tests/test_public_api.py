@@ -22,7 +22,12 @@ def test_package_exports_are_pinned() -> None:
         "__version__",
         "import_model",
     ]
-    assert fincluster.client.__all__ == ["DistributedModelForCausalLM", "InferenceSession", "LocalSwarm", "Swarm"]
+    assert fincluster.client.__all__ == [
+        "DistributedModelForCausalLM",
+        "InferenceSession",
+        "LocalSwarm",
+        "Swarm",
+    ]
 
 
 def test_import_changes_no_global_logging_or_threads() -> None:

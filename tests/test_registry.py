@@ -23,7 +23,9 @@ from tests.helpers import Cluster, Pki, running_cluster
 
 
 def record(node: str, start: int = 0, end: int = 2, model: str = "m") -> pb.ServerRecord:
-    return pb.ServerRecord(node_id=node, address="127.0.0.1:1", model_id=model, span=pb.BlockSpan(start=start, end=end))
+    return pb.ServerRecord(
+        node_id=node, address="127.0.0.1:1", model_id=model, span=pb.BlockSpan(start=start, end=end)
+    )
 
 
 class FakeClock:
@@ -108,14 +110,18 @@ def test_watch_over_grpc_sees_a_new_server(pki: Pki, tiny_llama_store) -> None:
 @pytest.mark.e2e
 def test_a_server_may_announce_only_itself(tiny_cluster: Cluster, pki: Pki) -> None:
     def client_as(role: Role, name: str) -> RegistryClient:
-        channel = grpc.secure_channel(tiny_cluster.registry_address, channel_credentials(pki.credential(role, name)))
+        channel = grpc.secure_channel(
+            tiny_cluster.registry_address, channel_credentials(pki.credential(role, name))
+        )
         return RegistryClient(channel)
 
     impostor = client_as(Role.SERVER, "s0")
     with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
         impostor.announce(record(tiny_cluster.servers[1].node_id), ttl_seconds=5)
     with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
-        client_as(Role.CLIENT, "analyst").announce(record(pki.credential(Role.CLIENT, "analyst").spiffe_id), 5)
+        client_as(Role.CLIENT, "analyst").announce(
+            record(pki.credential(Role.CLIENT, "analyst").spiffe_id), 5
+        )
     with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
         impostor.withdraw(tiny_cluster.servers[1].node_id)
 
@@ -128,10 +134,28 @@ def test_killed_server_process_disappears_within_its_ttl(pki: Pki, tiny_llama_st
         credential = pki.credential(Role.SERVER, "doomed")
         env = {**os.environ, "FINCLUSTER_SERVER__ANNOUNCE_TTL_SECONDS": str(ttl)}
         process = subprocess.Popen(
-            [sys.executable, "-m", "fincluster", "serve", "--store", str(tiny_llama_store.path), "--blocks", "0:2",
-             "--registry", cluster.registry_address, "--ca-cert", str(credential.ca_cert_path),
-             "--cert", str(credential.cert_path), "--key", str(credential.key_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "fincluster",
+                "serve",
+                "--store",
+                str(tiny_llama_store.path),
+                "--blocks",
+                "0:2",
+                "--registry",
+                cluster.registry_address,
+                "--ca-cert",
+                str(credential.ca_cert_path),
+                "--cert",
+                str(credential.cert_path),
+                "--key",
+                str(credential.key_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         try:
             assert process.stdout is not None

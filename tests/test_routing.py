@@ -11,8 +11,13 @@ from fincluster.wire import fincluster_pb2 as pb
 
 
 def server(node: str, start: int, end: int, throughput: float = 100.0) -> pb.ServerRecord:
-    return pb.ServerRecord(node_id=node, address=f"{node}:1", model_id="m",
-                           span=pb.BlockSpan(start=start, end=end), throughput=throughput)
+    return pb.ServerRecord(
+        node_id=node,
+        address=f"{node}:1",
+        model_id="m",
+        span=pb.BlockSpan(start=start, end=end),
+        throughput=throughput,
+    )
 
 
 def nodes(route) -> list[str]:

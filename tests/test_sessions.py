@@ -20,9 +20,15 @@ class Clock:
 
 
 def manager(total: int = 1000, wait: float = 0.0, clock: Clock | None = None) -> SessionManager:
-    return SessionManager(CacheBudget(total), new_cache=lambda: None, bytes_per_token=lambda span: 10,  # type: ignore[arg-type,return-value]
-                          max_session_length=50, idle_timeout_seconds=30, wait_seconds=wait,
-                          clock=clock or Clock())
+    return SessionManager(
+        CacheBudget(total),
+        new_cache=lambda: None,
+        bytes_per_token=lambda span: 10,  # type: ignore[arg-type,return-value]
+        max_session_length=50,
+        idle_timeout_seconds=30,
+        wait_seconds=wait,
+        clock=clock or Clock(),
+    )
 
 
 def test_open_reserves_batch_times_max_length() -> None:
@@ -52,7 +58,7 @@ def test_open_waits_a_bounded_time_for_room() -> None:
 
 def test_limits_on_length_and_batch() -> None:
     sessions = manager()
-    with pytest.raises(SessionError, match="max_length 51 outside 1..50"):
+    with pytest.raises(SessionError, match=r"max_length 51 outside 1\.\.50"):
         sessions.open(BlockSpan(0, 2), max_length=51, batch_size=1, client_id="c")
     with pytest.raises(SessionError, match="batch_size must be at least 1"):
         sessions.open(BlockSpan(0, 2), max_length=5, batch_size=0, client_id="c")

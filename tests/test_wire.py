@@ -37,7 +37,9 @@ def test_unknown_dtype_and_bad_lengths_are_refused() -> None:
         decode(message, name="x")
     message = encode(torch.ones(2, 2))
     message.shape[:] = [2, 3]
-    with pytest.raises(WireError, match=r"x: 16 bytes do not match shape \(2, 3\) of FLOAT32 \(24 bytes expected\)"):
+    with pytest.raises(
+        WireError, match=r"x: 16 bytes do not match shape \(2, 3\) of FLOAT32 \(24 bytes expected\)"
+    ):
         decode(message, name="x")
     message.shape[:] = [-1, 4]
     with pytest.raises(WireError, match="negative dimension"):

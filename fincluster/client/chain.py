@@ -36,7 +36,7 @@ def chain_forward(
 ) -> torch.Tensor:
     """Stateless pass through every hop; differentiable w.r.t. ``hidden``."""
     for client in clients:
-        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client)
+        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client)  # type: ignore[no-untyped-call]
     return hidden
 
 

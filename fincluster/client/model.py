@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fincluster.client.chain import InferenceSession, chain_forward
@@ -76,20 +82,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls, store: str | os.PathLike[str] | ModelStore, *, swarm: ChainPlanner, dtype: torch.dtype = torch.float32
+        cls,
+        store: str | os.PathLike[str] | ModelStore,
+        *,
+        swarm: ChainPlanner,
+        dtype: torch.dtype = torch.float32,
     ) -> DistributedModelForCausalLM:
         """Load the client part of ``store`` (digests checked) and connect it to ``swarm``."""
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
         config = store.load_config()
         model = cls(config, store=store, swarm=swarm, client_state=store.load_client_state(), dtype=dtype)
-        return model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
+        return model
 
     # transformers hooks -------------------------------------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embed_tokens
 
-    def get_output_embeddings(self) -> torch.nn.Linear:
-        return self.lm_head
+    def get_output_embeddings(self) -> torch.nn.Module:
+        head: torch.nn.Module = self.lm_head
+        return head
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Weights come from the store; nothing is initialised randomly."""
@@ -142,7 +154,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             new = seq
         if not 1 <= new <= seq:
             raise ValueError(
-                f"{seq} tokens given with a mask of {attention_mask.shape[1] if attention_mask is not None else None}"
+                f"{seq} tokens given with a mask of "
+                f"{attention_mask.shape[1] if attention_mask is not None else None}"
                 f" while the session holds {past}: the mask must cover the held tokens plus 1..{seq} new ones"
             )
         if attention_mask is None:
@@ -151,8 +164,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             session.record_tokens(input_ids, new)
         hidden = hidden[:, seq - new :]
         if position_ids is None:
-            position_ids = torch.arange(past, past + new, device=hidden.device).unsqueeze(0).expand(batch, -1)
-        positions = position_ids[..., -new:].to(torch.int64).contiguous()
+            positions = torch.arange(past, past + new, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        else:
+            positions = position_ids[..., -new:]
+        positions = positions.to(torch.int64).contiguous()
         mask = attention_mask.to(torch.int64).contiguous()
         wire_dtype = self.embed_tokens.weight.dtype
         hidden = hidden.to(wire_dtype).contiguous()
@@ -169,15 +184,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """transformers' ``generate``; opens a session sized for the request unless one is active."""
         if self._session is not None:
-            return super().generate(inputs, **kwargs)
+            return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is None:
             raise ValueError("generate needs input_ids (or inputs_embeds)")
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        max_length = (
+            prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        )
         with self.inference_session(max_length=max_length):
-            return super().generate(inputs, **kwargs)
+            return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._closed = True

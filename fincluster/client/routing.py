@@ -47,7 +47,8 @@ def plan_route(
     usable = [
         r
         for r in records
-        if blocks.start <= r.span.start < r.span.end <= blocks.end and (allow is None or allow(r, record_span(r)))
+        if blocks.start <= r.span.start < r.span.end <= blocks.end
+        and (allow is None or allow(r, record_span(r)))
     ]
     best: dict[int, tuple[float, list[Hop]]] = {blocks.start: (0.0, [])}
     for position in range(blocks.start, blocks.end):

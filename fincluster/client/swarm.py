@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -36,8 +37,11 @@ class LocalSwarm:
 
     def plan_chain(self, model_id: str, blocks: BlockSpan) -> Sequence[SpanClient]:
         covered = [c.span for c in self.clients]
-        if not covered or covered[0].start != blocks.start or covered[-1].end != blocks.end or any(
-            a.end != b.start for a, b in zip(covered, covered[1:], strict=False)
+        if (
+            not covered
+            or covered[0].start != blocks.start
+            or covered[-1].end != blocks.end
+            or any(a.end != b.start for a, b in itertools.pairwise(covered))
         ):
             raise RoutingError(f"local spans {[str(s) for s in covered]} do not chain over blocks {blocks}")
         return self.clients
@@ -95,7 +99,9 @@ class Swarm:
 
     def span_client(self, record: pb.ServerRecord) -> GrpcSpanClient:
         return GrpcSpanClient(
-            record, self._channel(record.address, record.node_id), timeout_seconds=self.settings.request_timeout_seconds
+            record,
+            self._channel(record.address, record.node_id),
+            timeout_seconds=self.settings.request_timeout_seconds,
         )
 
     def rtt(self, record: pb.ServerRecord) -> float:

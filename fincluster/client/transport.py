@@ -52,10 +52,17 @@ def inputs_to_wire(inputs: SpanInputs) -> pb.SpanInputs:
     )
 
 
-def remote_error(error: grpc.RpcError, *, node_id: str, span: BlockSpan, session_id: str | None = None) -> RemoteError:
+def remote_error(
+    error: grpc.RpcError, *, node_id: str, span: BlockSpan, session_id: str | None = None
+) -> RemoteError:
     """Turn a gRPC failure into the matching fincluster error, with its context."""
     code = error.code()
-    context = {"node_id": node_id, "span": (span.start, span.end), "session_id": session_id, "code": code.name}
+    context = {
+        "node_id": node_id,
+        "span": (span.start, span.end),
+        "session_id": session_id,
+        "code": code.name,
+    }
     message = error.details() or code.name
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return CapacityError(message, **context)
@@ -70,7 +77,9 @@ class GrpcSpanSession:
     def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int) -> None:
         self._client = client
         self._requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
-        self._responses: Iterator[pb.InferenceResponse] = client.stub.Inference(iter(self._requests.get, None))
+        self._responses: Iterator[pb.InferenceResponse] = client.stub.Inference(
+            iter(self._requests.get, None)
+        )
         self.session_id = ""
         open_request = pb.OpenSession(
             span=client.wire_span, max_length=max_length, batch_size=batch_size, request_id=uuid.uuid4().hex
@@ -85,14 +94,19 @@ class GrpcSpanSession:
         except grpc.RpcError as error:
             self._requests.put(None)
             raise remote_error(
-                error, node_id=self._client.node_id, span=self._client.span, session_id=self.session_id or None
+                error,
+                node_id=self._client.node_id,
+                span=self._client.span,
+                session_id=self.session_id or None,
             ) from None
         if response.WhichOneof("kind") != expected:
             raise RemoteError(f"server answered {response.WhichOneof('kind')!r} to {expected!r}")
         return response
 
     def step(self, inputs: SpanInputs) -> torch.Tensor:
-        request = pb.InferenceRequest(step=pb.SessionStep(session_id=self.session_id, inputs=inputs_to_wire(inputs)))
+        request = pb.InferenceRequest(
+            step=pb.SessionStep(session_id=self.session_id, inputs=inputs_to_wire(inputs))
+        )
         response = self._exchange(request, "step")
         return decode(response.step.hidden_states, name="hidden_states")
 
@@ -123,10 +137,13 @@ class GrpcSpanClient:
             raise remote_error(error, node_id=self.node_id, span=self.span) from None
 
     def info(self) -> pb.ServerInfo:
-        return self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
+        info: pb.ServerInfo = self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
+        return info
 
     def forward(self, inputs: SpanInputs) -> torch.Tensor:
-        request = pb.ForwardRequest(span=self.wire_span, inputs=inputs_to_wire(inputs), request_id=uuid.uuid4().hex)
+        request = pb.ForwardRequest(
+            span=self.wire_span, inputs=inputs_to_wire(inputs), request_id=uuid.uuid4().hex
+        )
         response = self._call(lambda: self.stub.Forward(request, timeout=self._timeout))
         return decode(response.hidden_states, name="hidden_states")
 

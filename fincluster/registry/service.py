@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -24,6 +25,7 @@ log = structlog.get_logger(__name__)
 
 AnnounceCheck = Callable[[pb.ServerRecord], None]
 MAX_TTL_SECONDS = 300
+T = TypeVar("T")
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -39,13 +41,19 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         caller = peer_identity(context)
         _, role, _ = parse_spiffe_id(caller)
         if role is not Role.SERVER or request.record.node_id != caller:
-            log.warning("announce refused: identity mismatch", caller=caller, record_node=request.record.node_id)
+            log.warning(
+                "announce refused: identity mismatch", caller=caller, record_node=request.record.node_id
+            )
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "a server may announce only its own identity")
         if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}"
+            )
         record = request.record
         if not record.address or not record.model_id or record.span.end <= record.span.start:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "record needs address, model_id and a non-empty span")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "record needs address, model_id and a non-empty span"
+            )
         if self._announce_check is not None:
             try:
                 self._announce_check(record)
@@ -85,30 +93,29 @@ class RegistryClient:
         self._stub = pb_grpc.RegistryServiceStub(channel)
         self._timeout = timeout_seconds
 
-    def _rpc(self, name: str, call: Callable[[], object]) -> object:
+    def _rpc(self, name: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except grpc.RpcError as error:
             raise RegistryError(f"registry {name} failed: {error.code().name}: {error.details()}") from None
 
     def announce(self, record: pb.ServerRecord, ttl_seconds: int) -> float:
-        response = self._rpc(
-            "announce",
-            lambda: self._stub.Announce(
-                pb.AnnounceRequest(record=record, ttl_seconds=ttl_seconds), timeout=self._timeout
-            ),
+        request = pb.AnnounceRequest(record=record, ttl_seconds=ttl_seconds)
+        response: pb.AnnounceResponse = self._rpc(
+            "announce", lambda: self._stub.Announce(request, timeout=self._timeout)
         )
-        assert isinstance(response, pb.AnnounceResponse)
         return response.expires_at_unix
 
     def withdraw(self, node_id: str) -> None:
-        self._rpc("withdraw", lambda: self._stub.Withdraw(pb.WithdrawRequest(node_id=node_id), timeout=self._timeout))
+        self._rpc(
+            "withdraw",
+            lambda: self._stub.Withdraw(pb.WithdrawRequest(node_id=node_id), timeout=self._timeout),
+        )
 
     def list(self, model_id: str) -> list[pb.ServerRecord]:
-        response = self._rpc(
+        response: pb.ListResponse = self._rpc(
             "list", lambda: self._stub.List(pb.ListRequest(model_id=model_id), timeout=self._timeout)
         )
-        assert isinstance(response, pb.ListResponse)
         return list(response.records)
 
     def watch(self, model_id: str, stop: threading.Event) -> Iterator[pb.RegistryEvent]:
@@ -118,4 +125,6 @@ class RegistryClient:
             yield from call
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
-                raise RegistryError(f"registry watch failed: {error.code().name}: {error.details()}") from None
+                raise RegistryError(
+                    f"registry watch failed: {error.code().name}: {error.details()}"
+                ) from None

@@ -49,7 +49,13 @@ class BlockRunner:
         batch, seq = hidden.shape[0], hidden.shape[1]
         if batch < 1 or seq < 1:
             raise WireError(f"hidden_states: empty batch or sequence (shape {tuple(hidden.shape)})")
-        expect(inputs.attention_mask, name="attention_mask", dtype=torch.int64, rank=2, sizes=(batch, past_length + seq))
+        expect(
+            inputs.attention_mask,
+            name="attention_mask",
+            dtype=torch.int64,
+            rank=2,
+            sizes=(batch, past_length + seq),
+        )
         expect(inputs.position_ids, name="position_ids", dtype=torch.int64, rank=2, sizes=(batch, seq))
         if not bool(((inputs.attention_mask == 0) | (inputs.attention_mask == 1)).all()):
             raise WireError("attention_mask: values must be 0 or 1")
@@ -58,7 +64,9 @@ class BlockRunner:
 
     def _to_device(self, inputs: SpanInputs) -> SpanInputs:
         device = self.model.device
-        return SpanInputs(*(t.to(device) for t in (inputs.hidden_states, inputs.attention_mask, inputs.position_ids)))
+        return SpanInputs(
+            *(t.to(device) for t in (inputs.hidden_states, inputs.attention_mask, inputs.position_ids))
+        )
 
     @torch.no_grad()
     def forward(self, span: BlockSpan, inputs: SpanInputs) -> torch.Tensor:
@@ -71,7 +79,13 @@ class BlockRunner:
         """Gradient w.r.t. the input hidden states; the span's weights stay frozen."""
         self.check_span(span)
         self.validate(inputs)
-        expect(grad_outputs, name="grad_outputs", dtype=self.model.dtype, rank=3, sizes=inputs.hidden_states.shape)
+        expect(
+            grad_outputs,
+            name="grad_outputs",
+            dtype=self.model.dtype,
+            rank=3,
+            sizes=inputs.hidden_states.shape,
+        )
         inputs = self._to_device(inputs)
         with torch.enable_grad():
             hidden = inputs.hidden_states.detach().requires_grad_(True)
@@ -91,11 +105,14 @@ class BlockRunner:
             seq = inputs.hidden_states.shape[1]
             if session.position + seq > session.max_length:
                 raise SessionError(
-                    f"step of {seq} tokens at position {session.position} exceeds max_length {session.max_length}",
+                    f"step of {seq} tokens at position {session.position} "
+                    f"exceeds max_length {session.max_length}",
                     session_id=session.session_id,
                     code="OUT_OF_RANGE",
                 )
             inputs = self._to_device(inputs)
-            output = self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids, session.cache)
+            output = self.model(
+                inputs.hidden_states, inputs.attention_mask, inputs.position_ids, session.cache
+            )
             session.position += seq
             return output

@@ -110,7 +110,8 @@ class BlockServer:
         )
 
     def record(self) -> pb.ServerRecord:
-        assert self.address is not None
+        if self.address is None:
+            raise ClosedError("the server has not been started")
         return pb.ServerRecord(
             node_id=self.node_id,
             address=self.address,
@@ -134,7 +135,9 @@ class BlockServer:
         pb_grpc.add_BlockServiceServicer_to_server(
             BlockServicer(BlockRunner(self.model), self.sessions, self.info), server
         )
-        port = server.add_secure_port(f"{self.settings.host}:{self.settings.port}", server_credentials(self.credential))
+        port = server.add_secure_port(
+            f"{self.settings.host}:{self.settings.port}", server_credentials(self.credential)
+        )
         server.start()
         self._grpc = server
         self.address = self.settings.public_address or f"{self.settings.host}:{port}"

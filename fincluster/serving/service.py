@@ -8,10 +8,12 @@ caller gets an opaque INTERNAL.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import NoReturn, TypeVar
 
 import grpc
 import structlog
+import torch
 
 from fincluster.errors import CapacityError, RemoteError, WireError
 from fincluster.serving.runner import BlockRunner, SpanInputs
@@ -41,23 +43,33 @@ def inputs_from_wire(message: pb.SpanInputs) -> SpanInputs:
     )
 
 
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the RPC with ``code``; ``context.abort`` raises, the line after it only makes that explicit."""
+    context.abort(code, message)
+    raise RuntimeError("grpc context.abort returned")
+
+
 def abort_for(context: grpc.ServicerContext, error: Exception, *, method: str) -> NoReturn:
     """Abort the RPC with the status that fits ``error``."""
     if isinstance(error, WireError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, CapacityError):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.reason)
+        abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, error.reason)
     if isinstance(error, RemoteError):
-        code = getattr(grpc.StatusCode, error.code or "FAILED_PRECONDITION", grpc.StatusCode.FAILED_PRECONDITION)
-        context.abort(code, error.reason)
+        code = getattr(
+            grpc.StatusCode, error.code or "FAILED_PRECONDITION", grpc.StatusCode.FAILED_PRECONDITION
+        )
+        abort(context, code, error.reason)
     log.exception("request failed", method=method)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    abort(context, grpc.StatusCode.INTERNAL, "internal error")
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
     """Serves one span: stateless forward/backward and KV-cached inference streams."""
 
-    def __init__(self, runner: BlockRunner, sessions: SessionManager, info: Callable[[], pb.ServerInfo]) -> None:
+    def __init__(
+        self, runner: BlockRunner, sessions: SessionManager, info: Callable[[], pb.ServerInfo]
+    ) -> None:
         self._runner = runner
         self._sessions = sessions
         self._info = info
@@ -99,17 +111,21 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 kind = request.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a session is already open on this stream")
-                    session = self._call(context, "Inference.open", lambda r=request: self._open(r.open, client_id))
+                        abort(
+                            context,
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "a session is already open on this stream",
+                        )
+                    session = self._call(
+                        context, "Inference.open", partial(self._open, request.open, client_id)
+                    )
                     yield pb.InferenceResponse(
                         opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)
                     )
                 elif kind == "step":
                     current = self._stream_session(context, session, request.step.session_id)
                     output = self._call(
-                        context,
-                        "Inference.step",
-                        lambda r=request, s=current: self._runner.step(s, inputs_from_wire(r.step.inputs)),
+                        context, "Inference.step", partial(self._step, current, request.step.inputs)
                     )
                     yield pb.InferenceResponse(
                         step=pb.StepResult(hidden_states=encode(output), position=current.position)
@@ -120,10 +136,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                     session = None
                     yield pb.InferenceResponse(closed=pb.SessionClosed(session_id=current.session_id))
                 else:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty inference request")
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty inference request")
         finally:
             if session is not None:
                 self._sessions.close(session.session_id, reason="closed: stream ended")
+
+    def _step(self, session: Session, inputs: pb.SpanInputs) -> torch.Tensor:
+        return self._runner.step(session, inputs_from_wire(inputs))
 
     def _open(self, request: pb.OpenSession, client_id: str) -> Session:
         span = span_from_wire(request.span)
@@ -134,10 +153,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         log.info("session opened", session=session.session_id, client=client_id, span=str(span))
         return session
 
-    def _stream_session(self, context: grpc.ServicerContext, session: Session | None, session_id: str) -> Session:
+    def _stream_session(
+        self, context: grpc.ServicerContext, session: Session | None, session_id: str
+    ) -> Session:
         if session is None or session.session_id != session_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown or closed session {session_id!r} on this stream")
+            abort(
+                context, grpc.StatusCode.NOT_FOUND, f"unknown or closed session {session_id!r} on this stream"
+            )
         if session.closed_reason is not None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"session {session_id} {session.closed_reason}")
+            abort(context, grpc.StatusCode.NOT_FOUND, f"session {session_id} {session.closed_reason}")
         return self._call(context, "Inference", lambda: self._sessions.get(session_id))
-

@@ -38,7 +38,9 @@ class CacheBudget:
         if nbytes > self.total_bytes:
             return False
         with self._changed:
-            fits = self._changed.wait_for(lambda: self._used + nbytes <= self.total_bytes, timeout=wait_seconds)
+            fits = self._changed.wait_for(
+                lambda: self._used + nbytes <= self.total_bytes, timeout=wait_seconds
+            )
             if not fits:
                 return False
             self._used += nbytes

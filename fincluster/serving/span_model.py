@@ -91,17 +91,30 @@ class SpanModel(torch.nn.Module):
             raise StoreError(f"unexpected weights for blocks {span}: {sorted(unexpected)[:5]}")
         still_empty = [name for name, param in base.named_parameters() if param.is_meta]
         if missing or still_empty:
-            raise StoreError(f"weights missing for blocks {span}: {sorted(set(missing) | set(still_empty))[:5]}")
+            raise StoreError(
+                f"weights missing for blocks {span}: {sorted(set(missing) | set(still_empty))[:5]}"
+            )
         base.requires_grad_(False)
         self.base = base.to(device).eval()
 
     @property
     def device(self) -> torch.device:
-        return next(self.base.parameters()).device
+        device: torch.device = next(self.base.parameters()).device
+        return device
 
     def new_cache(self) -> DynamicCache:
         """An empty KV cache for one inference session over this span."""
         return DynamicCache(config=self.config)
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        output: torch.Tensor = super().__call__(hidden_states, attention_mask, position_ids, cache)
+        return output
 
     def forward(
         self,
@@ -127,4 +140,4 @@ def cache_bytes_per_token(config: PretrainedConfig, span: BlockSpan, dtype: torc
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * len(span) * heads * head_dim * itemsize
+    return int(2 * len(span) * heads * head_dim * itemsize)
