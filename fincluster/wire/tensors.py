@@ -64,7 +64,11 @@ def decode(message: pb.Tensor, *, name: str) -> torch.Tensor:
             f"({expected} bytes expected)"
         )
     storage = _STORAGE_VIEW.get(dtype, dtype)
-    flat = torch.frombuffer(bytearray(message.data), dtype=storage) if expected else torch.empty(0, dtype=storage)
+    flat = (
+        torch.frombuffer(bytearray(message.data), dtype=storage)
+        if expected
+        else torch.empty(0, dtype=storage)
+    )
     return flat.view(dtype).reshape(shape)
 
 
@@ -75,7 +79,9 @@ def expect(
     if tensor.dtype != dtype:
         raise WireError(f"{name}: dtype {tensor.dtype} received, {dtype} expected")
     if tensor.dim() != rank:
-        raise WireError(f"{name}: rank {tensor.dim()} (shape {tuple(tensor.shape)}) received, rank {rank} expected")
+        raise WireError(
+            f"{name}: rank {tensor.dim()} (shape {tuple(tensor.shape)}) received, rank {rank} expected"
+        )
     for axis, size in enumerate(sizes):
         if size is not None and tensor.shape[axis] != size:
             raise WireError(f"{name}: size {tensor.shape[axis]} on axis {axis} received, {size} expected")
