@@ -165,7 +165,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fincluster.demo import run_demo
 
-    return run_demo(workdir=args.workdir, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    return run_demo(
+        workdir=args.workdir,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        keep_running=args.keep_running,
+        registry_port=args.registry_port,
+    )
 
 
 # parser ----------------------------------------------------------------------------------------
@@ -229,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--keep-running", action="store_true", help="keep the swarm up after the answer")
+    demo.add_argument("--registry-port", type=int, default=0, help="registry port (default: any free port)")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -140,7 +141,9 @@ class LocalSwarmProcesses:
 
 
 @contextlib.contextmanager
-def launch(workdir: Path, spans: Sequence[str] = DEMO_SPANS) -> Iterator[LocalSwarmProcesses]:
+def launch(
+    workdir: Path, spans: Sequence[str] = DEMO_SPANS, *, registry_port: int = 0
+) -> Iterator[LocalSwarmProcesses]:
     """Prepare store and certificates in ``workdir``, start the processes, stop them on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     store_dir, certs = _prepare(workdir, len(spans))
@@ -148,7 +151,8 @@ def launch(workdir: Path, spans: Sequence[str] = DEMO_SPANS) -> Iterator[LocalSw
     log_dir.mkdir(exist_ok=True)
     processes: list[_Process] = []
     try:
-        registry = _spawn("registry", ["registry", *_tls_args(certs, "registry", "registry")], log_dir)
+        registry_args = ["registry", "--port", str(registry_port), *_tls_args(certs, "registry", "registry")]
+        registry = _spawn("registry", registry_args, log_dir)
         processes.append(registry)
         registry_address = registry.wait_line("registry listening on ", 60).rsplit(" ", 1)[1]
         print(f"registry      {registry_address}")
@@ -185,10 +189,16 @@ def _wait_until_listed(swarm: LocalSwarmProcesses, count: int) -> None:
             time.sleep(0.2)
 
 
-def run_demo(*, workdir: Path, prompt: str | None, max_new_tokens: int) -> int:
-
+def run_demo(
+    *,
+    workdir: Path,
+    prompt: str | None,
+    max_new_tokens: int,
+    keep_running: bool = False,
+    registry_port: int = 0,
+) -> int:
     with (
-        launch(workdir) as processes,
+        launch(workdir, registry_port=registry_port) as processes,
         Swarm(registry=processes.registry_address, credential=processes.client_credential()) as swarm,
     ):
         store = ModelStore.open(processes.store_dir)
@@ -204,7 +214,22 @@ def run_demo(*, workdir: Path, prompt: str | None, max_new_tokens: int) -> int:
             model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
             placement = [(hop.client.node_id, hop.client.span) for hop in session.hops]
         _print_report(placement, streamer, input_ids.shape[1])
+        if keep_running:
+            print(
+                f"\nswarm running: registry at {processes.registry_address}; press Ctrl-C to stop", flush=True
+            )
+            _wait_for_interrupt()
     return 0
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _print_report(
