@@ -1,0 +1,136 @@
+"""Signed statements about the tree: checkpoints, prune markers, and the per-record seal.
+
+* A **checkpoint** signs (origin, tree size, root hash, time). Verifiers recompute the root at every
+  checkpointed size, which is stronger than checking consistency proofs between them.
+* A **prune marker** signs "records before N were deleted under the retention rule; the tree of N
+  leaves had root R and these perfect-subtree roots". From those roots a verifier carries on
+  computing the tree over the records that remain.
+* A **seal** signs (origin, index, leaf hash) of one record. Seals are what let ``verify`` name the
+  exact first bad record: an attacker who edits, inserts, deletes-and-renumbers or swaps records
+  cannot produce a seal for the new position, and so the first changed index stands out, even if the
+  attacker recomputes every hash in the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from fincluster.audit.canonical import canonical_json
+from fincluster.audit.fields import FrozenModel, HexSignature, OpaqueId, Sha256Hex, UtcTime
+from fincluster.audit.merkle import Frontier
+from fincluster.audit.signing import (
+    Algorithm,
+    PrivateKey,
+    PublicKey,
+    algorithm_of,
+    key_id,
+    public_key_of,
+    sign,
+    signature_is_valid,
+)
+
+CHECKPOINT_DOMAIN = b"fincluster-audit-checkpoint-v1\n"
+PRUNE_MARKER_DOMAIN = b"fincluster-audit-prune-marker-v1\n"
+SEAL_DOMAIN = b"fincluster-audit-record-v1\n"
+
+
+class CheckpointBody(FrozenModel):
+    version: Literal[1] = 1
+    origin: OpaqueId
+    tree_size: int = Field(ge=0)
+    root_hash: Sha256Hex
+    time: UtcTime
+    key_id: Sha256Hex
+    algorithm: Algorithm
+
+
+class Checkpoint(FrozenModel):
+    body: CheckpointBody
+    signature: HexSignature
+
+
+class PruneMarkerBody(FrozenModel):
+    version: Literal[1] = 1
+    origin: OpaqueId
+    pruned_size: int = Field(gt=0)
+    root_hash: Sha256Hex
+    subtree_roots: tuple[Sha256Hex, ...]
+    retention_days: int = Field(ge=1)
+    time: UtcTime
+    key_id: Sha256Hex
+    algorithm: Algorithm
+
+
+class PruneMarker(FrozenModel):
+    body: PruneMarkerBody
+    signature: HexSignature
+
+    def frontier(self) -> Frontier:
+        """The tree state at ``pruned_size``; raises ValueError if the roots do not fit the size."""
+        roots = [bytes.fromhex(h) for h in self.body.subtree_roots]
+        return Frontier(self.body.pruned_size, roots)
+
+
+def _signer_fields(private_key: PrivateKey) -> tuple[str, Algorithm]:
+    public_key = public_key_of(private_key)
+    return key_id(public_key), algorithm_of(public_key)
+
+
+def sign_checkpoint(
+    private_key: PrivateKey, *, origin: str, frontier: Frontier, time: datetime
+) -> Checkpoint:
+    kid, algorithm = _signer_fields(private_key)
+    body = CheckpointBody(
+        origin=origin,
+        tree_size=frontier.size,
+        root_hash=frontier.root().hex(),
+        time=time,
+        key_id=kid,
+        algorithm=algorithm,
+    )
+    return Checkpoint(body=body, signature=sign(private_key, CHECKPOINT_DOMAIN + canonical_json(body)).hex())
+
+
+def sign_prune_marker(
+    private_key: PrivateKey, *, origin: str, frontier: Frontier, retention_days: int, time: datetime
+) -> PruneMarker:
+    kid, algorithm = _signer_fields(private_key)
+    body = PruneMarkerBody(
+        origin=origin,
+        pruned_size=frontier.size,
+        root_hash=frontier.root().hex(),
+        subtree_roots=tuple(root.hex() for root in frontier.subtree_roots),
+        retention_days=retention_days,
+        time=time,
+        key_id=kid,
+        algorithm=algorithm,
+    )
+    return PruneMarker(
+        body=body, signature=sign(private_key, PRUNE_MARKER_DOMAIN + canonical_json(body)).hex()
+    )
+
+
+def _signed_by_trusted_key(
+    body: CheckpointBody | PruneMarkerBody, signature: str, domain: bytes, keys: Mapping[str, PublicKey]
+) -> bool:
+    key = keys.get(body.key_id)
+    if key is None or algorithm_of(key) != body.algorithm:
+        return False
+    return signature_is_valid(key, bytes.fromhex(signature), domain + canonical_json(body))
+
+
+def checkpoint_is_valid(checkpoint: Checkpoint, keys: Mapping[str, PublicKey]) -> bool:
+    """True when the checkpoint is signed by one of ``keys`` (indexed by key id)."""
+    return _signed_by_trusted_key(checkpoint.body, checkpoint.signature, CHECKPOINT_DOMAIN, keys)
+
+
+def prune_marker_is_valid(marker: PruneMarker, keys: Mapping[str, PublicKey]) -> bool:
+    return _signed_by_trusted_key(marker.body, marker.signature, PRUNE_MARKER_DOMAIN, keys)
+
+
+def seal_message(origin: str, index: int, leaf: bytes) -> bytes:
+    return SEAL_DOMAIN + origin.encode() + b"\n" + index.to_bytes(8, "big") + leaf

@@ -1,0 +1,141 @@
+"""Pair the client's transfer records with the servers' and report what does not pair.
+
+A transfer is identified on both sides by (session, step, node, block span, input digest): the client
+knows them before sending, the server learns them on receipt. For each pair the output digests must
+agree, both sides must hold the same receipt, the receipt must describe this transfer, and, when the
+nodes' public keys are given, its signature must verify. A transfer only one side recorded is listed
+under ``client_only`` or ``server_only``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from fincluster.audit.events import AuditEvent, Observer, TransferEvent
+from fincluster.audit.fields import BlockSpan, FrozenModel
+from fincluster.audit.receipts import receipt_is_valid
+from fincluster.audit.signing import PublicKey
+
+
+class TransferKey(FrozenModel):
+    session_id: str
+    step: int
+    node_id: str
+    block_span: BlockSpan
+    input_sha256: str
+
+    @classmethod
+    def of(cls, event: TransferEvent) -> TransferKey:
+        return cls(
+            session_id=event.session_id,
+            step=event.step,
+            node_id=event.node_id,
+            block_span=event.block_span,
+            input_sha256=event.input_sha256,
+        )
+
+
+class Mismatch(FrozenModel):
+    transfer: TransferKey
+    reason: str
+
+
+class ReconcileReport(FrozenModel):
+    matched: int
+    client_only: tuple[TransferKey, ...]
+    """Transfers the client recorded and no server did."""
+    server_only: tuple[TransferKey, ...]
+    """Transfers a server recorded and the client did not."""
+    mismatched: tuple[Mismatch, ...]
+    """Paired transfers whose outputs or receipts disagree."""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.client_only or self.server_only or self.mismatched)
+
+
+def _transfers_by_key(
+    events: Iterable[AuditEvent], observer: Observer
+) -> dict[TransferKey, list[TransferEvent]]:
+    grouped: dict[TransferKey, list[TransferEvent]] = defaultdict(list)
+    for event in events:
+        if isinstance(event, TransferEvent) and event.observer == observer:
+            grouped[TransferKey.of(event)].append(event)
+    return grouped
+
+
+def reconcile(
+    client_events: Iterable[AuditEvent],
+    server_events: Iterable[AuditEvent],
+    *,
+    node_keys: Mapping[str, PublicKey] | None = None,
+) -> ReconcileReport:
+    """Match client transfer records against the union of the servers' logs.
+
+    ``node_keys`` maps node SPIFFE ids to their public keys; when given, every receipt is verified.
+    """
+    client = _transfers_by_key(client_events, "client")
+    server = _transfers_by_key(server_events, "server")
+    matched = 0
+    client_only: list[TransferKey] = []
+    server_only: list[TransferKey] = []
+    mismatched: list[Mismatch] = []
+    for key in sorted(client.keys() | server.keys(), key=_sort_key):
+        sent, received = client.get(key, []), server.get(key, [])
+        for client_event, server_event in zip(sent, received, strict=False):
+            reason = _disagreement(client_event, server_event, node_keys)
+            if reason is None:
+                matched += 1
+            else:
+                mismatched.append(Mismatch(transfer=key, reason=reason))
+        client_only += [key] * max(0, len(sent) - len(received))
+        server_only += [key] * max(0, len(received) - len(sent))
+    return ReconcileReport(
+        matched=matched,
+        client_only=tuple(client_only),
+        server_only=tuple(server_only),
+        mismatched=tuple(mismatched),
+    )
+
+
+def _sort_key(key: TransferKey) -> tuple[str, int, str, int, str]:
+    return (key.session_id, key.step, key.node_id, key.block_span.start, key.input_sha256)
+
+
+def _disagreement(
+    client: TransferEvent, server: TransferEvent, node_keys: Mapping[str, PublicKey] | None
+) -> str | None:
+    if client.output_sha256 != server.output_sha256:
+        return "the output digests differ"
+    if client.receipt != server.receipt:
+        return "the client's receipt is not the one the server logged"
+    receipt = client.receipt
+    if receipt is None:
+        return None if client.output_sha256 is None else "no receipt for a completed transfer"
+    body = receipt.body
+    described = (
+        body.session_id,
+        body.step,
+        body.node_id,
+        body.block_span,
+        body.input_sha256,
+        body.output_sha256,
+    )
+    actual = (
+        client.session_id,
+        client.step,
+        client.node_id,
+        client.block_span,
+        client.input_sha256,
+        client.output_sha256,
+    )
+    if described != actual:
+        return "the receipt describes a different transfer"
+    if node_keys is not None:
+        key = node_keys.get(client.node_id)
+        if key is None:
+            return "no public key is known for the node"
+        if not receipt_is_valid(receipt, key):
+            return "the receipt's signature does not verify"
+    return None

@@ -1,0 +1,51 @@
+"""The public names of fincluster.audit are deliberate: this list changes only on purpose."""
+
+from __future__ import annotations
+
+import fincluster.audit as audit
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(audit.__all__) == [
+        "AttestationFailureEvent",
+        "AuditEvent",
+        "AuditLog",
+        "AuditRecorder",
+        "AuditSettings",
+        "AuditSink",
+        "BlockSpan",
+        "Checkpoint",
+        "CheckpointBody",
+        "DenialEvent",
+        "FailoverEvent",
+        "Problem",
+        "PruneMarker",
+        "Receipt",
+        "ReceiptBody",
+        "ReconcileReport",
+        "Report",
+        "RouteHop",
+        "RoutingEvent",
+        "SessionCloseEvent",
+        "SessionOpenEvent",
+        "TransferEvent",
+        "TransferKey",
+        "VerifyReport",
+        "build_report",
+        "canonical_json",
+        "capture_audit_events",
+        "export_jsonl",
+        "read_events",
+        "read_log",
+        "receipt_is_valid",
+        "reconcile",
+        "record_event",
+        "render_csv",
+        "render_html",
+        "render_json",
+        "sha256_hex",
+        "sign_receipt",
+        "verify",
+        "verify_receipt",
+    ]
+    assert all(hasattr(audit, name) for name in audit.__all__)
