@@ -8,9 +8,15 @@ median of several greedy runs, and writes the result into BENCHMARKS.md.
 
 from __future__ import annotations
 
+import os
+
+# Every process of this benchmark shares one host's cores, and for each token only one of them works
+# at a time: idle OpenMP threads must sleep rather than spin (read by libgomp when torch loads, so it
+# is set before the imports below; the server processes get it from fincluster.demo).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -82,6 +88,7 @@ def write_report(
         f"### Demo model on CPU: local transformers vs 3-server swarm ({datetime.date.today().isoformat()})",
         "",
         f"- Machine: {machine()}",
+        f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} in every process (client and servers)",
         f"- Command: `{command}`",
         f"- Model: SmolLM2-135M-Instruct, fp32; prompt {prompt_tokens} tokens, {new_tokens} new tokens,"
         " greedy;"

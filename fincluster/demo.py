@@ -8,6 +8,7 @@ placement and the timings, and shuts everything down.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import subprocess
@@ -81,10 +82,19 @@ class TimingStreamer(TextStreamer):
         super().put(value)  # type: ignore[no-untyped-call]
 
 
+# Several servers share this host's cores and run one after another for each token: idle OpenMP
+# threads must sleep instead of spinning, or they steal the cores the active hop needs.
+SHARED_HOST_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def _spawn(name: str, args: list[str], log_dir: Path) -> _Process:
     log_file = (log_dir / f"{name}.log").open("w")
     popen = subprocess.Popen(
-        [sys.executable, "-m", "fincluster", *args], stdout=subprocess.PIPE, stderr=log_file, text=True
+        [sys.executable, "-m", "fincluster", *args],
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
+        env={**os.environ, **SHARED_HOST_ENV},
     )
     process = _Process(name, popen)
     process.start_reader()
