@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fincluster.audit.commands import register as register_audit
 from fincluster.errors import FinclusterError
+from fincluster.trust.commands import register as register_attest
 
 
 def _progress(stage: str, done: int, total: int) -> None:
@@ -151,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry = RegistryClient(channel)
     server = BlockServer(
         model,
-        ServedModel(store.model_id, store.manifest_digest),
+        ServedModel.of(store),
         settings.server,
         credential,
         registry=registry,
@@ -185,6 +187,8 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fincluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    register_attest(commands)
+    register_audit(commands)
 
     model = commands.add_parser("model", help="model stores").add_subparsers(
         dest="model_command", required=True

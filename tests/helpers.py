@@ -83,8 +83,10 @@ class Cluster:
     def swarm(self, client: str = "analyst") -> Swarm:
         return Swarm(registry=self.registry_address, credential=self.pki.credential(Role.CLIENT, client))
 
-    def model(self, swarm: Swarm) -> DistributedModelForCausalLM:
-        return DistributedModelForCausalLM.from_pretrained(self.store, swarm=swarm)
+    def model(self, swarm: Swarm, classification: str = "public") -> DistributedModelForCausalLM:
+        return DistributedModelForCausalLM.from_pretrained(
+            self.store, swarm=swarm, classification=classification
+        )
 
     def add_server(self, name: str, span: str, **settings: object) -> BlockServer:
         import grpc
@@ -100,7 +102,7 @@ class Cluster:
         channel = grpc.secure_channel(self.registry_address, channel_credentials(credential))
         server = BlockServer(
             model,
-            ServedModel(self.store.model_id, self.store.manifest_digest),
+            ServedModel.of(self.store),
             ServerSettings(**options),
             credential,
             registry=RegistryClient(channel),

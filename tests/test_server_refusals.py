@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -39,7 +40,13 @@ def inputs(
 
 def forward(stub: pb_grpc.BlockServiceStub, message: pb.SpanInputs, span: tuple[int, int] = (0, 2)):
     return stub.Forward(
-        pb.ForwardRequest(span=pb.BlockSpan(start=span[0], end=span[1]), inputs=message), timeout=10
+        pb.ForwardRequest(
+            span=pb.BlockSpan(start=span[0], end=span[1]),
+            inputs=message,
+            classification="public",
+            request_id="probe",
+        ),
+        timeout=10,
     )
 
 
@@ -117,7 +124,11 @@ def open_stream(
 def open_request(max_length: int, span: tuple[int, int] = (0, 2), batch: int = 1) -> pb.InferenceRequest:
     return pb.InferenceRequest(
         open=pb.OpenSession(
-            span=pb.BlockSpan(start=span[0], end=span[1]), max_length=max_length, batch_size=batch
+            span=pb.BlockSpan(start=span[0], end=span[1]),
+            max_length=max_length,
+            batch_size=batch,
+            classification="public",
+            nonce=os.urandom(16),
         )
     )
 
@@ -176,6 +187,26 @@ def test_closed_session(tiny_cluster: Cluster) -> None:
     error = refused(lambda: stream.send(step_request(session_id, seq=1, past=0)))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert session_id in error.details()
+
+
+def test_without_a_policy_engine_only_public_data_is_served(tiny_cluster: Cluster) -> None:
+    """A server with no policy configured refuses internal data, opaquely, and serves public data."""
+    stub = stub_for(tiny_cluster)
+    request = pb.ForwardRequest(
+        span=pb.BlockSpan(start=0, end=2), inputs=inputs(), classification="internal", request_id="probe"
+    )
+    error = refused(lambda: stub.Forward(request, timeout=10))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "request refused by policy"
+    assert_still_serving(stub)
+
+
+def test_missing_request_id(tiny_cluster: Cluster) -> None:
+    stub = stub_for(tiny_cluster)
+    request = pb.ForwardRequest(span=pb.BlockSpan(start=0, end=2), inputs=inputs(), classification="public")
+    error = refused(lambda: stub.Forward(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in error.details()
 
 
 def test_step_before_open(tiny_cluster: Cluster) -> None:

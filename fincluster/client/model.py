@@ -26,11 +26,13 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fincluster.client.chain import InferenceSession, chain_forward
+from fincluster.client.placement import Pins, PlacementRequest
 from fincluster.client.swarm import ChainPlanner
-from fincluster.client.transport import SpanClient
+from fincluster.client.transport import LocalSpanClient, SpanClient
 from fincluster.errors import ClosedError, ConfigurationError
-from fincluster.serving.span_model import BlockSpan
+from fincluster.serving.span_model import BlockSpan, SpanModel
 from fincluster.store import ModelStore
+from fincluster.trust.policy import Classification, ModelRef
 
 
 def _client_modules(
@@ -53,6 +55,14 @@ def _client_modules(
     return embed, norm, head
 
 
+def parse_classification(value: str) -> Classification:
+    try:
+        return Classification(value)
+    except ValueError:
+        names = ", ".join(level.value for level in Classification)
+        raise ConfigurationError(f"unknown classification {value!r}; use one of {names}") from None
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[misc]
     """Causal LM whose transformer blocks run on the swarm (see module docstring)."""
 
@@ -69,11 +79,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         swarm: ChainPlanner,
         client_state: dict[str, torch.Tensor],
         dtype: torch.dtype,
+        classification: Classification,
+        local: LocalSpanClient | None = None,
+        pin: Pins | None = None,
     ) -> None:
         super().__init__(config)
         self.store = store
         self.swarm = swarm
         self.model_id = store.model_id
+        self.classification = classification
+        self.local = local
+        self.pin: Pins = dict(pin or {})
+        self._call_classification: Classification | None = None
         self.embed_tokens, self.norm, self.lm_head = _client_modules(config, client_state, dtype)
         self.requires_grad_(False)
         self._session: InferenceSession | None = None
@@ -87,11 +104,39 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         *,
         swarm: ChainPlanner,
         dtype: torch.dtype = torch.float32,
+        classification: str = "internal",
+        local_blocks: int = 0,
+        pin: Pins | None = None,
     ) -> DistributedModelForCausalLM:
-        """Load the client part of ``store`` (digests checked) and connect it to ``swarm``."""
+        """Load the client part of ``store`` (digests checked) and connect it to ``swarm``.
+
+        ``classification`` is the default data classification of requests (``public``, ``internal``,
+        ``confidential``, ``restricted``; per call with ``classification=``). ``local_blocks=k`` runs
+        blocks ``0:k`` in this process, so their activations never leave it. ``pin`` narrows placement:
+        ``{range(0, 8): ["spiffe://bank/server/a"]}`` or ``{range(0, 8): "trusted"}``.
+        """
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
         config = store.load_config()
-        model = cls(config, store=store, swarm=swarm, client_state=store.load_client_state(), dtype=dtype)
+        level = parse_classification(classification)
+        if not 0 <= local_blocks <= config.num_hidden_layers:
+            raise ConfigurationError(
+                f"local_blocks must be within 0..{config.num_hidden_layers}, not {local_blocks}"
+            )
+        local = None
+        if local_blocks:
+            span = BlockSpan(0, local_blocks)
+            blocks = {index: store.load_block_state(index) for index in range(local_blocks)}
+            local = LocalSpanClient(SpanModel(config, span, blocks, dtype=dtype), node_id="client")
+        model = cls(
+            config,
+            store=store,
+            swarm=swarm,
+            client_state=store.load_client_state(),
+            dtype=dtype,
+            classification=level,
+            local=local,
+            pin=pin,
+        )
         model.eval()  # type: ignore[no-untyped-call]
         return model
 
@@ -111,7 +156,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         """The chain of span clients that covers every block, chosen now from the registry."""
         if self._closed:
             raise ClosedError("model is closed")
-        return self.swarm.plan_chain(self.model_id, BlockSpan(0, self.config.num_hidden_layers))
+        total = self.config.num_hidden_layers
+        start = self.local.span.end if self.local is not None else 0
+        request = PlacementRequest(
+            classification=self._call_classification or self.classification,
+            model=ModelRef(id=self.model_id, num_blocks=total, manifest_sha256=self.store.manifest_digest),
+            pins=self.pin,
+        )
+        remote = self.swarm.plan_chain(request, BlockSpan(start, total)) if start < total else []
+        return [self.local, *remote] if self.local is not None else list(remote)
+
+    @contextlib.contextmanager
+    def _classified(self, classification: str | None) -> Iterator[None]:
+        if classification is None:
+            yield
+            return
+        previous, self._call_classification = self._call_classification, parse_classification(classification)
+        try:
+            yield
+        finally:
+            self._call_classification = previous
 
     @contextlib.contextmanager
     def inference_session(self, *, max_length: int) -> Iterator[InferenceSession]:
@@ -141,6 +205,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        with self._classified(kwargs.pop("classification", None)):
+            return self._forward(
+                input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels
+            )
+
+    def _forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Any,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+    ) -> CausalLMOutputWithPast:
         session = self._session
         past = session.position if session is not None else 0
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -182,7 +260,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        """transformers' ``generate``; opens a session sized for the request unless one is active."""
+        """transformers' ``generate``; opens a session sized for the request unless one is active.
+
+        ``classification=`` overrides the model's default data classification for this call.
+        """
+        with self._classified(kwargs.pop("classification", None)):
+            return self._generate(inputs, **kwargs)
+
+    def _generate(self, inputs: torch.Tensor | None, **kwargs: Any) -> Any:
         if self._session is not None:
             return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))

@@ -11,13 +11,15 @@ from typing import Protocol
 
 import grpc
 
-from fincluster.client.routing import Hop, NodeFilter, plan_route
-from fincluster.client.transport import GrpcSpanClient, SpanClient
+from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
+from fincluster.client.routing import Hop, plan_route
+from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
 from fincluster.errors import ClosedError, RemoteError, RoutingError
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import ClientSettings
+from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential
 from fincluster.trust.tls import channel_credentials, expected_server_identity
 from fincluster.wire import fincluster_pb2 as pb
@@ -26,7 +28,7 @@ from fincluster.wire import fincluster_pb2 as pb
 class ChainPlanner(Protocol):
     """What a model needs from a swarm: span clients that cover ``blocks`` of ``model_id``."""
 
-    def plan_chain(self, model_id: str, blocks: BlockSpan) -> Sequence[SpanClient]: ...
+    def plan_chain(self, request: PlacementRequest, blocks: BlockSpan) -> Sequence[SpanClient]: ...
 
 
 class LocalSwarm:
@@ -35,7 +37,7 @@ class LocalSwarm:
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
 
-    def plan_chain(self, model_id: str, blocks: BlockSpan) -> Sequence[SpanClient]:
+    def plan_chain(self, request: PlacementRequest, blocks: BlockSpan) -> Sequence[SpanClient]:
         covered = [c.span for c in self.clients]
         if (
             not covered
@@ -60,12 +62,15 @@ class Swarm:
         registry: str | Registry,
         credential: Credential,
         settings: ClientSettings | None = None,
-        node_filter: NodeFilter | None = None,
+        trust: TrustContext | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         self.credential = credential
         self.client_id = credential.spiffe_id
         self.settings = settings or ClientSettings()
-        self.node_filter = node_filter
+        self.trust = trust
+        self.observer = observer
+        self.last_guard: PlacementGuard | None = None
         self._credentials = channel_credentials(credential)
         self._channels: dict[str, grpc.Channel] = {}
         self._rtt: dict[str, float] = {}
@@ -97,11 +102,18 @@ class Swarm:
                 self._channels[key] = channel
             return channel
 
-    def span_client(self, record: pb.ServerRecord) -> GrpcSpanClient:
+    def span_client(
+        self, record: pb.ServerRecord, *, classification: str = "public", binding: NodeBinding | None = None
+    ) -> GrpcSpanClient:
         return GrpcSpanClient(
             record,
             self._channel(record.address, record.node_id),
             timeout_seconds=self.settings.request_timeout_seconds,
+            client_id=self.client_id,
+            classification=classification,
+            binding=binding or NodeBinding(record.node_id, None, None),
+            trust=self.trust,
+            observer=self.observer,
         )
 
     def rtt(self, record: pb.ServerRecord) -> float:
@@ -116,12 +128,29 @@ class Swarm:
             self._rtt[record.address] = time.perf_counter() - started
         return self._rtt[record.address]
 
-    def route(self, model_id: str, blocks: BlockSpan) -> list[Hop]:
-        records = self.registry.list(model_id)
-        return plan_route(records, blocks, rtt=self.rtt, allow=self.node_filter)
+    def route(self, request: PlacementRequest, blocks: BlockSpan) -> list[tuple[Hop, Verdict]]:
+        """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow."""
+        records = self.registry.list(request.model.id)
+        guard = PlacementGuard(self.trust, self.client_id, request)
+        self.last_guard = guard
+        try:
+            hops = plan_route(records, blocks, rtt=self.rtt, allow=guard.allows)
+        except RoutingError as error:
+            raise RoutingError(
+                f"{error}; refused: {guard.explain(error.missing_blocks)}",
+                missing_blocks=error.missing_blocks,
+            ) from None
+        return [(hop, guard.verdicts[hop.record.node_id]) for hop in hops]
 
-    def plan_chain(self, model_id: str, blocks: BlockSpan) -> list[SpanClient]:
-        return [self.span_client(hop.record) for hop in self.route(model_id, blocks)]
+    def plan_chain(self, request: PlacementRequest, blocks: BlockSpan) -> list[SpanClient]:
+        return [
+            self.span_client(
+                hop.record,
+                classification=request.classification.value,
+                binding=NodeBinding(hop.record.node_id, verdict.claims, verdict.decision),
+            )
+            for hop, verdict in self.route(request, blocks)
+        ]
 
     def close(self) -> None:
         self._closed = True

@@ -9,15 +9,22 @@ from __future__ import annotations
 import queue
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import grpc
 import torch
+from cryptography import x509
 
-from fincluster.errors import CapacityError, RemoteError, SessionError
+from fincluster.audit import Receipt, verify_receipt
+from fincluster.errors import AuditIntegrityError, CapacityError, RemoteError, SessionError, TrustError
+from fincluster.serving.guard import message_digest
 from fincluster.serving.runner import BlockRunner, SpanInputs
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import BlockSpan, SpanModel
+from fincluster.trust.attestation import VerifiedClaims, new_nonce
+from fincluster.trust.enforcement import TrustContext, check_possession
+from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.tensors import decode, encode
@@ -71,8 +78,33 @@ def remote_error(
     return RemoteError(message, **context)
 
 
+@dataclass(frozen=True)
+class NodeBinding:
+    """Who a span client talks to, as verified: the routing verdict and, once proven, the certificate."""
+
+    node_id: str
+    claims: VerifiedClaims | None
+    decision: Decision | None
+
+
+@dataclass
+class CallRecord:
+    """One completed call, as the client saw it: what the audit trail records."""
+
+    operation: str
+    session_id: str
+    step: int
+    num_tokens: int
+    input_sha256: str
+    output_sha256: str
+    receipt: Receipt | None
+
+
+CallObserver = Callable[["GrpcSpanClient", CallRecord], None]
+
+
 class GrpcSpanSession:
-    """One inference stream: open → steps → close, each answered in order."""
+    """One inference stream: open (with a possession challenge) → steps → close, answered in order."""
 
     def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int) -> None:
         self._client = client
@@ -81,11 +113,23 @@ class GrpcSpanSession:
             iter(self._requests.get, None)
         )
         self.session_id = ""
+        self.steps = 0
+        nonce = new_nonce()
         open_request = pb.OpenSession(
-            span=client.wire_span, max_length=max_length, batch_size=batch_size, request_id=uuid.uuid4().hex
+            span=client.wire_span,
+            max_length=max_length,
+            batch_size=batch_size,
+            request_id=uuid.uuid4().hex,
+            nonce=nonce,
+            classification=client.classification,
         )
         opened = self._exchange(pb.InferenceRequest(open=open_request), "opened")
         self.session_id = opened.opened.session_id
+        try:
+            client.accept_proof(opened.opened.proof, nonce=nonce, session_id=self.session_id)
+        except TrustError:
+            self.close()
+            raise
 
     def _exchange(self, request: pb.InferenceRequest, expected: str) -> pb.InferenceResponse:
         self._requests.put(request)
@@ -104,10 +148,20 @@ class GrpcSpanSession:
         return response
 
     def step(self, inputs: SpanInputs) -> torch.Tensor:
+        wire_inputs = inputs_to_wire(inputs)
         request = pb.InferenceRequest(
-            step=pb.SessionStep(session_id=self.session_id, inputs=inputs_to_wire(inputs))
+            step=pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
         )
         response = self._exchange(request, "step")
+        self._client.observe(
+            "inference_step",
+            self.session_id,
+            self.steps,
+            wire_inputs,
+            response.step.hidden_states,
+            response.step.receipt,
+        )
+        self.steps += 1
         return decode(response.step.hidden_states, name="hidden_states")
 
     def close(self) -> None:
@@ -120,14 +174,36 @@ class GrpcSpanSession:
 
 
 class GrpcSpanClient:
-    """Calls to one server's span over an mTLS channel."""
+    """Calls to one server's span over an mTLS channel, for one request's classification.
 
-    def __init__(self, record: pb.ServerRecord, channel: grpc.Channel, *, timeout_seconds: float) -> None:
+    With a ``TrustContext``, the server must prove possession of its (attested) TLS key before the
+    first activation is sent, and every receipt must be signed by that key over the exact digests of
+    what was sent and received; anything else raises ``TrustError`` and nothing more is sent.
+    """
+
+    def __init__(
+        self,
+        record: pb.ServerRecord,
+        channel: grpc.Channel,
+        *,
+        timeout_seconds: float,
+        client_id: str,
+        classification: str,
+        binding: NodeBinding,
+        trust: TrustContext | None = None,
+        observer: CallObserver | None = None,
+    ) -> None:
         self.node_id = record.node_id
         self.address = record.address
         self.span = BlockSpan(record.span.start, record.span.end)
         self.wire_span = pb.BlockSpan(start=self.span.start, end=self.span.end)
         self.stub = pb_grpc.BlockServiceStub(channel)
+        self.client_id = client_id
+        self.classification = classification
+        self.binding = binding
+        self.trust = trust
+        self.certificate: x509.Certificate | None = None
+        self._observer = observer
         self._timeout = timeout_seconds
 
     def _call(self, call: Callable[[], T]) -> T:
@@ -136,25 +212,114 @@ class GrpcSpanClient:
         except grpc.RpcError as error:
             raise remote_error(error, node_id=self.node_id, span=self.span) from None
 
+    def accept_proof(self, proof: pb.PossessionProof, *, nonce: bytes, session_id: str) -> None:
+        """Check the server's answer to a challenge (no-op without trust settings)."""
+        if self.trust is None:
+            return
+        self.certificate = check_possession(
+            proof,
+            trust=self.trust,
+            node_id=self.node_id,
+            claims=self.binding.claims,
+            nonce=nonce,
+            session_id=session_id,
+            client_id=self.client_id,
+        )
+
+    def _ensure_proven(self) -> None:
+        if self.trust is None or self.certificate is not None:
+            return
+        nonce = new_nonce()
+        challenge_id = f"challenge-{uuid.uuid4().hex}"
+        proof = self._call(
+            lambda: self.stub.ProvePossession(
+                pb.PossessionChallenge(nonce=nonce, session_id=challenge_id), timeout=self._timeout
+            )
+        )
+        self.accept_proof(proof, nonce=nonce, session_id=challenge_id)
+
+    def observe(
+        self,
+        operation: str,
+        session_id: str,
+        step: int,
+        sent: pb.SpanInputs,
+        received: pb.Tensor,
+        receipt_json: str,
+    ) -> None:
+        """Check the receipt against what was really sent and received, then report the call."""
+        input_sha256, output_sha256 = message_digest(sent), message_digest(received)
+        receipt = None
+        if self.trust is not None:
+            receipt = self._checked_receipt(receipt_json, session_id, step, input_sha256, output_sha256)
+        if self._observer is not None:
+            shape = list(sent.hidden_states.shape)
+            record = CallRecord(
+                operation, session_id, step, int(shape[0] * shape[1]), input_sha256, output_sha256, receipt
+            )
+            self._observer(self, record)
+
+    def _checked_receipt(
+        self, receipt_json: str, session_id: str, step: int, input_sha256: str, output_sha256: str
+    ) -> Receipt:
+        if self.certificate is None:
+            raise TrustError(f"receipt from {self.node_id} before it proved its key")
+        try:
+            receipt = Receipt.model_validate_json(receipt_json)
+            verify_receipt(receipt, self.certificate.public_key())  # type: ignore[arg-type]
+        except (ValueError, AuditIntegrityError) as error:
+            raise TrustError(f"invalid receipt from {self.node_id}: {error}") from None
+        body = receipt.body
+        expected = (
+            session_id,
+            step,
+            self.span.start,
+            self.span.end,
+            input_sha256,
+            output_sha256,
+            self.node_id,
+        )
+        got = (
+            body.session_id,
+            body.step,
+            body.block_span.start,
+            body.block_span.end,
+            body.input_sha256,
+            body.output_sha256,
+            body.node_id,
+        )
+        if got != expected:
+            raise TrustError(f"receipt from {self.node_id} does not match the transfer: {got} != {expected}")
+        return receipt
+
     def info(self) -> pb.ServerInfo:
         info: pb.ServerInfo = self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
         return info
 
     def forward(self, inputs: SpanInputs) -> torch.Tensor:
+        self._ensure_proven()
+        wire_inputs = inputs_to_wire(inputs)
+        request_id = uuid.uuid4().hex
         request = pb.ForwardRequest(
-            span=self.wire_span, inputs=inputs_to_wire(inputs), request_id=uuid.uuid4().hex
+            span=self.wire_span, inputs=wire_inputs, request_id=request_id, classification=self.classification
         )
         response = self._call(lambda: self.stub.Forward(request, timeout=self._timeout))
+        self.observe("forward", request_id, 0, wire_inputs, response.hidden_states, response.receipt)
         return decode(response.hidden_states, name="hidden_states")
 
     def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
+        self._ensure_proven()
+        wire_inputs = inputs_to_wire(inputs)
+        request_id = uuid.uuid4().hex
         request = pb.BackwardRequest(
             span=self.wire_span,
-            inputs=inputs_to_wire(inputs),
+            inputs=wire_inputs,
             grad_outputs=encode(grad_outputs),
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
+            classification=self.classification,
         )
         response = self._call(lambda: self.stub.Backward(request, timeout=self._timeout))
+        self.observe("backward", request_id, 0, wire_inputs, response.grad_inputs, response.receipt)
         return decode(response.grad_inputs, name="grad_inputs")
 
     def open_session(self, *, max_length: int, batch_size: int) -> GrpcSpanSession:

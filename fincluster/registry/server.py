@@ -9,9 +9,10 @@ import structlog
 
 from fincluster.errors import ClosedError
 from fincluster.registry.backend import InMemoryRegistry
-from fincluster.registry.service import AnnounceCheck, RegistryServicer
+from fincluster.registry.service import RegistryServicer, policy_announce_check
+from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential
-from fincluster.trust.tls import server_credentials
+from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
@@ -27,13 +28,15 @@ class RegistryServer:
         host: str = "127.0.0.1",
         port: int = 0,
         backend: InMemoryRegistry | None = None,
-        announce_check: AnnounceCheck | None = None,
+        trust: TrustContext | None = None,
     ) -> None:
         self.credential = credential
         self.host = host
         self.port = port
         self.backend = backend or InMemoryRegistry()
-        self._servicer = RegistryServicer(self.backend, announce_check=announce_check)
+        self.trust = trust
+        check = policy_announce_check(trust) if trust is not None else None
+        self._servicer = RegistryServicer(self.backend, announce_check=check)
         self._grpc: grpc.Server | None = None
         self._closed = False
         self.address: str | None = None
@@ -41,7 +44,13 @@ class RegistryServer:
     def start(self) -> str:
         if self._closed:
             raise ClosedError("this registry was stopped; create a new one")
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-rpc"))
+        interceptors = []
+        if self.trust is not None and self.trust.revocations is not None:
+            interceptors.append(PeerCheckInterceptor(self.trust.revocations))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-rpc"),
+            interceptors=interceptors,
+        )
         pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
         port = server.add_secure_port(f"{self.host}:{self.port}", server_credentials(self.credential))
         server.start()

@@ -13,19 +13,48 @@ from typing import TypeVar
 
 import grpc
 import structlog
+from cryptography import x509
 
-from fincluster.errors import PolicyError, RegistryError
+from fincluster.errors import PolicyError, RegistryError, TrustError
 from fincluster.registry.backend import Registry
+from fincluster.trust.attestation import require_key_binding
+from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
-from fincluster.trust.tls import peer_identity
+from fincluster.trust.policy import BlockSpan as PolicySpan
+from fincluster.trust.policy import DecisionKind, ModelRef, NodeRef, PolicyInput
+from fincluster.trust.tls import peer_certificate, peer_identity
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
-AnnounceCheck = Callable[[pb.ServerRecord], None]
+AnnounceCheck = Callable[[pb.ServerRecord, x509.Certificate], None]
 MAX_TTL_SECONDS = 300
 T = TypeVar("T")
+
+
+def policy_announce_check(trust: TrustContext) -> AnnounceCheck:
+    """Registry-side enforcement: a valid attestation bound to the caller's key, and the announce policy."""
+
+    def check(record: pb.ServerRecord, peer: x509.Certificate) -> None:
+        claims = trust.verify_record(record)
+        if claims is not None:
+            require_key_binding(claims, peer.public_key())
+        if record.num_blocks < 1:
+            raise PolicyError("record does not say how many blocks the model has")
+        decision = trust.policy.decide(
+            DecisionKind.ANNOUNCE,
+            PolicyInput(
+                model=ModelRef(
+                    id=record.model_id, num_blocks=record.num_blocks, manifest_sha256=record.manifest_digest
+                ),
+                span=PolicySpan(start=record.span.start, end=record.span.end),
+                node=NodeRef(id=record.node_id, claims=claims),
+            ),
+        )
+        decision.enforce()
+
+    return check
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -56,9 +85,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             )
         if self._announce_check is not None:
             try:
-                self._announce_check(record)
-            except PolicyError as error:
-                log.warning("announce refused by policy", node=caller, reason=str(error))
+                self._announce_check(record, peer_certificate(context))
+            except (PolicyError, TrustError) as error:
+                log.warning("announce refused", node=caller, reason=str(error))
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "announcement refused by policy")
         expires = self._backend.announce(record, request.ttl_seconds)
         return pb.AnnounceResponse(expires_at_unix=expires)

@@ -16,16 +16,20 @@ import grpc
 import structlog
 import torch
 
-from fincluster.errors import ClosedError, RegistryError
+from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError
 from fincluster.registry.backend import Registry
+from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
-from fincluster.serving.service import BlockServicer
+from fincluster.serving.service import BlockServicer, TransferHook
 from fincluster.serving.sessions import CacheBudget, SessionManager
 from fincluster.serving.span_model import BlockSpan, SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
 from fincluster.store import ModelStore
-from fincluster.trust.pki import Credential
-from fincluster.trust.tls import server_credentials
+from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE, VerifiedClaims, require_key_binding
+from fincluster.trust.enforcement import TrustContext
+from fincluster.trust.pki import Credential, load_certificate
+from fincluster.trust.policy import ModelRef
+from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.tensors import wire_dtype
@@ -61,6 +65,21 @@ class ServedModel:
 
     model_id: str
     manifest_digest: str
+    num_blocks: int
+
+    @classmethod
+    def of(cls, store: ModelStore) -> ServedModel:
+        return cls(store.model_id, store.manifest_digest, store.num_blocks)
+
+
+def verify_own_attestation(token: str, credential: Credential, trust: TrustContext) -> VerifiedClaims:
+    """A server refuses to start with an attestation that is invalid, or not bound to its own TLS key."""
+    claims = trust.verifiers.verify(SIGNED_SOFTWARE_EVIDENCE, token.encode(), now=trust.clock())
+    _, cert_pem, _ = credential.read()
+    if claims.node_id != credential.spiffe_id:
+        raise TrustError(f"the attestation is for {claims.node_id}, this node is {credential.spiffe_id}")
+    require_key_binding(claims, load_certificate(cert_pem).public_key())
+    return claims
 
 
 class BlockServer:
@@ -72,6 +91,9 @@ class BlockServer:
         credential: Credential,
         *,
         registry: Registry | None = None,
+        trust: TrustContext | None = None,
+        attestation: str | None = None,
+        on_transfer: TransferHook | None = None,
     ) -> None:
         self.model = model
         self.served = served
@@ -79,6 +101,24 @@ class BlockServer:
         self.credential = credential
         self.node_id = credential.spiffe_id
         self.registry = registry
+        self.trust = trust
+        self.attestation = attestation
+        self.claims = (
+            verify_own_attestation(attestation, credential, trust) if attestation and trust else None
+        )
+        if attestation and trust is None:
+            raise ConfigurationError(
+                "an attestation needs the trust settings (authority keys, policy) to check it"
+            )
+        self.guard = ServeGuard(
+            credential,
+            ModelRef(
+                id=served.model_id, num_blocks=served.num_blocks, manifest_sha256=served.manifest_digest
+            ),
+            trust=trust,
+            own_claims=self.claims,
+        )
+        self._on_transfer = on_transfer
         self.budget = CacheBudget(settings.cache_budget_bytes)
         self.sessions = SessionManager(
             self.budget,
@@ -120,6 +160,9 @@ class BlockServer:
             span=pb.BlockSpan(start=self.model.span.start, end=self.model.span.end),
             throughput=self.throughput,
             cache_bytes_free=self.budget.free_bytes,
+            num_blocks=self.served.num_blocks,
+            attestation=self.attestation or "",
+            evidence_kind=SIGNED_SOFTWARE_EVIDENCE if self.attestation else "",
         )
 
     def start(self) -> str:
@@ -128,13 +171,18 @@ class BlockServer:
             raise ClosedError("this server was stopped; create a new one")
         self.throughput = measure_throughput(self.model)
         limit = self.settings.max_message_bytes
+        interceptors = []
+        if self.trust is not None and self.trust.revocations is not None:
+            interceptors.append(PeerCheckInterceptor(self.trust.revocations))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="block-rpc"),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            interceptors=interceptors,
         )
-        pb_grpc.add_BlockServiceServicer_to_server(
-            BlockServicer(BlockRunner(self.model), self.sessions, self.info), server
+        servicer = BlockServicer(
+            BlockRunner(self.model), self.sessions, self.guard, self.info, on_transfer=self._on_transfer
         )
+        pb_grpc.add_BlockServiceServicer_to_server(servicer, server)
         port = server.add_secure_port(
             f"{self.settings.host}:{self.settings.port}", server_credentials(self.credential)
         )

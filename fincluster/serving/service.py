@@ -1,13 +1,15 @@
-"""gRPC transport of a block server: decode, call the runner, encode, map errors to status codes.
+"""gRPC transport of a block server: decode, authorise, call the runner, sign a receipt, encode.
 
 Validation failures reach the caller as INVALID_ARGUMENT / OUT_OF_RANGE / NOT_FOUND /
-RESOURCE_EXHAUSTED with a message saying what was wrong; anything unexpected is logged here and the
-caller gets an opaque INTERNAL.
+RESOURCE_EXHAUSTED with a message saying what was wrong. Policy and trust refusals reach the caller as
+one opaque PERMISSION_DENIED; their reasons go to the local log. Anything unexpected is logged here and
+the caller gets an opaque INTERNAL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import NoReturn, TypeVar
 
@@ -15,7 +17,8 @@ import grpc
 import structlog
 import torch
 
-from fincluster.errors import CapacityError, RemoteError, WireError
+from fincluster.errors import CapacityError, PolicyDenied, PolicyError, RemoteError, TrustError, WireError
+from fincluster.serving.guard import ServeGuard, message_digest
 from fincluster.serving.runner import BlockRunner, SpanInputs
 from fincluster.serving.sessions import Session, SessionManager
 from fincluster.serving.span_model import BlockSpan
@@ -26,6 +29,26 @@ from fincluster.wire.tensors import decode, encode
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+REFUSED = "request refused by policy"
+MIN_NONCE_BYTES = 16
+TransferHook = Callable[["Transfer"], None]
+
+
+@dataclass
+class Transfer:
+    """What the server received and returned in one call (for its own audit trail)."""
+
+    session_id: str
+    request_id: str
+    step: int
+    operation: str
+    span: BlockSpan
+    client_id: str
+    classification: str
+    num_tokens: int
+    input_sha256: str
+    output_sha256: str
+    receipt: str = ""
 
 
 def span_from_wire(span: pb.BlockSpan) -> BlockSpan:
@@ -60,19 +83,43 @@ def abort_for(context: grpc.ServicerContext, error: Exception, *, method: str) -
             grpc.StatusCode, error.code or "FAILED_PRECONDITION", grpc.StatusCode.FAILED_PRECONDITION
         )
         abort(context, code, error.reason)
+    if isinstance(error, PolicyError | TrustError):
+        reasons = error.reasons if isinstance(error, PolicyDenied) else (str(error),)
+        log.warning("request refused", method=method, reasons=list(reasons))
+        abort(context, grpc.StatusCode.PERMISSION_DENIED, REFUSED)
     log.exception("request failed", method=method)
     abort(context, grpc.StatusCode.INTERNAL, "internal error")
+
+
+def checked_request_id(value: str) -> str:
+    """Request ids name receipts and audit records: 1–256 printable ASCII characters, no spaces."""
+    if not 1 <= len(value) <= 256 or not all(33 <= ord(char) <= 126 for char in value):
+        raise WireError("request_id: 1 to 256 printable ASCII characters without spaces are required")
+    return value
+
+
+def _tokens(inputs: pb.SpanInputs) -> int:
+    shape = list(inputs.hidden_states.shape)
+    return int(shape[0] * shape[1]) if len(shape) == 3 else 0
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
     """Serves one span: stateless forward/backward and KV-cached inference streams."""
 
     def __init__(
-        self, runner: BlockRunner, sessions: SessionManager, info: Callable[[], pb.ServerInfo]
+        self,
+        runner: BlockRunner,
+        sessions: SessionManager,
+        guard: ServeGuard,
+        info: Callable[[], pb.ServerInfo],
+        *,
+        on_transfer: TransferHook | None = None,
     ) -> None:
         self._runner = runner
         self._sessions = sessions
+        self._guard = guard
         self._info = info
+        self._on_transfer = on_transfer
 
     def _call(self, context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
         try:
@@ -80,32 +127,120 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         except Exception as error:  # mapped to a status; unexpected errors are logged with a traceback
             abort_for(context, error, method=method)
 
+    def _sign(self, transfer: Transfer) -> str:
+        receipt = self._guard.receipt(
+            session_id=transfer.session_id,
+            step=transfer.step,
+            span=transfer.span,
+            input_sha256=transfer.input_sha256,
+            output_sha256=transfer.output_sha256,
+        )
+        transfer.receipt = receipt
+        if self._on_transfer is not None:
+            self._on_transfer(transfer)
+        return receipt
+
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         return self._info()
 
+    def ProvePossession(
+        self, request: pb.PossessionChallenge, context: grpc.ServicerContext
+    ) -> pb.PossessionProof:
+        client_id = peer_identity(context)
+        return self._call(
+            context,
+            "ProvePossession",
+            lambda: self._guard.prove(
+                nonce=request.nonce, session_id=request.session_id, client_id=client_id
+            ),
+        )
+
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        client_id = peer_identity(context)
+
         def work() -> pb.ForwardResponse:
-            output = self._runner.forward(span_from_wire(request.span), inputs_from_wire(request.inputs))
-            return pb.ForwardResponse(hidden_states=encode(output))
+            span = span_from_wire(request.span)
+            self._runner.check_span(span)
+            self._guard.authorize(client_id, request.classification, span)
+            checked_request_id(request.request_id)
+            output = encode(self._runner.forward(span, inputs_from_wire(request.inputs)))
+            receipt = self._sign(
+                self._transfer(
+                    request.request_id,
+                    request.request_id,
+                    0,
+                    "forward",
+                    span,
+                    client_id,
+                    request.classification,
+                    request.inputs,
+                    output,
+                )
+            )
+            return pb.ForwardResponse(hidden_states=output, receipt=receipt)
 
         return self._call(context, "Forward", work)
 
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+        client_id = peer_identity(context)
+
         def work() -> pb.BackwardResponse:
+            span = span_from_wire(request.span)
+            self._runner.check_span(span)
+            self._guard.authorize(client_id, request.classification, span)
+            checked_request_id(request.request_id)
             grad = self._runner.backward(
-                span_from_wire(request.span),
-                inputs_from_wire(request.inputs),
-                decode(request.grad_outputs, name="grad_outputs"),
+                span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
             )
-            return pb.BackwardResponse(grad_inputs=encode(grad))
+            output = encode(grad)
+            receipt = self._sign(
+                self._transfer(
+                    request.request_id,
+                    request.request_id,
+                    0,
+                    "backward",
+                    span,
+                    client_id,
+                    request.classification,
+                    request.inputs,
+                    output,
+                )
+            )
+            return pb.BackwardResponse(grad_inputs=output, receipt=receipt)
 
         return self._call(context, "Backward", work)
+
+    @staticmethod
+    def _transfer(
+        session_id: str,
+        request_id: str,
+        step: int,
+        operation: str,
+        span: BlockSpan,
+        client_id: str,
+        classification: str,
+        inputs: pb.SpanInputs,
+        output: pb.Tensor,
+    ) -> Transfer:
+        return Transfer(
+            session_id=session_id,
+            request_id=request_id,
+            step=step,
+            operation=operation,
+            span=span,
+            client_id=client_id,
+            classification=classification,
+            num_tokens=_tokens(inputs),
+            input_sha256=message_digest(inputs),
+            output_sha256=message_digest(output),
+        )
 
     def Inference(
         self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.InferenceResponse]:
         client_id = peer_identity(context)
         session: Session | None = None
+        classification = ""
         try:
             for request in request_iterator:
                 kind = request.WhichOneof("kind")
@@ -119,16 +254,41 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                     session = self._call(
                         context, "Inference.open", partial(self._open, request.open, client_id)
                     )
-                    yield pb.InferenceResponse(
-                        opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)
+                    classification = request.open.classification
+                    proof = self._call(
+                        context,
+                        "Inference.open",
+                        partial(
+                            self._guard.prove,
+                            nonce=request.open.nonce,
+                            session_id=session.session_id,
+                            client_id=client_id,
+                        ),
                     )
+                    opened = pb.SessionOpened(
+                        session_id=session.session_id, max_length=session.max_length, proof=proof
+                    )
+                    yield pb.InferenceResponse(opened=opened)
                 elif kind == "step":
                     current = self._stream_session(context, session, request.step.session_id)
                     output = self._call(
                         context, "Inference.step", partial(self._step, current, request.step.inputs)
                     )
+                    encoded = encode(output)
+                    transfer = self._transfer(
+                        current.session_id,
+                        current.session_id,
+                        request.step.step,
+                        "inference_step",
+                        current.span,
+                        client_id,
+                        classification,
+                        request.step.inputs,
+                        encoded,
+                    )
+                    receipt = self._call(context, "Inference.step", partial(self._sign, transfer))
                     yield pb.InferenceResponse(
-                        step=pb.StepResult(hidden_states=encode(output), position=current.position)
+                        step=pb.StepResult(hidden_states=encoded, position=current.position, receipt=receipt)
                     )
                 elif kind == "close":
                     current = self._stream_session(context, session, request.close.session_id)
@@ -147,6 +307,9 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     def _open(self, request: pb.OpenSession, client_id: str) -> Session:
         span = span_from_wire(request.span)
         self._runner.check_span(span)
+        self._guard.authorize(client_id, request.classification, span)
+        if len(request.nonce) < MIN_NONCE_BYTES:
+            raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
         session = self._sessions.open(
             span, max_length=request.max_length, batch_size=request.batch_size, client_id=client_id
         )

@@ -362,14 +362,16 @@ def sign_possession_proof(
 def verify_possession_proof(
     proof: bytes,
     *,
-    claims: VerifiedClaims,
+    claims: VerifiedClaims | None,
     tls_public_key: PublicKeyTypes,
     nonce: bytes,
     session_id: str,
     client_id: str,
 ) -> None:
-    """Client side of session open: the peer holds the attested key and answered this challenge."""
-    require_key_binding(claims, tls_public_key)
+    """Client side of session open: the peer holds the attested key (or, for an unattested node, the
+    key of the certificate it showed) and answered this challenge."""
+    if claims is not None:
+        require_key_binding(claims, tls_public_key)
     message = possession_proof_message(nonce=nonce, session_id=session_id, client_id=client_id)
     try:
         if isinstance(tls_public_key, ed25519.Ed25519PublicKey):
@@ -380,7 +382,10 @@ def verify_possession_proof(
             raise _rejected("bad_proof", f"unsupported key type {type(tls_public_key).__name__}")
     except InvalidSignature as error:
         raise _rejected(
-            "bad_proof", "possession proof does not verify", jti=claims.attestation_id, session=session_id
+            "bad_proof",
+            "possession proof does not verify",
+            jti=claims.attestation_id if claims is not None else None,
+            session=session_id,
         ) from error
 
 

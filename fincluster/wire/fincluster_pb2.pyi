@@ -142,12 +142,18 @@ Global___SpanInputs: _TypeAlias = SpanInputs  # noqa: Y015
 
 @_typing.final
 class ForwardRequest(_message.Message):
+    """Data classification of a request ("public", "internal", "confidential", "restricted"); servers
+    evaluate their serve policy with it and refuse what they may not see.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SPAN_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    classification: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     @_builtins.property
@@ -158,10 +164,11 @@ class ForwardRequest(_message.Message):
         span: Global___BlockSpan | None = ...,
         inputs: Global___SpanInputs | None = ...,
         request_id: _builtins.str = ...,
+        classification: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "inputs", b"inputs", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,19 +176,24 @@ Global___ForwardRequest: _TypeAlias = ForwardRequest  # noqa: Y015
 
 @_typing.final
 class ForwardResponse(_message.Message):
+    """receipt: the server's signed receipt (JSON) over request id, span, input and output digests."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    receipt: _builtins.str
     @_builtins.property
     def hidden_states(self) -> Global___Tensor: ...
     def __init__(
         self,
         *,
         hidden_states: Global___Tensor | None = ...,
+        receipt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,7 +209,9 @@ class BackwardRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    classification: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     @_builtins.property
@@ -211,10 +225,11 @@ class BackwardRequest(_message.Message):
         inputs: Global___SpanInputs | None = ...,
         grad_outputs: Global___Tensor | None = ...,
         request_id: _builtins.str = ...,
+        classification: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad_outputs", b"grad_outputs", "inputs", b"inputs", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grad_outputs", b"grad_outputs", "inputs", b"inputs", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "grad_outputs", b"grad_outputs", "inputs", b"inputs", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,16 +240,19 @@ class BackwardResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAD_INPUTS_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    receipt: _builtins.str
     @_builtins.property
     def grad_inputs(self) -> Global___Tensor: ...
     def __init__(
         self,
         *,
         grad_inputs: Global___Tensor | None = ...,
+        receipt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,15 +260,21 @@ Global___BackwardResponse: _TypeAlias = BackwardResponse  # noqa: Y015
 
 @_typing.final
 class OpenSession(_message.Message):
+    """nonce: fresh random bytes; the server answers with a proof that it holds its TLS private key."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SPAN_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
     max_length: _builtins.int
     batch_size: _builtins.int
     request_id: _builtins.str
+    nonce: _builtins.bytes
+    classification: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -260,10 +284,12 @@ class OpenSession(_message.Message):
         max_length: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        classification: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "max_length", b"max_length", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "max_length", b"max_length", "nonce", b"nonce", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -271,11 +297,15 @@ Global___OpenSession: _TypeAlias = OpenSession  # noqa: Y015
 
 @_typing.final
 class SessionStep(_message.Message):
+    """step: the client's count of steps in this session (0, 1, …), echoed in the receipt."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    step: _builtins.int
     @_builtins.property
     def inputs(self) -> Global___SpanInputs: ...
     def __init__(
@@ -283,10 +313,11 @@ class SessionStep(_message.Message):
         *,
         session_id: _builtins.str = ...,
         inputs: Global___SpanInputs | None = ...,
+        step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,17 +380,21 @@ class SessionOpened(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_length: _builtins.int
+    @_builtins.property
+    def proof(self) -> Global___PossessionProof: ...
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         max_length: _builtins.int = ...,
+        proof: Global___PossessionProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_length", b"max_length", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_length", b"max_length", "proof", b"proof", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -371,8 +406,10 @@ class StepResult(_message.Message):
 
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Tokens held in the session's KV cache after this step."""
+    receipt: _builtins.str
     @_builtins.property
     def hidden_states(self) -> Global___Tensor: ...
     def __init__(
@@ -380,14 +417,65 @@ class StepResult(_message.Message):
         *,
         hidden_states: Global___Tensor | None = ...,
         position: _builtins.int = ...,
+        receipt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "position", b"position", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StepResult: _TypeAlias = StepResult  # noqa: Y015
+
+@_typing.final
+class PossessionChallenge(_message.Message):
+    """A client's challenge outside a session (before stateless forward/backward calls)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PossessionChallenge: _TypeAlias = PossessionChallenge  # noqa: Y015
+
+@_typing.final
+class PossessionProof(_message.Message):
+    """signature: the server's TLS key over (nonce, session id, client id); certificate_pem: the
+    certificate of that key, which the client checks against the CA, the CRL and the attestation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    certificate_pem: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        signature: _builtins.bytes = ...,
+        certificate_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PossessionProof: _TypeAlias = PossessionProof  # noqa: Y015
 
 @_typing.final
 class SessionClosed(_message.Message):
@@ -514,6 +602,8 @@ class ServerRecord(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _builtins.int
     CACHE_BYTES_FREE_FIELD_NUMBER: _builtins.int
     ATTESTATION_FIELD_NUMBER: _builtins.int
+    EVIDENCE_KIND_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     model_id: _builtins.str
@@ -522,7 +612,10 @@ class ServerRecord(_message.Message):
     """Measured blocks per second of forward compute for one token (higher is faster)."""
     cache_bytes_free: _builtins.int
     attestation: _builtins.str
-    """Signed attestation token (filled in by the trust layer); empty when unattested."""
+    """Attestation evidence (a signed token for "signed-software"); empty when unattested."""
+    evidence_kind: _builtins.str
+    num_blocks: _builtins.int
+    """Blocks of the whole model (registry policy needs it to locate the sensitive prefix)."""
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -536,10 +629,12 @@ class ServerRecord(_message.Message):
         throughput: _builtins.float = ...,
         cache_bytes_free: _builtins.int = ...,
         attestation: _builtins.str = ...,
+        evidence_kind: _builtins.str = ...,
+        num_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attestation", b"attestation", "cache_bytes_free", b"cache_bytes_free", "manifest_digest", b"manifest_digest", "model_id", b"model_id", "node_id", b"node_id", "span", b"span", "throughput", b"throughput"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attestation", b"attestation", "cache_bytes_free", b"cache_bytes_free", "evidence_kind", b"evidence_kind", "manifest_digest", b"manifest_digest", "model_id", b"model_id", "node_id", b"node_id", "num_blocks", b"num_blocks", "span", b"span", "throughput", b"throughput"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

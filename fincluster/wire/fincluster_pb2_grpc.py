@@ -39,6 +39,11 @@ class BlockServiceStub:
                 request_serializer=fincluster_dot_wire_dot_fincluster__pb2.InfoRequest.SerializeToString,
                 response_deserializer=fincluster_dot_wire_dot_fincluster__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ProvePossession = channel.unary_unary(
+                '/fincluster.v1.BlockService/ProvePossession',
+                request_serializer=fincluster_dot_wire_dot_fincluster__pb2.PossessionChallenge.SerializeToString,
+                response_deserializer=fincluster_dot_wire_dot_fincluster__pb2.PossessionProof.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/fincluster.v1.BlockService/Forward',
                 request_serializer=fincluster_dot_wire_dot_fincluster__pb2.ForwardRequest.SerializeToString,
@@ -60,6 +65,12 @@ class BlockServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProvePossession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +101,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=fincluster_dot_wire_dot_fincluster__pb2.InfoRequest.FromString,
                     response_serializer=fincluster_dot_wire_dot_fincluster__pb2.ServerInfo.SerializeToString,
+            ),
+            'ProvePossession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProvePossession,
+                    request_deserializer=fincluster_dot_wire_dot_fincluster__pb2.PossessionChallenge.FromString,
+                    response_serializer=fincluster_dot_wire_dot_fincluster__pb2.PossessionProof.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -134,6 +150,33 @@ class BlockService:
             '/fincluster.v1.BlockService/Info',
             fincluster_dot_wire_dot_fincluster__pb2.InfoRequest.SerializeToString,
             fincluster_dot_wire_dot_fincluster__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProvePossession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fincluster.v1.BlockService/ProvePossession',
+            fincluster_dot_wire_dot_fincluster__pb2.PossessionChallenge.SerializeToString,
+            fincluster_dot_wire_dot_fincluster__pb2.PossessionProof.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,121 @@
+"""What a server enforces and signs on every call: its serve policy, proofs of key possession, and
+receipts over what it received and returned."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from fincluster.audit import BlockSpan as AuditSpan
+from fincluster.audit import sign_receipt
+from fincluster.errors import CertificateError, PolicyDenied
+from fincluster.serving.span_model import BlockSpan
+from fincluster.trust.attestation import VerifiedClaims
+from fincluster.trust.enforcement import TrustContext, prove_possession, utc_now
+from fincluster.trust.pki import Credential
+from fincluster.trust.policy import BlockSpan as PolicySpan
+from fincluster.trust.policy import (
+    Classification,
+    ClientIdentity,
+    Decision,
+    DecisionKind,
+    ModelRef,
+    NodeRef,
+    PolicyInput,
+)
+from fincluster.wire import fincluster_pb2 as pb
+
+log = structlog.get_logger(__name__)
+
+
+def message_digest(message: pb.SpanInputs | pb.Tensor) -> str:
+    """SHA-256 of a wire message's deterministic bytes: what both sides record and sign."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+class ServeGuard:
+    """Server-side enforcement point. Without a ``TrustContext`` a server serves public data only."""
+
+    def __init__(
+        self,
+        credential: Credential,
+        model: ModelRef,
+        *,
+        trust: TrustContext | None = None,
+        own_claims: VerifiedClaims | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.credential = credential
+        self.node_id = credential.spiffe_id
+        self.model = model
+        self.trust = trust
+        self.own_claims = own_claims
+        self._clock = clock
+        self._key_lock = threading.Lock()
+        self._key_state: object = None
+        self._key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None = None
+
+    def authorize(self, client_id: str, classification: str, span: BlockSpan) -> Decision | None:
+        """Enforce the serve policy for this call; PolicyDenied carries the reasons (logged, not sent)."""
+        try:
+            level = Classification(classification)
+        except ValueError:
+            raise PolicyDenied(
+                "policy denied serve", reasons=(f"unknown classification {classification!r}",)
+            ) from None
+        if self.trust is None:
+            if level is not Classification.PUBLIC:
+                raise PolicyDenied(
+                    "policy denied serve",
+                    reasons=("this server has no policy engine and serves public data only",),
+                )
+            return None
+        decision = self.trust.policy.decide(
+            DecisionKind.SERVE,
+            PolicyInput(
+                client=ClientIdentity(id=client_id, clearance=self.trust.clearance_of(client_id)),
+                classification=level,
+                model=self.model,
+                span=PolicySpan(start=span.start, end=span.end),
+                node=NodeRef(id=self.node_id, claims=self.own_claims),
+            ),
+        )
+        decision.enforce()
+        return decision
+
+    def prove(self, *, nonce: bytes, session_id: str, client_id: str) -> pb.PossessionProof:
+        return prove_possession(self.credential, nonce=nonce, session_id=session_id, client_id=client_id)
+
+    def receipt(
+        self, *, session_id: str, step: int, span: BlockSpan, input_sha256: str, output_sha256: str
+    ) -> str:
+        """A receipt signed with the current TLS key, as JSON."""
+        receipt = sign_receipt(
+            self._private_key(),
+            session_id=session_id,
+            step=step,
+            block_span=AuditSpan(start=span.start, end=span.end),
+            input_sha256=input_sha256,
+            output_sha256=output_sha256,
+            node_id=self.node_id,
+            issued_at=self._clock(),
+        )
+        return receipt.model_dump_json()
+
+    def _private_key(self) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
+        """The TLS key, re-read when its file changes (certificate rotation)."""
+        with self._key_lock:
+            state = self.credential.file_state()
+            if self._key is None or state != self._key_state:
+                _, _, key_pem = self.credential.read()
+                key = load_pem_private_key(key_pem, password=None)
+                if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+                    raise CertificateError(f"unsupported TLS key type {type(key).__name__}")
+                self._key, self._key_state = key, state
+            return self._key
