@@ -16,6 +16,7 @@ from typing import Any
 from fincluster.audit.commands import register as register_audit
 from fincluster.errors import FinclusterError
 from fincluster.trust.commands import register as register_attest
+from fincluster.trust.enforcement import trust_from_settings
 
 
 def _progress(stage: str, done: int, total: int) -> None:
@@ -29,11 +30,22 @@ def _tls_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"tls": given} if given else {}
 
 
+def _trust_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    given: dict[str, Any] = {}
+    for name in ("policy_dir", "attestation", "crl"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    if getattr(args, "authority_key", None):
+        given["authority_keys"] = args.authority_key
+    return {"trust": given} if given else {}
+
+
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from fincluster.logs import configure_logging
     from fincluster.settings import load_settings
 
     overrides.update(_tls_overrides(args))
+    overrides.update(_trust_overrides(args))
     settings = load_settings(args.config, **overrides)
     configure_logging(settings.logging)
     return settings
@@ -111,7 +123,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {"registry": {"port": args.port}} if args.port is not None else {}
     settings = _settings(args, **overrides)
-    server = RegistryServer(_credential(settings), host=settings.registry.host, port=settings.registry.port)
+    credential = _credential(settings)
+    trust = trust_from_settings(settings.trust, credential)
+    server = RegistryServer(credential, host=settings.registry.host, port=settings.registry.port, trust=trust)
     address = server.start()
     print(f"registry listening on {address}", flush=True)
     _wait_for_signal(server.stop)
@@ -147,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = ModelStore.open(settings.server.store)
     span = BlockSpan.parse(settings.server.blocks)
     model = load_span_model(store, span, dtype=settings.server.dtype, device=settings.server.device)
+    trust = trust_from_settings(settings.trust, credential)
+    attestation = settings.trust.attestation.read_text().strip() if settings.trust.attestation else None
     registry = None
     if settings.registry.address:
         channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
@@ -157,6 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.server,
         credential,
         registry=registry,
+        trust=trust,
+        attestation=attestation,
     )
     address = server.start()
     print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)

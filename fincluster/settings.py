@@ -40,6 +40,25 @@ class TLSSettings(BaseModel):
         return Credential.from_files(cert_path=self.cert, key_path=self.key, ca_cert_path=self.ca_cert)
 
 
+class TrustSettings(BaseModel):
+    """Policy, attestation and revocation. Without ``policy_dir`` a node handles public data only."""
+
+    model_config = ConfigDict(frozen=True)
+
+    policy_dir: Path | None = Field(default=None, description="directory of Rego policies (policies/)")
+    policy_data: Path | None = Field(
+        default=None, description="policy data JSON; default policy_dir/data.json"
+    )
+    opa_url: str | None = Field(default=None, description="evaluate on this OPA server instead of in-process")
+    opa_timeout_seconds: float = Field(default=1.5, gt=0)
+    authority_keys: list[Path] = Field(default_factory=list, description="attestation authority public keys")
+    attestation: Path | None = Field(default=None, description="this server's attestation token file")
+    crl: Path | None = Field(default=None, description="the swarm CA's revocation list (crl.pem)")
+    clearances: dict[str, str] = Field(
+        default_factory=dict, description="client SPIFFE id -> highest classification it may send"
+    )
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -88,6 +107,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FINCLUSTER_", env_nested_delimiter="__", extra="forbid")
 
     tls: TLSSettings | None = None
+    trust: TrustSettings = TrustSettings()
     server: ServerSettings = ServerSettings()
     client: ClientSettings = ClientSettings()
     registry: RegistrySettings = RegistrySettings()

@@ -5,19 +5,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.registry.server import RegistryServer
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
+from fincluster.serving.service import Transfer
 from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import ServerSettings
 from fincluster.store import ModelStore, import_from_model
+from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import CertificateAuthority, Credential, Role
+from fincluster.trust.policy import PolicyEngine
 
+POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
 TINY = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -80,15 +86,29 @@ class Cluster:
         assert self.registry.address is not None
         return self.registry.address
 
-    def swarm(self, client: str = "analyst") -> Swarm:
-        return Swarm(registry=self.registry_address, credential=self.pki.credential(Role.CLIENT, client))
+    def swarm(self, client: str = "analyst", *, trust: TrustContext | None = None, observer=None) -> Swarm:
+        return Swarm(
+            registry=self.registry_address,
+            credential=self.pki.credential(Role.CLIENT, client),
+            trust=trust,
+            observer=observer,
+        )
 
     def model(self, swarm: Swarm, classification: str = "public") -> DistributedModelForCausalLM:
         return DistributedModelForCausalLM.from_pretrained(
             self.store, swarm=swarm, classification=classification
         )
 
-    def add_server(self, name: str, span: str, **settings: object) -> BlockServer:
+    def add_server(
+        self,
+        name: str,
+        span: str,
+        *,
+        trust: TrustContext | None = None,
+        attestation: str | None = None,
+        received: list[Transfer] | None = None,
+        **settings: object,
+    ) -> BlockServer:
         import grpc
 
         from fincluster.registry.service import RegistryClient
@@ -106,6 +126,9 @@ class Cluster:
             ServerSettings(**options),
             credential,
             registry=RegistryClient(channel),
+            trust=trust,
+            attestation=attestation,
+            on_transfer=received.append if received is not None else None,
         )
         server.start()
         self.servers.append(server)
@@ -128,9 +151,14 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(
-    pki: Pki, store: ModelStore, spans: Sequence[str], **settings: object
+    pki: Pki,
+    store: ModelStore,
+    spans: Sequence[str],
+    *,
+    registry_trust: TrustContext | None = None,
+    **settings: object,
 ) -> Iterator[Cluster]:
-    registry = RegistryServer(pki.credential(Role.REGISTRY, "registry"))
+    registry = RegistryServer(pki.credential(Role.REGISTRY, "registry"), trust=registry_trust)
     registry.start()
     cluster = Cluster(pki, store, registry)
     try:
@@ -144,3 +172,73 @@ def running_cluster(
 
 def store_of(model: torch.nn.Module, directory: Path, model_id: str) -> ModelStore:
     return import_from_model(model, None, directory, model_id=model_id)
+
+
+@dataclass
+class TrustKit:
+    """An attestation authority, the shipped policies, and trust contexts built from them."""
+
+    pki: Pki
+    authority: Ed25519PrivateKey
+    policy: PolicyEngine
+
+    @classmethod
+    def create(cls, pki: Pki) -> TrustKit:
+        from fincluster.trust.policy_engine import open_policy_engine
+
+        return cls(pki, Ed25519PrivateKey.generate(), open_policy_engine(POLICY_DIR))
+
+    def context(
+        self,
+        *,
+        clearances: dict[str, str] | None = None,
+        crl: bool = False,
+        authority: Ed25519PrivateKey | None = None,
+    ) -> TrustContext:
+        from fincluster.trust.attestation import AuthorityKeys
+        from fincluster.trust.pki import RevocationList
+        from fincluster.trust.policy import Classification
+        from fincluster.trust.verifiers import SignedSoftwareVerifier, VerifierSet
+
+        keys = AuthorityKeys([(authority or self.authority).public_key()])
+        return TrustContext(
+            policy=self.policy,
+            verifiers=VerifierSet([SignedSoftwareVerifier(keys)]),
+            ca_certificate=self.pki.ca.certificate,
+            revocations=RevocationList(self.pki.ca.crl_path, self.pki.ca.certificate) if crl else None,
+            clearances={k: Classification(v) for k, v in (clearances or {}).items()},
+        )
+
+    def attest(
+        self,
+        name: str,
+        store: ModelStore,
+        *,
+        tier: str = "trusted",
+        zone: str = "eu-fra",
+        key_of: str | None = None,
+        node_of: str | None = None,
+        lifetime: timedelta = timedelta(hours=1),
+        now: datetime | None = None,
+        authority: Ed25519PrivateKey | None = None,
+    ) -> str:
+        """A token for server ``name`` (or with another server's key / node id, to forge one)."""
+        from fincluster.trust.attestation import AttestationSubject, TrustTier, issue_attestation
+        from fincluster.trust.pki import public_key_digest
+
+        _, cert_pem, _ = self.pki.credential(Role.SERVER, key_of or name).read()
+        subject = AttestationSubject(
+            node_id=self.pki.credential(Role.SERVER, node_of or name).spiffe_id,
+            tls_key_sha256=public_key_digest(cert_pem),
+            tier=TrustTier(tier),
+            zone=zone,
+            hardware="cpu-test",
+            software_version="fincluster-test",
+            model_manifest_sha256=store.manifest_digest,
+        )
+        return issue_attestation(
+            subject,
+            authority_key=authority or self.authority,
+            now=now or datetime.now(UTC),
+            lifetime=lifetime,
+        )

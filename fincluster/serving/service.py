@@ -92,7 +92,7 @@ def abort_for(context: grpc.ServicerContext, error: Exception, *, method: str) -
 
 
 def checked_request_id(value: str) -> str:
-    """Request ids name receipts and audit records: 1–256 printable ASCII characters, no spaces."""
+    """Request ids name receipts and audit records: 1 to 256 printable ASCII characters, no spaces."""
     if not 1 <= len(value) <= 256 or not all(33 <= ord(char) <= 126 for char in value):
         raise WireError("request_id: 1 to 256 printable ASCII characters without spaces are required")
     return value

@@ -15,16 +15,18 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fincluster.errors import CertificateError, TrustError
+from fincluster.errors import CertificateError, ConfigurationError, TrustError
+from fincluster.settings import TrustSettings
 from fincluster.trust.attestation import (
     SIGNED_SOFTWARE_EVIDENCE,
+    AuthorityKeys,
     VerifiedClaims,
     sign_possession_proof,
     verify_possession_proof,
 )
 from fincluster.trust.pki import Credential, RevocationList, load_certificate, spiffe_id_of
 from fincluster.trust.policy import Classification, PolicyEngine
-from fincluster.trust.verifiers import VerifierSet
+from fincluster.trust.verifiers import SignedSoftwareVerifier, VerifierSet
 from fincluster.wire import fincluster_pb2 as pb
 
 
@@ -118,3 +120,40 @@ def check_possession(
         client_id=client_id,
     )
     return certificate
+
+
+def trust_from_settings(settings: TrustSettings, credential: Credential) -> TrustContext | None:
+    """The trust context an entry point builds from settings; None when no policy is configured."""
+    if settings.policy_dir is None:
+        if settings.attestation is not None or settings.authority_keys:
+            raise ConfigurationError(
+                "attestation settings need trust.policy_dir: policy decides who is trusted"
+            )
+        return None
+    from fincluster.trust.policy_engine import open_policy_engine
+
+    ca_pem, _, _ = credential.read()
+    ca_certificate = load_certificate(ca_pem)
+    policy = open_policy_engine(
+        settings.policy_dir,
+        data_file=settings.policy_data,
+        opa_url=settings.opa_url,
+        opa_timeout_s=settings.opa_timeout_seconds,
+    )
+    verifiers = VerifierSet(
+        [SignedSoftwareVerifier(AuthorityKeys.from_files(settings.authority_keys))]
+        if settings.authority_keys
+        else []
+    )
+    try:
+        clearances = {identity: Classification(level) for identity, level in settings.clearances.items()}
+    except ValueError as error:
+        raise ConfigurationError(f"trust.clearances: {error}") from None
+    revocations = RevocationList(settings.crl, ca_certificate) if settings.crl is not None else None
+    return TrustContext(
+        policy=policy,
+        verifiers=verifiers,
+        ca_certificate=ca_certificate,
+        revocations=revocations,
+        clearances=clearances,
+    )
