@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.demo import TimingStreamer, launch
 from fincluster.store import ModelStore
+from fincluster.trust.enforcement import trust_from_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Summarise the main risks of holding long-dated government bonds when inflation is rising."
@@ -93,7 +94,8 @@ def write_report(
         f"- Model: SmolLM2-135M-Instruct, fp32; prompt {prompt_tokens} tokens, {new_tokens} new tokens,"
         " greedy;"
         " median of the runs. Swarm: registry + 3 `fincluster serve` processes (blocks 0:10, 10:20, 20:30)"
-        " on loopback, every link mTLS.",
+        " on loopback, every link mTLS; `internal` data under the shipped policies (attested trusted"
+        " server for the prefix, possession proofs, signed receipts checked per step).",
         "",
         "| setup | prefill (ms) | decode (tokens/s) | decode vs local |",
         "|---|---:|---:|---:|",
@@ -121,8 +123,12 @@ def main() -> int:
         )
         input_ids = tokenizer(text, return_tensors="pt").input_ids
         local = local_model(store)
-        with Swarm(registry=processes.registry_address, credential=processes.client_credential()) as swarm:
-            remote = DistributedModelForCausalLM.from_pretrained(store, swarm=swarm)
+        credential = processes.client_credential()
+        trust = trust_from_settings(processes.trust_settings(), credential)
+        with Swarm(registry=processes.registry_address, credential=credential, trust=trust) as swarm:
+            remote = DistributedModelForCausalLM.from_pretrained(
+                store, swarm=swarm, classification="internal"
+            )
             results: dict[str, list[tuple[float, float]]] = {
                 "local transformers": [],
                 "swarm (3 servers)": [],

@@ -200,6 +200,12 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert", type=Path, help="this node's certificate (PEM)")
     parser.add_argument("--key", type=Path, help="this node's private key (PEM)")
     parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--policy-dir", type=Path, help="Rego policies (enables policy enforcement)")
+    parser.add_argument(
+        "--authority-key", type=Path, action="append", help="attestation authority public key"
+    )
+    parser.add_argument("--attestation", type=Path, help="this node's attestation token file")
+    parser.add_argument("--crl", type=Path, help="the swarm CA's revocation list")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ placement and the timings, and shuts everything down.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -17,20 +18,40 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
+from fincluster import __version__
 from fincluster.client import DistributedModelForCausalLM, Swarm
+from fincluster.client.placement import Verdict
 from fincluster.errors import FinclusterError
 from fincluster.serving.span_model import BlockSpan
+from fincluster.settings import TrustSettings
 from fincluster.store import ModelStore, import_model
-from fincluster.trust.pki import CertificateAuthority, Credential, Role
+from fincluster.trust.attestation import (
+    AttestationSubject,
+    TrustTier,
+    generate_authority_key_files,
+    issue_attestation,
+    load_authority_private_key,
+)
+from fincluster.trust.enforcement import trust_from_settings
+from fincluster.trust.pki import CertificateAuthority, Credential, Role, public_key_digest
+from fincluster.trust.policy import BlockSpan as PolicySpan
+from fincluster.trust.policy import (
+    Classification,
+    ClientIdentity,
+    DecisionKind,
+    ModelRef,
+    NodeRef,
+    PolicyInput,
+)
 
 DEMO_MODEL = "smollm2-135m-instruct"
-DEMO_SPANS = ("0:10", "10:20", "20:30")
 DEMO_PROMPT = (
     "In two sentences: what is the difference between a bond's coupon rate and its yield to maturity?"
 )
@@ -87,27 +108,51 @@ class TimingStreamer(TextStreamer):
 SHARED_HOST_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _spawn(name: str, args: list[str], log_dir: Path) -> _Process:
+def _spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> _Process:
     log_file = (log_dir / f"{name}.log").open("w")
     popen = subprocess.Popen(
         [sys.executable, "-m", "fincluster", *args],
         stdout=subprocess.PIPE,
         stderr=log_file,
         text=True,
-        env={**os.environ, **SHARED_HOST_ENV},
+        env={**os.environ, **SHARED_HOST_ENV, **env},
     )
     process = _Process(name, popen)
     process.start_reader()
     return process
 
 
-def _prepare(workdir: Path, servers: int) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class DemoServer:
+    name: str
+    span: str
+    tier: str
 
+
+DEMO_SERVERS = (
+    DemoServer("a", "0:10", "trusted"),
+    DemoServer("b", "10:20", "standard"),
+    DemoServer("c", "20:30", "standard"),
+)
+# A standard node that offers the sensitive prefix: policy must keep it out.
+INTRUDER = DemoServer("d", "0:10", "standard")
+CLIENT_CLEARANCE = "confidential"
+
+
+def policy_dir() -> Path:
+    path = Path(__file__).resolve().parents[1] / "policies"
+    if not (path / "data.json").is_file():
+        raise FinclusterError(f"policies not found at {path}: run the demo from a source checkout")
+    return path
+
+
+def _prepare(workdir: Path, servers: Sequence[DemoServer]) -> tuple[Path, Path, Path]:
+    """Store, development PKI (fresh node certificates) and attestations for this run."""
     store_dir = workdir / "store"
     if not (store_dir / "manifest.json").exists():
         print(f"importing {DEMO_MODEL} into {store_dir} (once; about 30 s) …", flush=True)
         import_model(DEMO_MODEL, store_dir, overwrite=True)
-    ModelStore.open(store_dir)
+    store = ModelStore.open(store_dir)
     certs = workdir / "certs"
     ca = (
         CertificateAuthority.load(certs)
@@ -115,10 +160,28 @@ def _prepare(workdir: Path, servers: int) -> tuple[Path, Path]:
         else CertificateAuthority.init(certs, trust_domain=TRUST_DOMAIN)
     )
     ca.issue(Role.REGISTRY, "registry")
-    for index in range(servers):
-        ca.issue(Role.SERVER, _server_name(index))
     ca.issue(Role.CLIENT, "analyst")
-    return store_dir, certs
+    authority = workdir / "authority"
+    if not (authority / "authority.pub").exists():
+        authority.mkdir(parents=True, exist_ok=True)
+        generate_authority_key_files(authority / "authority.key", authority / "authority.pub")
+    authority_key = load_authority_private_key(authority / "authority.key")
+    for server in servers:
+        credential = ca.issue(Role.SERVER, server.name)
+        subject = AttestationSubject(
+            node_id=credential.spiffe_id,
+            tls_key_sha256=public_key_digest(credential.cert_path.read_bytes()),
+            tier=TrustTier(server.tier),
+            zone="eu-fra",
+            hardware="cpu-demo",
+            software_version=f"fincluster-{__version__}",
+            model_manifest_sha256=store.manifest_digest,
+        )
+        token = issue_attestation(
+            subject, authority_key=authority_key, now=datetime.now(UTC), lifetime=timedelta(hours=8)
+        )
+        (authority / f"{server.name}.jwt").write_text(token)
+    return store_dir, certs, authority
 
 
 def _tls_args(certs: Path, role: str, name: str) -> list[str]:
@@ -140,6 +203,7 @@ class LocalSwarmProcesses:
     registry_address: str
     store_dir: Path
     certs: Path
+    authority: Path
 
     def client_credential(self) -> Credential:
         nodes = self.certs / "nodes"
@@ -149,47 +213,78 @@ class LocalSwarmProcesses:
             ca_cert_path=self.certs / "ca.pem",
         )
 
+    def trust_settings(self) -> TrustSettings:
+        """What every party of the demo enforces: the shipped policies, the demo authority, clearances."""
+        return TrustSettings(
+            policy_dir=policy_dir(),
+            authority_keys=[self.authority / "authority.pub"],
+            crl=self.certs / "crl.pem",
+            clearances={self.client_credential().spiffe_id: CLIENT_CLEARANCE},
+        )
+
 
 @contextlib.contextmanager
 def launch(
-    workdir: Path, spans: Sequence[str] = DEMO_SPANS, *, registry_port: int = 0
+    workdir: Path,
+    servers: Sequence[DemoServer] = DEMO_SERVERS,
+    *,
+    registry_port: int = 0,
+    expect_listed: int | None = None,
 ) -> Iterator[LocalSwarmProcesses]:
-    """Prepare store and certificates in ``workdir``, start the processes, stop them on exit."""
+    """Prepare store, PKI and attestations in ``workdir``, start the processes, stop them on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    store_dir, certs = _prepare(workdir, len(spans))
+    store_dir, certs, authority = _prepare(workdir, servers)
+    swarm = LocalSwarmProcesses("", store_dir, certs, authority)
+    trust = swarm.trust_settings()
+    trust_args = [
+        "--policy-dir",
+        str(trust.policy_dir),
+        "--authority-key",
+        str(authority / "authority.pub"),
+        "--crl",
+        str(certs / "crl.pem"),
+    ]
+    env = {"FINCLUSTER_TRUST__CLEARANCES": json.dumps(trust.clearances)}
     log_dir = workdir / "logs"
     log_dir.mkdir(exist_ok=True)
     processes: list[_Process] = []
     try:
-        registry_args = ["registry", "--port", str(registry_port), *_tls_args(certs, "registry", "registry")]
-        registry = _spawn("registry", registry_args, log_dir)
+        registry_args = [
+            "registry",
+            "--port",
+            str(registry_port),
+            *trust_args,
+            *_tls_args(certs, "registry", "registry"),
+        ]
+        registry = _spawn("registry", registry_args, log_dir, env)
         processes.append(registry)
         registry_address = registry.wait_line("registry listening on ", 60).rsplit(" ", 1)[1]
         print(f"registry      {registry_address}")
-        for index, span in enumerate(spans):
-            args = ["serve", "--store", str(store_dir), "--blocks", span, "--registry", registry_address]
-            processes.append(
-                _spawn(
-                    f"server-{_server_name(index)}",
-                    [*args, *_tls_args(certs, "server", _server_name(index))],
-                    log_dir,
-                )
-            )
-        for server in processes[1:]:
-            print(server.wait_line("serving blocks", 180))
-        swarm = LocalSwarmProcesses(registry_address, store_dir, certs)
-        _wait_until_listed(swarm, len(spans))
+        for server in servers:
+            args = [
+                "serve",
+                "--store",
+                str(store_dir),
+                "--blocks",
+                server.span,
+                "--registry",
+                registry_address,
+                "--attestation",
+                str(authority / f"{server.name}.jwt"),
+                *trust_args,
+                *_tls_args(certs, "server", server.name),
+            ]
+            processes.append(_spawn(f"server-{server.name}", args, log_dir, env))
+        for process in processes[1:]:
+            print(process.wait_line("serving blocks", 180))
+        swarm = LocalSwarmProcesses(registry_address, store_dir, certs, authority)
+        _wait_until_listed(swarm, len(servers) if expect_listed is None else expect_listed)
         yield swarm
     finally:
         _shutdown(processes)
 
 
-def _server_name(index: int) -> str:
-    return "abcdefghijklmnopqrstuvwxyz"[index]
-
-
 def _wait_until_listed(swarm: LocalSwarmProcesses, count: int) -> None:
-
     model_id = ModelStore.open(swarm.store_dir).model_id
     with Swarm(registry=swarm.registry_address, credential=swarm.client_credential()) as client:
         deadline = time.monotonic() + 30
@@ -207,29 +302,70 @@ def run_demo(
     keep_running: bool = False,
     registry_port: int = 0,
 ) -> int:
-    with (
-        launch(workdir, registry_port=registry_port) as processes,
-        Swarm(registry=processes.registry_address, credential=processes.client_credential()) as swarm,
-    ):
-        store = ModelStore.open(processes.store_dir)
-        model = DistributedModelForCausalLM.from_pretrained(store, swarm=swarm)
-        tokenizer = store.load_tokenizer()
-        question = prompt or DEMO_PROMPT
-        chat = [{"role": "user", "content": question}]
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        input_ids = tokenizer(text, return_tensors="pt").input_ids
-        print(f"\nquestion: {question}\nanswer:   ", end="", flush=True)
-        streamer = TimingStreamer(tokenizer)
-        with model.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
-            model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
-            placement = [(hop.client.node_id, hop.client.span) for hop in session.hops]
-        _print_report(placement, streamer, input_ids.shape[1])
-        if keep_running:
+    servers = (*DEMO_SERVERS, INTRUDER)
+    with launch(workdir, servers, registry_port=registry_port, expect_listed=len(DEMO_SERVERS)) as processes:
+        credential = processes.client_credential()
+        trust = trust_from_settings(processes.trust_settings(), credential)
+        with Swarm(registry=processes.registry_address, credential=credential, trust=trust) as swarm:
+            store = ModelStore.open(processes.store_dir)
+            _show_intruder_refused(swarm, processes, store)
+            model = DistributedModelForCausalLM.from_pretrained(store, swarm=swarm, classification="internal")
+            tokenizer = store.load_tokenizer()
+            question = prompt or DEMO_PROMPT
+            chat = [{"role": "user", "content": question}]
+            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            input_ids = tokenizer(text, return_tensors="pt").input_ids
             print(
-                f"\nswarm running: registry at {processes.registry_address}; press Ctrl-C to stop", flush=True
+                f"\nquestion ({model.classification.value} data): {question}\nanswer:   ", end="", flush=True
             )
-            _wait_for_interrupt()
+            streamer = TimingStreamer(tokenizer)
+            with model.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
+                model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+                verdicts = swarm.last_guard.verdicts if swarm.last_guard is not None else {}
+                placement = [
+                    (hop.client.node_id, hop.client.span, _tier(verdicts.get(hop.client.node_id)))
+                    for hop in session.hops
+                ]
+            _print_report(placement, streamer, input_ids.shape[1])
+            if keep_running:
+                print(
+                    f"\nswarm running: registry at {processes.registry_address}; press Ctrl-C to stop",
+                    flush=True,
+                )
+                _wait_for_interrupt()
     return 0
+
+
+def _tier(verdict: Verdict | None) -> str:
+    return verdict.claims.tier.value if verdict is not None and verdict.claims is not None else "unattested"
+
+
+def _show_intruder_refused(swarm: Swarm, processes: LocalSwarmProcesses, store: ModelStore) -> None:
+    """Server d (standard) offers the sensitive prefix: show it is not listed, and the policy's reasons."""
+    listed = {record.node_id for record in swarm.registry.list(store.model_id)}
+    node_id = processes.client_credential().spiffe_id.replace("/client/analyst", f"/server/{INTRUDER.name}")
+    if swarm.trust is None or node_id in listed:
+        raise FinclusterError(
+            f"policy did not keep the standard server {node_id} out of the sensitive prefix"
+        )
+    token = (processes.authority / f"{INTRUDER.name}.jwt").read_text()
+    claims = swarm.trust.verifiers.verify("signed-software", token.encode(), now=datetime.now(UTC))
+    decision = swarm.trust.policy.decide(
+        DecisionKind.ROUTE,
+        PolicyInput(
+            client=ClientIdentity(id=swarm.client_id, clearance=swarm.trust.clearance_of(swarm.client_id)),
+            classification=Classification.INTERNAL,
+            model=ModelRef(
+                id=store.model_id, num_blocks=store.num_blocks, manifest_sha256=store.manifest_digest
+            ),
+            span=PolicySpan(start=0, end=10),
+            node=NodeRef(id=node_id, claims=claims),
+        ),
+    )
+    print(
+        f"\nrefused       server {INTRUDER.name} ({claims.tier.value}) offering blocks {INTRUDER.span}: "
+        f"the registry did not list it, and route policy says: {'; '.join(decision.reasons)}"
+    )
 
 
 def _wait_for_interrupt() -> None:
@@ -243,11 +379,11 @@ def _wait_for_interrupt() -> None:
 
 
 def _print_report(
-    placement: list[tuple[str, BlockSpan]], streamer: TimingStreamer, prompt_tokens: int
+    placement: list[tuple[str, BlockSpan, str]], streamer: TimingStreamer, prompt_tokens: int
 ) -> None:
     print("\n\nplacement")
-    for node_id, span in placement:
-        print(f"  blocks {span!s:>6}  {node_id}")
+    for node_id, span, tier in placement:
+        print(f"  blocks {span!s:>6}  {tier:<10} {node_id}")
     times = streamer.token_times
     if times:
         prefill = times[0] - streamer.started

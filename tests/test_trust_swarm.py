@@ -221,11 +221,10 @@ def test_server_failing_the_possession_proof_is_never_sent_activations(
 
 
 def test_server_refuses_to_start_with_an_attestation_for_another_key(kit: TrustKit, tiny_llama_store) -> None:
-    with pytest.raises(TrustError):
-        with running_cluster(kit.pki, tiny_llama_store, []) as cluster:
-            cluster.add_server(
-                "x", "0:6", trust=context(kit), attestation=kit.attest("x", tiny_llama_store, key_of="y")
-            )
+    with pytest.raises(TrustError), running_cluster(kit.pki, tiny_llama_store, []) as cluster:
+        cluster.add_server(
+            "x", "0:6", trust=context(kit), attestation=kit.attest("x", tiny_llama_store, key_of="y")
+        )
 
 
 def test_client_the_server_policy_does_not_allow(kit: TrustKit, tiny_llama_store: ModelStore) -> None:
@@ -290,7 +289,7 @@ def test_revoked_client_certificate_is_refused_by_the_server(
 
 
 def test_restricted_needs_the_prefix_on_the_client(trusted_swarm, kit: TrustKit, reference) -> None:
-    cluster, received = trusted_swarm
+    cluster, _received = trusted_swarm
     with cluster.swarm(trust=context(kit)) as swarm:
         model = cluster.model(swarm, classification="restricted")
         with pytest.raises(RoutingError, match="restricted data keeps the sensitive prefix on the client"):
