@@ -12,6 +12,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
+from fincluster.audit import AuditRecorder
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.registry.server import RegistryServer
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
@@ -86,12 +87,13 @@ class Cluster:
         assert self.registry.address is not None
         return self.registry.address
 
-    def swarm(self, client: str = "analyst", *, trust: TrustContext | None = None, observer=None) -> Swarm:
+    def swarm(self, client: str = "analyst", *, trust: TrustContext | None = None, audit=None) -> Swarm:
+        """A client connection; audit goes to ``audit`` (an in-memory recorder when not given)."""
         return Swarm(
             registry=self.registry_address,
             credential=self.pki.credential(Role.CLIENT, client),
             trust=trust,
-            observer=observer,
+            audit=AuditRecorder() if audit is None else audit,
         )
 
     def model(self, swarm: Swarm, classification: str = "public") -> DistributedModelForCausalLM:

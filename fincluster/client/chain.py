@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,31 +14,58 @@ from fincluster.client.transport import SpanClient, SpanSessionClient
 from fincluster.errors import ClosedError, FinclusterError
 from fincluster.serving.runner import SpanInputs
 
+ChainPlan = Callable[[str], Sequence[SpanClient]]
+"""Span clients covering every block, for the request or session id given."""
+
+
+@dataclass
+class _Pass:
+    """Ids shared by every hop of one stateless pass: the forward's, and the backward's once it runs."""
+
+    request_id: str
+    backward_request_id: str | None = None
+
+    def backward_id(self) -> str:
+        if self.backward_request_id is None:
+            self.backward_request_id = uuid.uuid4().hex
+        return self.backward_request_id
+
 
 class _RemoteSpanFunction(torch.autograd.Function):
     """One hop as an autograd node: backward asks the span for d(output)/d(input)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, client: SpanClient
+        ctx: Any,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        client: SpanClient,
+        one_pass: _Pass,
     ) -> torch.Tensor:
         inputs = SpanInputs(hidden.detach(), mask, positions)
-        ctx.client = client
-        ctx.inputs = inputs
-        return client.forward(inputs).to(hidden.device)
+        ctx.client, ctx.inputs, ctx.one_pass = client, inputs, one_pass
+        return client.forward(inputs, request_id=one_pass.request_id).to(hidden.device)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        grad = ctx.client.backward(ctx.inputs, grad_output.contiguous().to(ctx.inputs.hidden_states.dtype))
-        return grad.to(grad_output.device), None, None, None
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        grad_output = grad_output.contiguous().to(ctx.inputs.hidden_states.dtype)
+        grad = ctx.client.backward(ctx.inputs, grad_output, request_id=ctx.one_pass.backward_id())
+        return grad.to(grad_output.device), None, None, None, None
 
 
 def chain_forward(
-    clients: Sequence[SpanClient], hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    clients: Sequence[SpanClient],
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    request_id: str,
 ) -> torch.Tensor:
     """Stateless pass through every hop; differentiable w.r.t. ``hidden``."""
+    one_pass = _Pass(request_id)
     for client in clients:
-        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client)  # type: ignore[no-untyped-call]
+        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client, one_pass)  # type: ignore[no-untyped-call]
     return hidden
 
 
@@ -48,22 +77,36 @@ class _HopState:
     history: list[SpanInputs] = field(default_factory=list)
 
 
+FailoverListener = Callable[[str, SpanClient, SpanClient, int], None]
+
+
 class InferenceSession:
     """A KV-cached session across every hop of a chain, for step-by-step generation.
 
-    Hop sessions open lazily at the first step (when the batch size is known). ``position`` counts the
-    tokens every hop holds. ``close()`` ends all hop sessions; using a closed session raises ClosedError.
+    Every hop's server session carries the same ``session_id``. Hop sessions open lazily at the first
+    step (when the batch size is known). ``position`` counts the tokens every hop holds. ``close()``
+    ends all hop sessions; using a closed session raises ClosedError.
     """
 
-    def __init__(self, plan: Callable[[], Sequence[SpanClient]], *, max_length: int) -> None:
+    def __init__(
+        self,
+        plan: ChainPlan,
+        *,
+        max_length: int,
+        session_id: str | None = None,
+        on_failover: FailoverListener | None = None,
+    ) -> None:
         if max_length < 1:
             raise ValueError("max_length must be at least 1")
         self.max_length = max_length
+        self.session_id = session_id or uuid.uuid4().hex
         self.position = 0
         self.token_history: torch.Tensor | None = None
         self._plan = plan
+        self._on_failover = on_failover
         self._hops: list[_HopState] | None = None
         self._closed = False
+        self.failed = False
 
     def holds_prefix_of(self, input_ids: torch.Tensor) -> bool:
         """Whether ``input_ids`` starts with exactly the tokens this session already holds."""
@@ -106,15 +149,46 @@ class InferenceSession:
                 f"session max_length {self.max_length} reached: {self.position} tokens held, {seq} more given"
             )
         if self._hops is None:
-            self._hops = [_HopState(client) for client in self._plan()]
-        for hop in self._hops:
-            if hop.session is None:
-                hop.session = hop.client.open_session(max_length=self.max_length, batch_size=hidden.shape[0])
-            inputs = SpanInputs(hidden, mask, positions)
-            hop.history.append(inputs)
-            hidden = hop.session.step(inputs)
+            self._hops = [_HopState(client) for client in self._plan(self.session_id)]
+        try:
+            for hop in self._hops:
+                if hop.session is None:
+                    hop.session = hop.client.open_session(
+                        max_length=self.max_length, batch_size=hidden.shape[0], session_id=self.session_id
+                    )
+                inputs = SpanInputs(hidden, mask, positions)
+                hidden = hop.session.step(inputs)
+                hop.history.append(inputs)
+        except Exception:
+            self.failed = True
+            raise
         self.position += seq
         return hidden
+
+    def replace_hop(self, index: int, replacement: SpanClient, *, batch_size: int) -> int:
+        """Move hop ``index`` to ``replacement``: open a session there and replay every input the old
+        node received, so its KV cache is rebuilt; the replays are transfers like any other.
+
+        Returns the number of replayed steps. The caller chooses ``replacement`` (still under policy).
+        """
+        if self._closed or self._hops is None:
+            raise ClosedError("no open session to move")
+        hop = self._hops[index]
+        if replacement.span != hop.client.span:
+            raise FinclusterError(f"replacement serves {replacement.span}, the hop is {hop.client.span}")
+        session = replacement.open_session(
+            max_length=self.max_length, batch_size=batch_size, session_id=self.session_id
+        )
+        for inputs in hop.history:
+            session.step(inputs, replay=True)
+        previous = hop.client
+        if hop.session is not None:
+            with contextlib.suppress(FinclusterError):  # the old node may be gone; its cache goes with it
+                hop.session.close()
+        hop.client, hop.session = replacement, session
+        if self._on_failover is not None:
+            self._on_failover(self.session_id, previous, replacement, len(hop.history))
+        return len(hop.history)
 
     def close(self) -> None:
         if self._closed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fincluster.client.chain import InferenceSession, chain_forward
 from fincluster.client.placement import Pins, PlacementRequest
-from fincluster.client.swarm import ChainPlanner
+from fincluster.client.swarm import ChainPlanner, Swarm
 from fincluster.client.transport import LocalSpanClient, SpanClient
 from fincluster.errors import ClosedError, ConfigurationError
 from fincluster.serving.span_model import BlockSpan, SpanModel
@@ -152,19 +153,40 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         """Weights come from the store; nothing is initialised randomly."""
 
     # routing ------------------------------------------------------------------------------------
-    def plan(self) -> Sequence[SpanClient]:
+    def plan(self, request_id: str) -> Sequence[SpanClient]:
         """The chain of span clients that covers every block, chosen now from the registry."""
         if self._closed:
             raise ClosedError("model is closed")
         total = self.config.num_hidden_layers
         start = self.local.span.end if self.local is not None else 0
-        request = PlacementRequest(
-            classification=self._call_classification or self.classification,
-            model=ModelRef(id=self.model_id, num_blocks=total, manifest_sha256=self.store.manifest_digest),
+        request = self._placement_request()
+        remote = (
+            self.swarm.plan_chain(request, BlockSpan(start, total), request_id=request_id)
+            if start < total
+            else []
+        )
+        return [self.local, *remote] if self.local is not None else list(remote)
+
+    def _placement_request(self) -> PlacementRequest:
+        classification = self._call_classification or self.classification
+        if (
+            classification is not Classification.PUBLIC
+            and self.swarm.trail is not None
+            and self.swarm.audit is None
+        ):
+            raise ConfigurationError(
+                f"audit is off for this swarm connection, so only public data may be sent "
+                f"({classification.value} requested); audit cannot be disabled for internal data and above"
+            )
+        return PlacementRequest(
+            classification=classification,
+            model=ModelRef(
+                id=self.model_id,
+                num_blocks=self.config.num_hidden_layers,
+                manifest_sha256=self.store.manifest_digest,
+            ),
             pins=self.pin,
         )
-        remote = self.swarm.plan_chain(request, BlockSpan(start, total)) if start < total else []
-        return [self.local, *remote] if self.local is not None else list(remote)
 
     @contextlib.contextmanager
     def _classified(self, classification: str | None) -> Iterator[None]:
@@ -182,13 +204,53 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         """Keep one KV-cached session across several ``generate``/forward calls."""
         if self._session is not None:
             raise ConfigurationError("an inference session is already active on this model")
-        session = InferenceSession(self.plan, max_length=max_length)
+        request = self._placement_request()
+        trail = self.swarm.trail
+        session = InferenceSession(self.plan, max_length=max_length, on_failover=self._record_failover)
+        if trail is not None:
+            trail.session_open(session.session_id, request)
         self._session = session
+        ok = False
         try:
             yield session
+            ok = not session.failed
         finally:
             self._session = None
             session.close()
+            if trail is not None:
+                trail.session_close(session.session_id, ok=ok)
+
+    def move_hop(self, index: int, node_id: str) -> int:
+        """Move hop ``index`` of the active session to server ``node_id`` (same span), replaying the
+        inputs the old node received so the new one rebuilds the KV cache. The new node must pass the
+        same attestation and policy checks as at routing; replays are audited as transfers.
+
+        Returns the number of replayed steps. This is the mechanism failover uses.
+        """
+        session = self._session
+        if session is None or not session.hops:
+            raise ConfigurationError("no active inference session with open hops")
+        hop = session.hops[index]
+        if not isinstance(self.swarm, Swarm):
+            raise ConfigurationError("moving a hop needs a swarm with a registry")
+        replacement = self.swarm.replacement(
+            self._placement_request(), hop.client.span, node_id, session.session_id
+        )
+        batch_size = hop.history[0].hidden_states.shape[0] if hop.history else 1
+        return session.replace_hop(index, replacement, batch_size=batch_size)
+
+    def _record_failover(
+        self, session_id: str, failed: SpanClient, replacement: SpanClient, replayed: int
+    ) -> None:
+        if self.swarm.trail is not None:
+            self.swarm.trail.failover(
+                session_id,
+                failed.span,
+                failed.node_id,
+                replacement.node_id,
+                "hop moved by the client",
+                replayed,
+            )
 
     # forward ------------------------------------------------------------------------------------
     def forward(  # type: ignore[override]
@@ -252,7 +314,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         if session is not None:
             hidden = session.step(hidden, mask, positions)
         else:
-            hidden = chain_forward(self.plan(), hidden, mask, positions)
+            request_id = uuid.uuid4().hex
+            hidden = chain_forward(self.plan(request_id), hidden, mask, positions, request_id=request_id)
         logits = self.lm_head(self.norm(hidden)).float()
         loss = None
         if labels is not None:

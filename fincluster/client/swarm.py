@@ -7,10 +7,15 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from functools import partial
+from pathlib import Path
+from typing import Literal, Protocol
 
 import grpc
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from fincluster.audit import AuditLog, AuditSettings, AuditSink
+from fincluster.client.audit_trail import ClientAuditTrail
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
 from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
@@ -19,8 +24,8 @@ from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import ClientSettings
-from fincluster.trust.enforcement import TrustContext
-from fincluster.trust.pki import Credential
+from fincluster.trust.enforcement import CertificateCheck, TrustContext
+from fincluster.trust.pki import Credential, load_certificate, parse_spiffe_id
 from fincluster.trust.tls import channel_credentials, expected_server_identity
 from fincluster.wire import fincluster_pb2 as pb
 
@@ -28,16 +33,29 @@ from fincluster.wire import fincluster_pb2 as pb
 class ChainPlanner(Protocol):
     """What a model needs from a swarm: span clients that cover ``blocks`` of ``model_id``."""
 
-    def plan_chain(self, request: PlacementRequest, blocks: BlockSpan) -> Sequence[SpanClient]: ...
+    @property
+    def audit(self) -> AuditSink | None: ...
+
+    @property
+    def trail(self) -> ClientAuditTrail | None: ...
+
+    def plan_chain(
+        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+    ) -> Sequence[SpanClient]: ...
 
 
 class LocalSwarm:
     """Span clients fixed in advance (in-process spans, or a given chain): no registry, no routing."""
 
+    audit: AuditSink | None = None  # nothing leaves the process
+    trail: ClientAuditTrail | None = None
+
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
 
-    def plan_chain(self, request: PlacementRequest, blocks: BlockSpan) -> Sequence[SpanClient]:
+    def plan_chain(
+        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+    ) -> Sequence[SpanClient]:
         covered = [c.span for c in self.clients]
         if (
             not covered
@@ -53,7 +71,11 @@ class Swarm:
     """Servers of a swarm as seen by one client identity.
 
     ``registry`` is the registry's ``host:port`` (reached over mTLS with ``credential``) or any
-    ``Registry`` object. Channels are cached per address and closed by ``close()``.
+    ``Registry`` object. ``trust`` enables attestation checks and route policy (without it only public
+    data may leave the client). ``audit`` is where the client's audit trail goes: by default an
+    ``AuditLog`` in ``./fincluster-audit/client-<name>.sqlite`` signed with the client's TLS key;
+    ``None`` turns it off, which only public data allows. Channels are cached per address and closed,
+    with a default audit log, by ``close()``.
     """
 
     def __init__(
@@ -63,13 +85,27 @@ class Swarm:
         credential: Credential,
         settings: ClientSettings | None = None,
         trust: TrustContext | None = None,
-        observer: CallObserver | None = None,
+        audit: AuditSink | Literal["default"] | None = "default",
     ) -> None:
         self.credential = credential
         self.client_id = credential.spiffe_id
         self.settings = settings or ClientSettings()
         self.trust = trust
-        self.observer = observer
+        ca_pem, _, key_pem = credential.read()
+        self.certificates = (
+            trust.certificates if trust is not None else CertificateCheck(load_certificate(ca_pem))
+        )
+        self._owned_log: AuditLog | None = None
+        if audit == "default":
+            name = parse_spiffe_id(self.client_id)[2]
+            self._owned_log = AuditLog(
+                Path("fincluster-audit") / f"client-{name}.sqlite",
+                signing_key=load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]
+                settings=AuditSettings(origin=f"client-{name}"),
+            )
+            audit = self._owned_log
+        self.audit: AuditSink | None = audit
+        self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
         self.last_guard: PlacementGuard | None = None
         self._credentials = channel_credentials(credential)
         self._channels: dict[str, grpc.Channel] = {}
@@ -103,7 +139,12 @@ class Swarm:
             return channel
 
     def span_client(
-        self, record: pb.ServerRecord, *, classification: str = "public", binding: NodeBinding | None = None
+        self,
+        record: pb.ServerRecord,
+        *,
+        classification: str = "public",
+        binding: NodeBinding | None = None,
+        observer: CallObserver | None = None,
     ) -> GrpcSpanClient:
         return GrpcSpanClient(
             record,
@@ -112,8 +153,8 @@ class Swarm:
             client_id=self.client_id,
             classification=classification,
             binding=binding or NodeBinding(record.node_id, None, None),
-            trust=self.trust,
-            observer=self.observer,
+            certificates=self.certificates,
+            observer=observer,
         )
 
     def rtt(self, record: pb.ServerRecord) -> float:
@@ -128,36 +169,75 @@ class Swarm:
             self._rtt[record.address] = time.perf_counter() - started
         return self._rtt[record.address]
 
-    def route(self, request: PlacementRequest, blocks: BlockSpan) -> list[tuple[Hop, Verdict]]:
-        """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow."""
+    def route(
+        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+    ) -> list[tuple[Hop, Verdict]]:
+        """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow.
+
+        The decision (or the denials that made it impossible) goes to the audit trail.
+        """
         records = self.registry.list(request.model.id)
         guard = PlacementGuard(self.trust, self.client_id, request)
         self.last_guard = guard
         try:
             hops = plan_route(records, blocks, rtt=self.rtt, allow=guard.allows)
         except RoutingError as error:
+            self.trail.judged(guard, request_id, request_id)
             raise RoutingError(
                 f"{error}; refused: {guard.explain(error.missing_blocks)}",
                 missing_blocks=error.missing_blocks,
             ) from None
-        return [(hop, guard.verdicts[hop.record.node_id]) for hop in hops]
+        chosen = [(hop, guard.verdicts[hop.record.node_id]) for hop in hops]
+        self.trail.judged(guard, request_id, request_id)
+        self.trail.routing(request_id, request_id, [(hop.span, verdict) for hop, verdict in chosen])
+        return chosen
 
-    def plan_chain(self, request: PlacementRequest, blocks: BlockSpan) -> list[SpanClient]:
+    def plan_chain(
+        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+    ) -> list[SpanClient]:
+        observer = partial(self.trail.transfer, request)
         return [
             self.span_client(
                 hop.record,
                 classification=request.classification.value,
                 binding=NodeBinding(hop.record.node_id, verdict.claims, verdict.decision),
+                observer=observer,
             )
-            for hop, verdict in self.route(request, blocks)
+            for hop, verdict in self.route(request, blocks, request_id=request_id)
         ]
 
+    def replacement(
+        self, request: PlacementRequest, span: BlockSpan, node_id: str, session_id: str
+    ) -> GrpcSpanClient:
+        """A span client for ``node_id`` serving exactly ``span``, judged like any routed node."""
+        records = [r for r in self.registry.list(request.model.id) if r.node_id == node_id]
+        if not records or (records[0].span.start, records[0].span.end) != (span.start, span.end):
+            raise RoutingError(f"{node_id} does not announce blocks {span}")
+        guard = PlacementGuard(self.trust, self.client_id, request)
+        allowed = guard.allows(records[0], span)
+        self.trail.judged(guard, session_id, session_id)
+        if not allowed:
+            raise RoutingError(
+                f"cannot move blocks {span} to {node_id}: {guard.explain(range(span.start, span.end))}"
+            )
+        verdict = guard.verdicts[node_id]
+        return self.span_client(
+            records[0],
+            classification=request.classification.value,
+            binding=NodeBinding(node_id, verdict.claims, verdict.decision),
+            observer=partial(self.trail.transfer, request),
+        )
+
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+        if self._owned_log is not None:
+            self._owned_log.close()
 
     def __enter__(self) -> Swarm:
         return self

@@ -7,7 +7,7 @@ process (local blocks, and fast in-process tests). Both speak in ``SpanInputs`` 
 from __future__ import annotations
 
 import queue
-import uuid
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 import grpc
 import torch
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fincluster.audit import Receipt, verify_receipt
 from fincluster.errors import AuditIntegrityError, CapacityError, RemoteError, SessionError, TrustError
@@ -23,7 +24,8 @@ from fincluster.serving.runner import BlockRunner, SpanInputs
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import BlockSpan, SpanModel
 from fincluster.trust.attestation import VerifiedClaims, new_nonce
-from fincluster.trust.enforcement import TrustContext, check_possession
+from fincluster.trust.enforcement import CertificateCheck, check_possession
+from fincluster.trust.pki import certificate_fingerprint
 from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
@@ -35,20 +37,24 @@ T = TypeVar("T")
 class SpanSessionClient(Protocol):
     session_id: str
 
-    def step(self, inputs: SpanInputs) -> torch.Tensor: ...
+    def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
 
 class SpanClient(Protocol):
+    """One hop. ``request_id`` is shared by the hops of one pass, ``session_id`` by those of a session."""
+
     node_id: str
     span: BlockSpan
 
-    def forward(self, inputs: SpanInputs) -> torch.Tensor: ...
+    def forward(self, inputs: SpanInputs, *, request_id: str) -> torch.Tensor: ...
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor: ...
+    def backward(
+        self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, request_id: str
+    ) -> torch.Tensor: ...
 
-    def open_session(self, *, max_length: int, batch_size: int) -> SpanSessionClient: ...
+    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> SpanSessionClient: ...
 
 
 def inputs_to_wire(inputs: SpanInputs) -> pb.SpanInputs:
@@ -80,24 +86,25 @@ def remote_error(
 
 @dataclass(frozen=True)
 class NodeBinding:
-    """Who a span client talks to, as verified: the routing verdict and, once proven, the certificate."""
+    """What routing concluded about the node: its verified claims and the policy decision."""
 
     node_id: str
     claims: VerifiedClaims | None
     decision: Decision | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class CallRecord:
-    """One completed call, as the client saw it: what the audit trail records."""
+    """One completed call as the client saw it, receipt checked: what the audit trail records."""
 
     operation: str
     session_id: str
+    request_id: str
     step: int
     num_tokens: int
     input_sha256: str
     output_sha256: str
-    receipt: Receipt | None
+    receipt: Receipt
 
 
 CallObserver = Callable[["GrpcSpanClient", CallRecord], None]
@@ -106,27 +113,29 @@ CallObserver = Callable[["GrpcSpanClient", CallRecord], None]
 class GrpcSpanSession:
     """One inference stream: open (with a possession challenge) → steps → close, answered in order."""
 
-    def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int) -> None:
+    def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int, session_id: str) -> None:
         self._client = client
         self._requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
         self._responses: Iterator[pb.InferenceResponse] = client.stub.Inference(
             iter(self._requests.get, None)
         )
-        self.session_id = ""
+        self.session_id = session_id
         self.steps = 0
         nonce = new_nonce()
         open_request = pb.OpenSession(
             span=client.wire_span,
             max_length=max_length,
             batch_size=batch_size,
-            request_id=uuid.uuid4().hex,
+            request_id=session_id,
             nonce=nonce,
             classification=client.classification,
+            session_id=session_id,
         )
-        opened = self._exchange(pb.InferenceRequest(open=open_request), "opened")
-        self.session_id = opened.opened.session_id
+        opened = self._exchange(pb.InferenceRequest(open=open_request), "opened").opened
         try:
-            client.accept_proof(opened.opened.proof, nonce=nonce, session_id=self.session_id)
+            if opened.session_id != session_id:
+                raise TrustError(f"{client.node_id} opened session {opened.session_id!r}, not {session_id!r}")
+            client.accept_proof(opened.proof, nonce=nonce, session_id=session_id)
         except TrustError:
             self.close()
             raise
@@ -138,31 +147,29 @@ class GrpcSpanSession:
         except grpc.RpcError as error:
             self._requests.put(None)
             raise remote_error(
-                error,
-                node_id=self._client.node_id,
-                span=self._client.span,
-                session_id=self.session_id or None,
+                error, node_id=self._client.node_id, span=self._client.span, session_id=self.session_id
             ) from None
         if response.WhichOneof("kind") != expected:
             raise RemoteError(f"server answered {response.WhichOneof('kind')!r} to {expected!r}")
         return response
 
-    def step(self, inputs: SpanInputs) -> torch.Tensor:
+    def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
+        """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
         wire_inputs = inputs_to_wire(inputs)
-        request = pb.InferenceRequest(
-            step=pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
-        )
-        response = self._exchange(request, "step")
+        request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
+        result = self._exchange(pb.InferenceRequest(step=request), "step").step
+        operation = "replay" if replay else "inference_step"
         self._client.observe(
-            "inference_step",
+            operation,
+            self.session_id,
             self.session_id,
             self.steps,
             wire_inputs,
-            response.step.hidden_states,
-            response.step.receipt,
+            result.hidden_states,
+            result.receipt,
         )
         self.steps += 1
-        return decode(response.step.hidden_states, name="hidden_states")
+        return decode(result.hidden_states, name="hidden_states")
 
     def close(self) -> None:
         try:
@@ -176,9 +183,10 @@ class GrpcSpanSession:
 class GrpcSpanClient:
     """Calls to one server's span over an mTLS channel, for one request's classification.
 
-    With a ``TrustContext``, the server must prove possession of its (attested) TLS key before the
-    first activation is sent, and every receipt must be signed by that key over the exact digests of
-    what was sent and received; anything else raises ``TrustError`` and nothing more is sent.
+    Before the first activation is sent, the server must prove possession of the key of a valid swarm
+    certificate for its identity (and, for an attested node, of the attested key). Every receipt must be
+    signed by that key over the exact digests of what was sent and received. Anything else raises
+    ``TrustError`` and nothing more is sent.
     """
 
     def __init__(
@@ -190,7 +198,7 @@ class GrpcSpanClient:
         client_id: str,
         classification: str,
         binding: NodeBinding,
-        trust: TrustContext | None = None,
+        certificates: CertificateCheck,
         observer: CallObserver | None = None,
     ) -> None:
         self.node_id = record.node_id
@@ -201,10 +209,16 @@ class GrpcSpanClient:
         self.client_id = client_id
         self.classification = classification
         self.binding = binding
-        self.trust = trust
+        self.certificates = certificates
         self.certificate: x509.Certificate | None = None
         self._observer = observer
         self._timeout = timeout_seconds
+
+    @property
+    def cert_fingerprint(self) -> str | None:
+        if self.certificate is None:
+            return None
+        return certificate_fingerprint(self.certificate.public_bytes(serialization.Encoding.PEM))
 
     def _call(self, call: Callable[[], T]) -> T:
         try:
@@ -213,12 +227,10 @@ class GrpcSpanClient:
             raise remote_error(error, node_id=self.node_id, span=self.span) from None
 
     def accept_proof(self, proof: pb.PossessionProof, *, nonce: bytes, session_id: str) -> None:
-        """Check the server's answer to a challenge (no-op without trust settings)."""
-        if self.trust is None:
-            return
+        """Check the server's answer to a challenge; remember its certificate."""
         self.certificate = check_possession(
             proof,
-            trust=self.trust,
+            certificates=self.certificates,
             node_id=self.node_id,
             claims=self.binding.claims,
             nonce=nonce,
@@ -227,21 +239,19 @@ class GrpcSpanClient:
         )
 
     def _ensure_proven(self) -> None:
-        if self.trust is None or self.certificate is not None:
+        if self.certificate is not None:
             return
         nonce = new_nonce()
-        challenge_id = f"challenge-{uuid.uuid4().hex}"
-        proof = self._call(
-            lambda: self.stub.ProvePossession(
-                pb.PossessionChallenge(nonce=nonce, session_id=challenge_id), timeout=self._timeout
-            )
-        )
+        challenge_id = f"challenge-{nonce.hex()[:16]}"
+        challenge = pb.PossessionChallenge(nonce=nonce, session_id=challenge_id)
+        proof = self._call(lambda: self.stub.ProvePossession(challenge, timeout=self._timeout))
         self.accept_proof(proof, nonce=nonce, session_id=challenge_id)
 
     def observe(
         self,
         operation: str,
         session_id: str,
+        request_id: str,
         step: int,
         sent: pb.SpanInputs,
         received: pb.Tensor,
@@ -249,13 +259,18 @@ class GrpcSpanClient:
     ) -> None:
         """Check the receipt against what was really sent and received, then report the call."""
         input_sha256, output_sha256 = message_digest(sent), message_digest(received)
-        receipt = None
-        if self.trust is not None:
-            receipt = self._checked_receipt(receipt_json, session_id, step, input_sha256, output_sha256)
+        receipt = self._checked_receipt(receipt_json, session_id, step, input_sha256, output_sha256)
         if self._observer is not None:
-            shape = list(sent.hidden_states.shape)
+            batch, seq = list(sent.hidden_states.shape)[:2]
             record = CallRecord(
-                operation, session_id, step, int(shape[0] * shape[1]), input_sha256, output_sha256, receipt
+                operation,
+                session_id,
+                request_id,
+                step,
+                int(batch * seq),
+                input_sha256,
+                output_sha256,
+                receipt,
             )
             self._observer(self, record)
 
@@ -296,21 +311,21 @@ class GrpcSpanClient:
         info: pb.ServerInfo = self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
         return info
 
-    def forward(self, inputs: SpanInputs) -> torch.Tensor:
+    def forward(self, inputs: SpanInputs, *, request_id: str) -> torch.Tensor:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
-        request_id = uuid.uuid4().hex
         request = pb.ForwardRequest(
             span=self.wire_span, inputs=wire_inputs, request_id=request_id, classification=self.classification
         )
         response = self._call(lambda: self.stub.Forward(request, timeout=self._timeout))
-        self.observe("forward", request_id, 0, wire_inputs, response.hidden_states, response.receipt)
+        self.observe(
+            "forward", request_id, request_id, 0, wire_inputs, response.hidden_states, response.receipt
+        )
         return decode(response.hidden_states, name="hidden_states")
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
+    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, request_id: str) -> torch.Tensor:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
-        request_id = uuid.uuid4().hex
         request = pb.BackwardRequest(
             span=self.wire_span,
             inputs=wire_inputs,
@@ -319,11 +334,13 @@ class GrpcSpanClient:
             classification=self.classification,
         )
         response = self._call(lambda: self.stub.Backward(request, timeout=self._timeout))
-        self.observe("backward", request_id, 0, wire_inputs, response.grad_inputs, response.receipt)
+        self.observe(
+            "backward", request_id, request_id, 0, wire_inputs, response.grad_inputs, response.receipt
+        )
         return decode(response.grad_inputs, name="grad_inputs")
 
-    def open_session(self, *, max_length: int, batch_size: int) -> GrpcSpanSession:
-        return GrpcSpanSession(self, max_length=max_length, batch_size=batch_size)
+    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> GrpcSpanSession:
+        return GrpcSpanSession(self, max_length=max_length, batch_size=batch_size, session_id=session_id)
 
 
 class LocalSpanSession:
@@ -332,7 +349,7 @@ class LocalSpanSession:
         self._session = session
         self.session_id = session.session_id
 
-    def step(self, inputs: SpanInputs) -> torch.Tensor:
+    def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
         return self._runner.step(self._session, inputs)
 
     def close(self) -> None:
@@ -348,17 +365,15 @@ class LocalSpanClient:
         self._runner = BlockRunner(model)
         self._model = model
 
-    def forward(self, inputs: SpanInputs) -> torch.Tensor:
+    def forward(self, inputs: SpanInputs, *, request_id: str) -> torch.Tensor:
         return self._runner.forward(self.span, inputs)
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
+    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, request_id: str) -> torch.Tensor:
         return self._runner.backward(self.span, inputs, grad_outputs)
 
-    def open_session(self, *, max_length: int, batch_size: int) -> LocalSpanSession:
-        import time
-
+    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> LocalSpanSession:
         session = Session(
-            session_id=uuid.uuid4().hex,
+            session_id=session_id,
             span=self.span,
             max_length=max_length,
             batch_size=batch_size,

@@ -91,10 +91,10 @@ def abort_for(context: grpc.ServicerContext, error: Exception, *, method: str) -
     abort(context, grpc.StatusCode.INTERNAL, "internal error")
 
 
-def checked_request_id(value: str) -> str:
-    """Request ids name receipts and audit records: 1 to 256 printable ASCII characters, no spaces."""
+def checked_request_id(value: str, *, name: str = "request_id") -> str:
+    """Request and session ids name receipts and audit records: 1 to 256 printable ASCII, no spaces."""
     if not 1 <= len(value) <= 256 or not all(33 <= ord(char) <= 126 for char in value):
-        raise WireError("request_id: 1 to 256 printable ASCII characters without spaces are required")
+        raise WireError(f"{name}: 1 to 256 printable ASCII characters without spaces are required")
     return value
 
 
@@ -310,8 +310,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._guard.authorize(client_id, request.classification, span)
         if len(request.nonce) < MIN_NONCE_BYTES:
             raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
+        session_id = checked_request_id(request.session_id, name="session_id") if request.session_id else None
         session = self._sessions.open(
-            span, max_length=request.max_length, batch_size=request.batch_size, client_id=client_id
+            span,
+            max_length=request.max_length,
+            batch_size=request.batch_size,
+            client_id=client_id,
+            session_id=session_id,
         )
         log.info("session opened", session=session.session_id, client=client_id, span=str(span))
         return session

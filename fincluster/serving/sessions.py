@@ -93,7 +93,16 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, span: BlockSpan, *, max_length: int, batch_size: int, client_id: str) -> Session:
+    def open(
+        self,
+        span: BlockSpan,
+        *,
+        max_length: int,
+        batch_size: int,
+        client_id: str,
+        session_id: str | None = None,
+    ) -> Session:
+        """Reserve cache for a new session; ``session_id`` is the client's choice (one id on every hop)."""
         if max_length < 1 or max_length > self._max_session_length:
             raise SessionError(
                 f"max_length {max_length} outside 1..{self._max_session_length} allowed by this server",
@@ -101,6 +110,12 @@ class SessionManager:
             )
         if batch_size < 1:
             raise SessionError("batch_size must be at least 1", code="INVALID_ARGUMENT")
+        session_id = session_id or uuid.uuid4().hex
+        with self._lock:
+            if session_id in self._sessions:
+                raise SessionError(
+                    "a session with this id is already open", session_id=session_id, code="ALREADY_EXISTS"
+                )
         nbytes = self._bytes_per_token(span) * max_length * batch_size
         if not self._budget.reserve(nbytes, wait_seconds=self._wait_seconds):
             raise CapacityError(
@@ -109,7 +124,7 @@ class SessionManager:
                 span=(span.start, span.end),
             )
         session = Session(
-            session_id=uuid.uuid4().hex,
+            session_id=session_id,
             span=span,
             max_length=max_length,
             batch_size=batch_size,
@@ -119,6 +134,11 @@ class SessionManager:
             last_used=self._clock(),
         )
         with self._lock:
+            if session_id in self._sessions:  # opened concurrently under the same id
+                self._budget.release(nbytes)
+                raise SessionError(
+                    "a session with this id is already open", session_id=session_id, code="ALREADY_EXISTS"
+                )
             self._sessions[session.session_id] = session
         return session
 

@@ -63,14 +63,24 @@ class TrustContext:
             raise TrustError(f"key_mismatch: attestation names {claims.node_id}, record is {record.node_id}")
         return claims
 
-    def verify_node_certificate(self, cert_pem: bytes, *, node_id: str) -> x509.Certificate:
-        """A certificate issued by the swarm CA, for ``node_id``, valid now and not revoked."""
+    @property
+    def certificates(self) -> CertificateCheck:
+        return CertificateCheck(self.ca_certificate, self.revocations, self.clock)
+
+
+@dataclass(frozen=True)
+class CertificateCheck:
+    """Is this certificate the swarm CA's, for this node, valid now and not revoked?"""
+
+    ca_certificate: x509.Certificate
+    revocations: RevocationList | None = None
+    clock: Callable[[], datetime] = utc_now
+
+    def verify(self, cert_pem: bytes, *, node_id: str) -> x509.Certificate:
         try:
             certificate = load_certificate(cert_pem)
             certificate.verify_directly_issued_by(self.ca_certificate)
-        except (ValueError, TypeError, CertificateError) as error:
-            raise TrustError(f"certificate of {node_id} is not from the swarm CA: {error}") from None
-        except Exception as error:  # cryptography raises InvalidSignature for a forged chain
+        except Exception as error:  # malformed PEM, another issuer, or a forged signature
             raise TrustError(f"certificate of {node_id} is not from the swarm CA: {error!r}") from None
         if spiffe_id_of(certificate) != node_id:
             raise TrustError(f"certificate is for {spiffe_id_of(certificate)}, not {node_id}")
@@ -99,7 +109,7 @@ def prove_possession(
 def check_possession(
     proof: pb.PossessionProof,
     *,
-    trust: TrustContext,
+    certificates: CertificateCheck,
     node_id: str,
     claims: VerifiedClaims | None,
     nonce: bytes,
@@ -107,7 +117,7 @@ def check_possession(
     client_id: str,
 ) -> x509.Certificate:
     """Client side: the node's certificate is valid, and for an attested node it holds the attested key."""
-    certificate = trust.verify_node_certificate(proof.certificate_pem, node_id=node_id)
+    certificate = certificates.verify(proof.certificate_pem, node_id=node_id)
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
         raise TrustError(f"unsupported key type in the certificate of {node_id}")

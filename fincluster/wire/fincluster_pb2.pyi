@@ -270,11 +270,16 @@ class OpenSession(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     max_length: _builtins.int
     batch_size: _builtins.int
     request_id: _builtins.str
     nonce: _builtins.bytes
     classification: _builtins.str
+    session_id: _builtins.str
+    """Chosen by the client, the same on every hop of its session (audit records and receipts use it);
+    refused when this server already has a session of that id.
+    """
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -286,10 +291,11 @@ class OpenSession(_message.Message):
         request_id: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
         classification: _builtins.str = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "max_length", b"max_length", "nonce", b"nonce", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "max_length", b"max_length", "nonce", b"nonce", "request_id", b"request_id", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,196 @@
+"""What the client writes to its audit log: metadata and digests of every transfer, never raw data.
+
+One ``ClientAuditTrail`` per swarm connection turns what routing and the span clients report into
+audit events: routing decisions, denials, attestation failures, session open/close, failovers, and
+one transfer record per call per node with the server's checked receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from fincluster.audit import (
+    AttestationFailureEvent,
+    AuditEvent,
+    AuditSink,
+    DenialEvent,
+    FailoverEvent,
+    RouteHop,
+    RoutingEvent,
+    SessionCloseEvent,
+    SessionOpenEvent,
+    TransferEvent,
+    record_event,
+)
+from fincluster.audit import BlockSpan as AuditSpan
+from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
+from fincluster.client.transport import CallRecord, GrpcSpanClient
+from fincluster.serving.span_model import BlockSpan
+from fincluster.trust.enforcement import utc_now
+
+MAX_REASON = 500
+
+
+def _span(span: BlockSpan) -> AuditSpan:
+    return AuditSpan(start=span.start, end=span.end)
+
+
+def _reason(text: str) -> str:
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+
+
+class ClientAuditTrail:
+    """Records a client's view of the swarm into ``sink`` (and to ``capture_audit_events`` in tests)."""
+
+    def __init__(
+        self, sink: AuditSink | None, *, client_id: str, clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        self.sink = sink
+        self.client_id = client_id
+        self._clock = clock
+
+    def _record(self, event: AuditEvent) -> None:
+        record_event(self.sink, event)
+
+    def transfer(self, request: PlacementRequest, client: GrpcSpanClient, call: CallRecord) -> None:
+        claims, decision = client.binding.claims, client.binding.decision
+        fingerprint = client.cert_fingerprint
+        if fingerprint is None:  # unreachable: a receipt is only accepted after the proof
+            raise RuntimeError("transfer recorded before the node proved its certificate")
+        self._record(
+            TransferEvent(
+                time=self._clock(),
+                observer="client",
+                session_id=call.session_id,
+                request_id=call.request_id,
+                operation=call.operation,  # type: ignore[arg-type]
+                step=call.step,
+                client_id=self.client_id,
+                classification=request.classification.value,
+                model_id=request.model.id,
+                manifest_digest=request.model.manifest_sha256 or "0" * 64,
+                node_id=client.node_id,
+                node_tier=claims.tier.value if claims is not None else None,
+                cert_fingerprint=fingerprint,
+                attestation_id=claims.attestation_id if claims is not None else None,
+                block_span=_span(client.span),
+                num_tokens=call.num_tokens,
+                input_sha256=call.input_sha256,
+                output_sha256=call.output_sha256,
+                policy_decision_id=decision.decision_id if decision is not None else None,
+                policy_bundle_digest=decision.bundle_digest if decision is not None else None,
+                receipt=call.receipt,
+            )
+        )
+
+    def routing(self, session_id: str, request_id: str, hops: Sequence[tuple[BlockSpan, Verdict]]) -> None:
+        chain = tuple(
+            RouteHop(
+                block_span=_span(span),
+                node_id=verdict.record.node_id,
+                node_tier=verdict.claims.tier.value if verdict.claims is not None else None,
+                attestation_id=verdict.claims.attestation_id if verdict.claims is not None else None,
+                policy_decision_id=verdict.decision.decision_id if verdict.decision is not None else None,
+            )
+            for span, verdict in hops
+        )
+        if not chain:
+            return
+        digests = {v.decision.bundle_digest for _, v in hops if v.decision is not None}
+        self._record(
+            RoutingEvent(
+                time=self._clock(),
+                observer="client",
+                session_id=session_id,
+                request_id=request_id,
+                client_id=self.client_id,
+                chain=chain,
+                policy_bundle_digest=digests.pop() if len(digests) == 1 else None,
+            )
+        )
+
+    def judged(self, guard: PlacementGuard, session_id: str, request_id: str) -> None:
+        """Denials and attestation failures the router met while placing this request."""
+        for node_id, reason in guard.attestation_failures:
+            self._record(
+                AttestationFailureEvent(
+                    time=self._clock(),
+                    observer="client",
+                    session_id=session_id,
+                    node_id=node_id,
+                    reason=_reason(reason),
+                )
+            )
+        for verdict in guard.verdicts.values():
+            if verdict.allowed or verdict.reasons == ("attestation rejected",):
+                continue
+            record = verdict.record
+            self._record(
+                DenialEvent(
+                    time=self._clock(),
+                    observer="client",
+                    enforced_at="router",
+                    session_id=session_id,
+                    request_id=request_id,
+                    client_id=self.client_id,
+                    node_id=record.node_id,
+                    block_span=AuditSpan(start=record.span.start, end=record.span.end),
+                    classification=guard.request.classification.value,
+                    reasons=tuple(_reason(r) for r in verdict.reasons[:16]),
+                    policy_decision_id=verdict.decision.decision_id if verdict.decision is not None else None,
+                    policy_bundle_digest=verdict.decision.bundle_digest
+                    if verdict.decision is not None
+                    else None,
+                )
+            )
+
+    def session_open(self, session_id: str, request: PlacementRequest) -> None:
+        self._record(
+            SessionOpenEvent(
+                time=self._clock(),
+                observer="client",
+                session_id=session_id,
+                client_id=self.client_id,
+                classification=request.classification.value,
+                model_id=request.model.id,
+                manifest_digest=request.model.manifest_sha256 or "0" * 64,
+            )
+        )
+
+    def session_close(self, session_id: str, *, ok: bool) -> None:
+        self._record(
+            SessionCloseEvent(
+                time=self._clock(),
+                observer="client",
+                session_id=session_id,
+                client_id=self.client_id,
+                outcome="ok" if ok else "error",
+            )
+        )
+        checkpoint = getattr(self.sink, "checkpoint", None)
+        if callable(checkpoint):
+            checkpoint()
+
+    def failover(
+        self,
+        session_id: str,
+        span: BlockSpan,
+        failed: str,
+        replacement: str | None,
+        reason: str,
+        replayed: int,
+    ) -> None:
+        self._record(
+            FailoverEvent(
+                time=self._clock(),
+                observer="client",
+                session_id=session_id,
+                request_id=session_id,
+                block_span=_span(span),
+                failed_node_id=failed,
+                replacement_node_id=replacement,
+                reason=_reason(reason),
+                replayed_steps=replayed,
+            )
+        )
