@@ -109,6 +109,7 @@ class Cluster:
         trust: TrustContext | None = None,
         attestation: str | None = None,
         received: list[Transfer] | None = None,
+        audit=None,
         **settings: object,
     ) -> BlockServer:
         import grpc
@@ -130,6 +131,7 @@ class Cluster:
             registry=RegistryClient(channel),
             trust=trust,
             attestation=attestation,
+            audit=audit,
             on_transfer=received.append if received is not None else None,
         )
         server.start()

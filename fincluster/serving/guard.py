@@ -50,6 +50,7 @@ class ServeGuard:
         trust: TrustContext | None = None,
         own_claims: VerifiedClaims | None = None,
         clock: Callable[[], datetime] = utc_now,
+        on_denial: Callable[[str, str, BlockSpan, tuple[str, ...]], None] | None = None,
     ) -> None:
         self.credential = credential
         self.node_id = credential.spiffe_id
@@ -57,12 +58,22 @@ class ServeGuard:
         self.trust = trust
         self.own_claims = own_claims
         self._clock = clock
+        self._on_denial = on_denial
         self._key_lock = threading.Lock()
         self._key_state: object = None
         self._key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None = None
 
     def authorize(self, client_id: str, classification: str, span: BlockSpan) -> Decision | None:
-        """Enforce the serve policy for this call; PolicyDenied carries the reasons (logged, not sent)."""
+        """Enforce the serve policy for this call; PolicyDenied carries the reasons (logged and audited,
+        never sent to the peer)."""
+        try:
+            return self._decide(client_id, classification, span)
+        except PolicyDenied as denied:
+            if self._on_denial is not None:
+                self._on_denial(client_id, classification, span, denied.reasons)
+            raise
+
+    def _decide(self, client_id: str, classification: str, span: BlockSpan) -> Decision | None:
         try:
             level = Classification(classification)
         except ValueError:

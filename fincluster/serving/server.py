@@ -16,11 +16,13 @@ import grpc
 import structlog
 import torch
 
+from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError
 from fincluster.registry.backend import Registry
+from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
-from fincluster.serving.service import BlockServicer, TransferHook
+from fincluster.serving.service import BlockServicer, Transfer, TransferHook
 from fincluster.serving.sessions import CacheBudget, SessionManager
 from fincluster.serving.span_model import BlockSpan, SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
@@ -93,8 +95,11 @@ class BlockServer:
         registry: Registry | None = None,
         trust: TrustContext | None = None,
         attestation: str | None = None,
+        audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
     ) -> None:
+        """``audit`` receives a record of every transfer and refusal (the CLI passes the server's
+        ``AuditLog``); ``on_transfer`` is an extra observer (tests)."""
         self.model = model
         self.served = served
         self.settings = settings
@@ -110,6 +115,13 @@ class BlockServer:
             raise ConfigurationError(
                 "an attestation needs the trust settings (authority keys, policy) to check it"
             )
+        self.audit = ServerAuditTrail(
+            audit,
+            credential=credential,
+            model_id=served.model_id,
+            manifest_digest=served.manifest_digest,
+            claims=self.claims,
+        )
         self.guard = ServeGuard(
             credential,
             ModelRef(
@@ -117,6 +129,7 @@ class BlockServer:
             ),
             trust=trust,
             own_claims=self.claims,
+            on_denial=self.audit.denial,
         )
         self._on_transfer = on_transfer
         self.budget = CacheBudget(settings.cache_budget_bytes)
@@ -180,7 +193,7 @@ class BlockServer:
             interceptors=interceptors,
         )
         servicer = BlockServicer(
-            BlockRunner(self.model), self.sessions, self.guard, self.info, on_transfer=self._on_transfer
+            BlockRunner(self.model), self.sessions, self.guard, self.info, on_transfer=self._observe
         )
         pb_grpc.add_BlockServiceServicer_to_server(servicer, server)
         port = server.add_secure_port(
@@ -193,6 +206,11 @@ class BlockServer:
         self._background.start()
         log.info("server started", node=self.node_id, address=self.address, span=str(self.model.span))
         return self.address
+
+    def _observe(self, transfer: Transfer) -> None:
+        self.audit.transfer(transfer)
+        if self._on_transfer is not None:
+            self._on_transfer(transfer)
 
     def _maintain(self) -> None:
         """Refresh the announcement (TTL heartbeat) and expire idle sessions until stopped."""
