@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fincluster.audit.commands import register as register_audit
+from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
 from fincluster.trust.commands import register as register_attest
 from fincluster.trust.enforcement import trust_from_settings
@@ -154,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"server": server_overrides}
     if args.registry:
         overrides["registry"] = {"address": args.registry}
+    if args.audit_dir:
+        overrides["audit"] = {"directory": args.audit_dir}
     settings = _settings(args, **overrides)
     if settings.server.store is None or settings.server.blocks is None:
         raise FinclusterError("serve needs --store and --blocks (or FINCLUSTER_SERVER__STORE/BLOCKS)")
@@ -167,6 +170,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.registry.address:
         channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
         registry = RegistryClient(channel)
+    audit_log = open_node_audit_log(
+        settings.audit.directory, credential, retention_days=settings.audit.retention_days
+    )
     server = BlockServer(
         model,
         ServedModel.of(store),
@@ -175,10 +181,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry=registry,
         trust=trust,
         attestation=attestation,
+        audit=audit_log,
     )
     address = server.start()
     print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
-    _wait_for_signal(server.stop)
+    try:
+        _wait_for_signal(server.stop)
+    finally:
+        audit_log.close()
     return 0
 
 
@@ -257,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     serve.add_argument("--registry", help="registry host:port")
+    serve.add_argument("--audit-dir", type=Path, help="directory of this server's audit log")
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", help="import the demo model, start a 3-server swarm, generate")

@@ -26,6 +26,9 @@ import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from fincluster import __version__
+from fincluster.audit import build_report, read_events, reconcile, render_html, verify
+from fincluster.audit.node import open_node_audit_log
+from fincluster.audit.signing import PublicKey
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.client.placement import Verdict
 from fincluster.errors import FinclusterError
@@ -40,7 +43,7 @@ from fincluster.trust.attestation import (
     load_authority_private_key,
 )
 from fincluster.trust.enforcement import trust_from_settings
-from fincluster.trust.pki import CertificateAuthority, Credential, Role, public_key_digest
+from fincluster.trust.pki import CertificateAuthority, Credential, Role, load_certificate, public_key_digest
 from fincluster.trust.policy import BlockSpan as PolicySpan
 from fincluster.trust.policy import (
     Classification,
@@ -263,6 +266,8 @@ def launch(
         for server in servers:
             args = [
                 "serve",
+                "--audit-dir",
+                str(workdir / "audit"),
                 "--store",
                 str(store_dir),
                 "--blocks",
@@ -303,10 +308,19 @@ def run_demo(
     registry_port: int = 0,
 ) -> int:
     servers = (*DEMO_SERVERS, INTRUDER)
+    audit_dir = workdir / "audit"
+    for stale in audit_dir.glob("*.sqlite*"):  # each demo run starts fresh logs (the CA is re-keyed too)
+        stale.unlink()
     with launch(workdir, servers, registry_port=registry_port, expect_listed=len(DEMO_SERVERS)) as processes:
         credential = processes.client_credential()
         trust = trust_from_settings(processes.trust_settings(), credential)
-        with Swarm(registry=processes.registry_address, credential=credential, trust=trust) as swarm:
+        client_log = open_node_audit_log(audit_dir, credential)
+        with (
+            client_log,
+            Swarm(
+                registry=processes.registry_address, credential=credential, trust=trust, audit=client_log
+            ) as swarm,
+        ):
             store = ModelStore.open(processes.store_dir)
             _show_intruder_refused(swarm, processes, store)
             model = DistributedModelForCausalLM.from_pretrained(store, swarm=swarm, classification="internal")
@@ -333,7 +347,40 @@ def run_demo(
                     flush=True,
                 )
                 _wait_for_interrupt()
+    _print_audit(audit_dir, processes)
     return 0
+
+
+def _print_audit(audit_dir: Path, processes: LocalSwarmProcesses) -> None:
+    """Verify every log, reconcile the client's transfers with the servers' receipts, write the report."""
+    nodes = processes.certs / "nodes"
+
+    def key(pem: Path) -> PublicKey:
+        public_key: PublicKey = load_certificate(pem.read_bytes()).public_key()  # type: ignore[assignment]
+        return public_key
+
+    client_db = audit_dir / "client-analyst.sqlite"
+    server_dbs = sorted(audit_dir.glob("server-*.sqlite"))
+    print("\naudit")
+    for path in [client_db, *server_dbs]:
+        result = verify(path, [key(nodes / f"{path.stem}.pem")])
+        print(f"  {path.name:<24} {'verified' if result.ok else 'FAILED'} ({result.problem_count} problems)")
+    node_keys = {
+        f"spiffe://{TRUST_DOMAIN}/server/{path.stem.split('-', 1)[1]}": key(nodes / f"{path.stem}.pem")
+        for path in server_dbs
+    }
+    server_events = [event for path in server_dbs for event in read_events(path)]
+    report = reconcile(read_events(client_db), server_events, node_keys=node_keys)
+    unmatched = len(report.client_only) + len(report.server_only) + len(report.mismatched)
+    print(
+        f"  reconciliation: {report.matched} transfers matched to signed server receipts, "
+        f"{unmatched} unmatched"
+    )
+    html = audit_dir / "report.html"
+    html.write_text(
+        render_html(build_report(client_db, trusted_public_keys=[key(nodes / "client-analyst.pem")]))
+    )
+    print(f"  report: {html} (open it in a browser)")
 
 
 def _tier(verdict: Verdict | None) -> str:

@@ -94,6 +94,15 @@ class RegistrySettings(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
 
 
+class AuditLogSettings(BaseModel):
+    """Where a node keeps its audit log (``<directory>/<role>-<name>.sqlite``) and for how long."""
+
+    model_config = ConfigDict(frozen=True)
+
+    directory: Path = Path("fincluster-audit")
+    retention_days: int | None = Field(default=None, ge=1)
+
+
 class LoggingSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -112,6 +121,7 @@ class Settings(BaseSettings):
     client: ClientSettings = ClientSettings()
     registry: RegistrySettings = RegistrySettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditLogSettings = AuditLogSettings()
 
     @classmethod
     def settings_customise_sources(

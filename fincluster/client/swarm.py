@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import grpc
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from fincluster.audit import AuditLog, AuditSettings, AuditSink
+from fincluster.audit import AuditLog, AuditSink
+from fincluster.audit.node import open_node_audit_log
 from fincluster.client.audit_trail import ClientAuditTrail
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
@@ -25,9 +25,11 @@ from fincluster.registry.service import RegistryClient
 from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import ClientSettings
 from fincluster.trust.enforcement import CertificateCheck, TrustContext
-from fincluster.trust.pki import Credential, load_certificate, parse_spiffe_id
+from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.tls import channel_credentials, expected_server_identity
 from fincluster.wire import fincluster_pb2 as pb
+
+DEFAULT_AUDIT_DIRECTORY = Path("fincluster-audit")
 
 
 class ChainPlanner(Protocol):
@@ -91,18 +93,13 @@ class Swarm:
         self.client_id = credential.spiffe_id
         self.settings = settings or ClientSettings()
         self.trust = trust
-        ca_pem, _, key_pem = credential.read()
+        ca_pem, _, _ = credential.read()
         self.certificates = (
             trust.certificates if trust is not None else CertificateCheck(load_certificate(ca_pem))
         )
         self._owned_log: AuditLog | None = None
         if audit == "default":
-            name = parse_spiffe_id(self.client_id)[2]
-            self._owned_log = AuditLog(
-                Path("fincluster-audit") / f"client-{name}.sqlite",
-                signing_key=load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]
-                settings=AuditSettings(origin=f"client-{name}"),
-            )
+            self._owned_log = open_node_audit_log(DEFAULT_AUDIT_DIRECTORY, credential)
             audit = self._owned_log
         self.audit: AuditSink | None = audit
         self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)

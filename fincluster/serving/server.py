@@ -219,6 +219,9 @@ class BlockServer:
         while not self._stopping.is_set():
             for session_id in self.sessions.expire_idle():
                 log.info("session expired", session=session_id)
+            checkpoint_if_due = getattr(self.audit.sink, "checkpoint_if_due", None)
+            if callable(checkpoint_if_due):
+                checkpoint_if_due()
             if self.registry is not None and time.monotonic() >= next_announce:
                 try:
                     self.registry.announce(self.record(), self.settings.announce_ttl_seconds)
