@@ -4,6 +4,7 @@ audited, mismatches reported, and no raw data anywhere in the logs."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fincluster.trust.tls import channel_credentials
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.tensors import encode
-from tests.helpers import Cluster, Pki, TrustKit, running_cluster
+from tests.helpers import Pki, TrustKit, running_cluster
 
 pytestmark = pytest.mark.e2e
 PROMPT = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(11))
@@ -77,8 +78,18 @@ def transfers(path: Path) -> list[TransferEvent]:
     return [e for e in read_events(path) if isinstance(e, TransferEvent)]
 
 
-def server_events(logs: dict[str, AuditLog]):
-    return [event for log in logs.values() for event in read_events(log.path)]
+def server_events(logs: dict[str, AuditLog], *, transfers_at_least: int = 0):
+    """Every server's events. Servers write a transfer's record just after sending its response, so
+    wait (up to 5 s) until at least ``transfers_at_least`` transfer records are there."""
+    deadline = time.monotonic() + 5
+    while True:
+        events = [event for log in logs.values() for event in read_events(log.path)]
+        if (
+            sum(isinstance(e, TransferEvent) for e in events) >= transfers_at_least
+            or time.monotonic() > deadline
+        ):
+            return events
+        time.sleep(0.02)
 
 
 def node_keys(pki: Pki, names) -> dict:
@@ -103,7 +114,11 @@ def test_generation_has_one_transfer_per_step_and_node_and_reconciles(audited, p
     assert first.num_tokens == PROMPT.shape[1] and first.node_tier == "trusted"
     assert first.attestation_id and first.policy_decision_id and first.policy_bundle_digest
     assert first.cert_fingerprint.startswith("sha256:") and first.receipt is not None
-    report = reconcile(read_events(client_log.path), server_events(logs), node_keys=node_keys(pki, logs))
+    report = reconcile(
+        read_events(client_log.path),
+        server_events(logs, transfers_at_least=len(records)),
+        node_keys=node_keys(pki, logs),
+    )
     assert report.ok and report.matched == len(records)
     kinds = Counter(e.kind for e in read_events(client_log.path))
     assert kinds["session_open"] == 1 and kinds["session_close"] == 1 and kinds["routing"] == 1
@@ -122,7 +137,11 @@ def test_forward_and_backward_are_audited_with_receipts(audited, pki: Pki) -> No
     records = transfers(client_log.path)
     assert Counter(r.operation for r in records) == {"forward": 3, "backward": 3}
     assert len({r.request_id for r in records if r.operation == "forward"}) == 1  # one pass, one id
-    report = reconcile(read_events(client_log.path), server_events(logs), node_keys=node_keys(pki, logs))
+    report = reconcile(
+        read_events(client_log.path),
+        server_events(logs, transfers_at_least=6),
+        node_keys=node_keys(pki, logs),
+    )
     assert report.ok and report.matched == 6
 
 
@@ -146,12 +165,12 @@ def test_unmatched_transfers_are_reported_both_ways(audited, pki: Pki) -> None:
         ),
         timeout=10,
     )
-    report = reconcile(read_events(client_log.path), server_events(logs))
+    report = reconcile(read_events(client_log.path), server_events(logs, transfers_at_least=4))
     assert [key.session_id for key in report.server_only] == ["side-door"]
     assert report.client_only == () and report.matched == 3
     # a server whose log is missing: the client's records of it are unmatched
     without_t = {n: log for n, log in logs.items() if n != "t"}
-    report = reconcile(read_events(client_log.path), server_events(without_t))
+    report = reconcile(read_events(client_log.path), server_events(without_t, transfers_at_least=3))
     assert len(report.client_only) == 1 and report.client_only[0].node_id.endswith("/t")
 
 
@@ -175,7 +194,10 @@ def test_replaying_a_session_to_another_node_is_audited(audited, pki: Pki) -> No
     assert [(r.node_id, r.step) for r in replays] == [(other, 0), (other, 1), (other, 2)]
     failovers = [e for e in events if e.kind == "failover"]
     assert len(failovers) == 1 and failovers[0].failed_node_id == old and failovers[0].replayed_steps == 3
-    report = reconcile(events, server_events(logs), node_keys=node_keys(pki, logs))
+    transfers_sent = sum(isinstance(e, TransferEvent) for e in events)
+    report = reconcile(
+        events, server_events(logs, transfers_at_least=transfers_sent), node_keys=node_keys(pki, logs)
+    )
     assert report.ok, report
 
 

@@ -31,7 +31,13 @@ from fincluster.audit.log import AuditLog, AuditSettings
 from fincluster.audit.reader import read_events, read_log
 from fincluster.audit.receipts import Receipt, ReceiptBody, receipt_is_valid, sign_receipt, verify_receipt
 from fincluster.audit.reconcile import ReconcileReport, TransferKey, reconcile
-from fincluster.audit.recorder import AuditRecorder, AuditSink, capture_audit_events, record_event
+from fincluster.audit.recorder import (
+    AuditRecorder,
+    AuditSink,
+    capture_audit_events,
+    record_event,
+    record_events,
+)
 from fincluster.audit.render_csv import render_csv
 from fincluster.audit.render_html import render_html
 from fincluster.audit.report import Report, build_report, render_json
@@ -71,6 +77,7 @@ __all__ = [
     "receipt_is_valid",
     "reconcile",
     "record_event",
+    "record_events",
     "render_csv",
     "render_html",
     "render_json",

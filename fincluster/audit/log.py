@@ -20,7 +20,7 @@ writer (another process) is detected at the next append and refused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -115,21 +115,39 @@ class AuditLog:
 
     def append(self, event: AuditEvent) -> int:
         """Write one event durably and return its index in the log."""
-        body = canonical_json(self._validated(event))
-        leaf = leaf_hash(body)
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Write events durably in one transaction (one disk sync), in order; return their indexes."""
+        bodies = [canonical_json(self._validated(event)) for event in events]
+        leaves = [leaf_hash(body) for body in bodies]
         with self._lock:
             store = self._open_store()
-            index = self._frontier.size
-            seal = sign(self._key, seal_message(self.origin, index, leaf))
-            store.append_record(StoredRecord(index, body, leaf, self._key_id, seal))
-            self._frontier.append(leaf)
-            if self._checkpoint_due(event):
+            first = self._frontier.size
+            records = [
+                StoredRecord(
+                    first + i,
+                    body,
+                    leaf,
+                    self._key_id,
+                    sign(self._key, seal_message(self.origin, first + i, leaf)),
+                )
+                for i, (body, leaf) in enumerate(zip(bodies, leaves, strict=True))
+            ]
+            store.append_records(records)
+            for leaf in leaves:
+                self._frontier.append(leaf)
+            if any(self._checkpoint_due(event) for event in events):
                 self._checkpoint_locked(store)
-        return index
+        return [record.index for record in records]
 
     def record(self, event: AuditEvent) -> None:
         """:class:`~fincluster.audit.recorder.AuditSink` interface: same as :meth:`append`."""
         self.append(event)
+
+    def record_many(self, events: Sequence[AuditEvent]) -> None:
+        """Batch form of :meth:`record`: one durable transaction."""
+        self.append_many(events)
 
     @staticmethod
     def _validated(event: AuditEvent) -> AuditEvent:

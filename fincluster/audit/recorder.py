@@ -13,7 +13,7 @@ a database::
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
@@ -79,3 +79,15 @@ def record_event(sink: AuditSink | None, event: AuditEvent) -> None:
         captures = tuple(_captures)
     for recorder in captures:
         recorder.record(event)
+
+
+def record_events(sink: AuditSink | None, events: Sequence[AuditEvent]) -> None:
+    """Several events at once: one durable write when the sink supports ``record_many``."""
+    if not events:
+        return
+    batch = getattr(sink, "record_many", None)
+    if sink is not None and callable(batch):
+        batch(events)
+        sink = None
+    for event in events:
+        record_event(sink, event)

@@ -10,7 +10,7 @@ serialises access with a lock); readers open their own read-only connection.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +92,23 @@ class SqliteStore:
 
     def append_record(self, record: StoredRecord) -> None:
         """Insert the next record; refuse if another writer has appended behind our back."""
+        self.append_records([record])
+
+    def append_records(self, records: Sequence[StoredRecord]) -> None:
+        """Insert the next records in one durable transaction (one sync for all of them)."""
+        if not records:
+            return
         with self._transaction():
             (next_index,) = self._db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM records").fetchone()
             pruned = self.pruned_size()
-            if max(next_index, pruned) != record.index:
+            if max(next_index, pruned) != records[0].index:
                 raise AuditError(
-                    f"audit log {self.path} has another writer: expected index {record.index}, "
+                    f"audit log {self.path} has another writer: expected index {records[0].index}, "
                     f"the file is at {max(next_index, pruned)}"
                 )
-            self._db.execute(
+            self._db.executemany(
                 "INSERT INTO records VALUES (?, ?, ?, ?, ?)",
-                (record.index, record.body, record.leaf_hash, record.key_id, record.seal),
+                [(r.index, r.body, r.leaf_hash, r.key_id, r.seal) for r in records],
             )
 
     def add_checkpoint(self, tree_size: int, body: bytes) -> None:

@@ -7,7 +7,9 @@ one transfer record per call per node with the server's checked receipt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
 from fincluster.audit import (
@@ -22,6 +24,7 @@ from fincluster.audit import (
     SessionOpenEvent,
     TransferEvent,
     record_event,
+    record_events,
 )
 from fincluster.audit import BlockSpan as AuditSpan
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
@@ -49,9 +52,28 @@ class ClientAuditTrail:
         self.sink = sink
         self.client_id = client_id
         self._clock = clock
+        self._local = threading.local()
 
     def _record(self, event: AuditEvent) -> None:
-        record_event(self.sink, event)
+        buffer: list[AuditEvent] | None = getattr(self._local, "buffer", None)
+        if buffer is not None:
+            buffer.append(event)
+        else:
+            record_event(self.sink, event)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Collect this thread's events and write them in one durable transaction at the end (also
+        when the block fails: transfers that happened are always recorded). One per generation step."""
+        if getattr(self._local, "buffer", None) is not None:
+            yield
+            return
+        self._local.buffer = []
+        try:
+            yield
+        finally:
+            events, self._local.buffer = self._local.buffer, None
+            record_events(self.sink, events)
 
     def transfer(self, request: PlacementRequest, client: GrpcSpanClient, call: CallRecord) -> None:
         claims, decision = client.binding.claims, client.binding.decision

@@ -311,11 +311,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         mask = attention_mask.to(torch.int64).contiguous()
         wire_dtype = self.embed_tokens.weight.dtype
         hidden = hidden.to(wire_dtype).contiguous()
-        if session is not None:
-            hidden = session.step(hidden, mask, positions)
-        else:
-            request_id = uuid.uuid4().hex
-            hidden = chain_forward(self.plan(request_id), hidden, mask, positions, request_id=request_id)
+        trail = self.swarm.trail
+        with trail.batch() if trail is not None else contextlib.nullcontext():
+            if session is not None:
+                hidden = session.step(hidden, mask, positions)
+            else:
+                request_id = uuid.uuid4().hex
+                hidden = chain_forward(self.plan(request_id), hidden, mask, positions, request_id=request_id)
         logits = self.lm_head(self.norm(hidden)).float()
         loss = None
         if labels is not None:

@@ -120,8 +120,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._guard = guard
         self._info = info
         self._on_transfer = on_transfer
+        self._audit_failure: str | None = None
 
     def _call(self, context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
+        if self._audit_failure is not None:  # fail closed: no record, no service
+            abort(context, grpc.StatusCode.UNAVAILABLE, "server audit log unavailable")
         try:
             return work()
         except Exception as error:  # mapped to a status; unexpected errors are logged with a traceback
@@ -136,9 +139,18 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             output_sha256=transfer.output_sha256,
         )
         transfer.receipt = receipt
-        if self._on_transfer is not None:
-            self._on_transfer(transfer)
         return receipt
+
+    def _record(self, transfer: Transfer) -> None:
+        """Write the server's record of a transfer once its response is on the way (off the critical
+        path). If that fails, the server stops serving until restarted: no call goes unrecorded."""
+        if self._on_transfer is None:
+            return
+        try:
+            self._on_transfer(transfer)
+        except Exception as error:
+            self._audit_failure = str(error)
+            log.exception("audit write failed; refusing further calls", session=transfer.session_id)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         return self._info()
@@ -164,19 +176,19 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             self._guard.authorize(client_id, request.classification, span)
             checked_request_id(request.request_id)
             output = encode(self._runner.forward(span, inputs_from_wire(request.inputs)))
-            receipt = self._sign(
-                self._transfer(
-                    request.request_id,
-                    request.request_id,
-                    0,
-                    "forward",
-                    span,
-                    client_id,
-                    request.classification,
-                    request.inputs,
-                    output,
-                )
+            transfer = self._transfer(
+                request.request_id,
+                request.request_id,
+                0,
+                "forward",
+                span,
+                client_id,
+                request.classification,
+                request.inputs,
+                output,
             )
+            receipt = self._sign(transfer)
+            context.add_callback(partial(self._record, transfer))
             return pb.ForwardResponse(hidden_states=output, receipt=receipt)
 
         return self._call(context, "Forward", work)
@@ -193,19 +205,19 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
             )
             output = encode(grad)
-            receipt = self._sign(
-                self._transfer(
-                    request.request_id,
-                    request.request_id,
-                    0,
-                    "backward",
-                    span,
-                    client_id,
-                    request.classification,
-                    request.inputs,
-                    output,
-                )
+            transfer = self._transfer(
+                request.request_id,
+                request.request_id,
+                0,
+                "backward",
+                span,
+                client_id,
+                request.classification,
+                request.inputs,
+                output,
             )
+            receipt = self._sign(transfer)
+            context.add_callback(partial(self._record, transfer))
             return pb.BackwardResponse(grad_inputs=output, receipt=receipt)
 
         return self._call(context, "Backward", work)
@@ -287,9 +299,14 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         encoded,
                     )
                     receipt = self._call(context, "Inference.step", partial(self._sign, transfer))
-                    yield pb.InferenceResponse(
-                        step=pb.StepResult(hidden_states=encoded, position=current.position, receipt=receipt)
-                    )
+                    try:
+                        yield pb.InferenceResponse(
+                            step=pb.StepResult(
+                                hidden_states=encoded, position=current.position, receipt=receipt
+                            )
+                        )
+                    finally:
+                        self._record(transfer)
                 elif kind == "close":
                     current = self._stream_session(context, session, request.close.session_id)
                     self._sessions.close(current.session_id)

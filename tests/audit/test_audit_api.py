@@ -40,6 +40,7 @@ def test_public_api_is_pinned() -> None:
         "receipt_is_valid",
         "reconcile",
         "record_event",
+        "record_events",
         "render_csv",
         "render_html",
         "render_json",
