@@ -1,8 +1,9 @@
 """Audit overhead per generated token on the CPU demo model.
 
-Registry and three block servers (blocks 0:10, 10:20, 20:30) run in this process over real mTLS gRPC;
-the same greedy generation runs alternately with audit logs on (client and every server write
-SQLite audit logs, signed checkpoints) and off, and the median decode time per token is compared.
+Three block servers (blocks 0:10, 10:20, 20:30) run as separate processes (benchmarks/block_server.py),
+the registry and the client in this one, over real mTLS gRPC; the same greedy generation runs
+alternately with audit logs on (client and every server write SQLite audit logs, signed checkpoints)
+and off, and the median decode time per token is compared.
 Receipts and possession proofs are on in both arms (they are part of the protocol, not of logging).
 
     .venv/bin/python benchmarks/audit_overhead.py [--runs 5] [--new-tokens 48]
@@ -18,8 +19,10 @@ import argparse
 import contextlib
 import datetime
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,16 +32,12 @@ from fincluster.audit.node import open_node_audit_log
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.demo import TimingStreamer, _prepare
 from fincluster.registry.server import RegistryServer
-from fincluster.registry.service import RegistryClient
-from fincluster.serving.server import BlockServer, ServedModel, load_span_model
-from fincluster.serving.span_model import BlockSpan
-from fincluster.settings import ServerSettings
 from fincluster.store import ModelStore
 from fincluster.trust.pki import Credential, Role
-from fincluster.trust.tls import channel_credentials
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_cpu import machine
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from generation_cpu import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Explain what a credit default swap is, in plain words."
@@ -58,40 +57,39 @@ def credential(certs: Path, role: str, name: str) -> Credential:
 
 @contextlib.contextmanager
 def swarm_with(store: ModelStore, certs: Path, audit_dir: Path | None) -> Iterator[Swarm]:
-    import grpc
-
+    """Registry in this process; each block server in its own process (as deployed); the client here."""
     registry = RegistryServer(credential(certs, "registry", "registry"))
-    registry.start()
-    servers, logs = [], []
+    address = registry.start()
+    processes: list[subprocess.Popen[str]] = []
+    client_log = None
     try:
         for name, span in zip("abc", SPANS, strict=True):
-            node = credential(certs, "server", name)
-            log = open_node_audit_log(audit_dir, node) if audit_dir is not None else None
-            logs += [log] if log is not None else []
-            channel = grpc.secure_channel(registry.address, channel_credentials(node))
-            server = BlockServer(
-                load_span_model(store, BlockSpan.parse(span), dtype="float32", device="cpu"),
-                ServedModel.of(store),
-                ServerSettings(),
-                node,
-                registry=RegistryClient(channel),
-                audit=log,
+            args = [str(store.path), span, str(certs), name, address, str(audit_dir) if audit_dir else "-"]
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(HERE / "block_server.py"), *args],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
             )
-            server.start()
-            servers.append(server)
+        for process in processes:
+            if process.stdout is None or process.stdout.readline().strip() != "serving":
+                raise RuntimeError("a benchmark server did not start")
         client = credential(certs, "client", "analyst")
         client_log = open_node_audit_log(audit_dir, client) if audit_dir is not None else None
-        logs += [client_log] if client_log is not None else []
-        with Swarm(registry=registry.address or "", credential=client, audit=client_log) as swarm:
+        with Swarm(registry=address, credential=client, audit=client_log) as swarm:
             while len(swarm.registry.list(store.model_id)) < len(SPANS):
-                pass
+                time.sleep(0.05)
             yield swarm
     finally:
-        for server in servers:
-            server.stop(0)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
         registry.stop(0)
-        for log in logs:
-            log.close()
+        if client_log is not None:
+            client_log.close()
 
 
 def decode_seconds_per_token(
@@ -145,7 +143,7 @@ def main() -> int:
             "",
             f"- Machine: {machine()}",
             f"- Command: `python benchmarks/audit_overhead.py {' '.join(sys.argv[1:])}`".rstrip() + "",
-            f"- Registry + 3 servers in one process over mTLS gRPC; {args.new_tokens} new tokens, greedy; median of"
+            f"- 3 server processes + client over mTLS gRPC; {args.new_tokens} new tokens, greedy; median of"
             f" {args.runs} runs per arm, arms alternated. 'audit on': the client and each server append one"
             " record per transfer to their SQLite logs (WAL, synchronous=FULL) and sign checkpoints;"
             " receipts and possession proofs are on in both arms.",

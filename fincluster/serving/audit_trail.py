@@ -35,9 +35,17 @@ class ServerAuditTrail:
         self.manifest_digest = manifest_digest
         self.claims = claims
         self._clock = clock
+        self._fingerprint: tuple[object, str] | None = None
+
+    def _cert_fingerprint(self) -> str:
+        """Fingerprint of the certificate serving now (re-read only when its files change: rotation)."""
+        state = self.credential.file_state()
+        if self._fingerprint is None or self._fingerprint[0] != state:
+            _, cert_pem, _ = self.credential.read()
+            self._fingerprint = (state, certificate_fingerprint(cert_pem))
+        return self._fingerprint[1]
 
     def transfer(self, transfer: Transfer) -> None:
-        _, cert_pem, _ = self.credential.read()  # the certificate serving now (it may have rotated)
         record_event(
             self.sink,
             TransferEvent(
@@ -53,7 +61,7 @@ class ServerAuditTrail:
                 manifest_digest=self.manifest_digest,
                 node_id=self.node_id,
                 node_tier=self.claims.tier.value if self.claims is not None else None,
-                cert_fingerprint=certificate_fingerprint(cert_pem),
+                cert_fingerprint=self._cert_fingerprint(),
                 attestation_id=self.claims.attestation_id if self.claims is not None else None,
                 block_span=AuditSpan(start=transfer.span.start, end=transfer.span.end),
                 num_tokens=transfer.num_tokens,
