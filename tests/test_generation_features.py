@@ -108,3 +108,31 @@ def test_a_session_refuses_input_that_does_not_continue_it(demo_cluster: Cluster
             other = chat_ids(tokenizer, "Something else entirely, and longer than before, much longer.")
             with pytest.raises(ValueError, match="mask must cover the held tokens"):
                 model(other, attention_mask=torch.ones(1, 3, dtype=torch.int64))
+
+
+def test_audit_log_holds_no_prompt_text_tokens_or_activations(
+    demo_cluster: Cluster, demo_reference, tmp_path
+) -> None:
+    """The real prompt through the real swarm: the client's audit database never contains it."""
+    from fincluster.audit import TransferEvent, read_events
+    from fincluster.audit.node import open_node_audit_log
+    from fincluster.trust.pki import Role
+    from fincluster.wire.tensors import encode
+
+    _, tokenizer = demo_reference
+    secret = "Client 4471 plans to sell EUR 30m of Bund futures before Friday's auction."
+    ids = chat_ids(tokenizer, secret)
+    credential = demo_cluster.pki.credential(Role.CLIENT, "analyst")
+    with open_node_audit_log(tmp_path, credential) as log, demo_cluster.swarm(audit=log) as swarm:
+        model = demo_cluster.model(swarm)
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        embeddings = model.get_input_embeddings()(ids).detach()
+    assert sum(isinstance(e, TransferEvent) for e in read_events(log.path)) == 12
+    blob = b"".join(path.read_bytes() for path in tmp_path.glob("*.sqlite*"))
+    for needle in (
+        secret.encode(),
+        b"Bund futures",
+        str(ids[0].tolist()).encode(),
+        encode(embeddings[0, -1]).data[:128],
+    ):
+        assert needle not in blob

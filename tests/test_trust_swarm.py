@@ -16,7 +16,14 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fincluster.client import DistributedModelForCausalLM
-from fincluster.errors import PolicyError, RegistryError, RemoteError, RoutingError, TrustError
+from fincluster.errors import (
+    ConfigurationError,
+    PolicyError,
+    RegistryError,
+    RemoteError,
+    RoutingError,
+    TrustError,
+)
 from fincluster.registry.service import RegistryClient
 from fincluster.serving.service import Transfer
 from fincluster.settings import TrustSettings
@@ -286,6 +293,22 @@ def test_revoked_client_certificate_is_refused_by_the_server(
             with pytest.raises(RemoteError) as caught:
                 model(PROMPT)
     assert caught.value.code == "UNAUTHENTICATED"
+
+
+def test_classification_per_call_overrides_the_models_default(
+    trusted_swarm, kit: TrustKit, reference
+) -> None:
+    cluster, received = trusted_swarm
+    expected = reference.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    with cluster.swarm(trust=context(kit)) as swarm:
+        model = cluster.model(swarm, classification="public")
+        produced = model.generate(PROMPT, max_new_tokens=3, do_sample=False, classification="internal")
+        assert produced.tolist() == expected.tolist()
+        with pytest.raises(RoutingError, match="client clearance does not cover the data classification"):
+            model(PROMPT, classification="restricted")
+        with pytest.raises(ConfigurationError, match="unknown classification 'secret'"):
+            model(PROMPT, classification="secret")
+    assert {t.classification for t in received["t"]} == {"internal"}
 
 
 def test_restricted_needs_the_prefix_on_the_client(trusted_swarm, kit: TrustKit, reference) -> None:
