@@ -167,7 +167,7 @@ def component_costs(certs: Path, scratch: Path) -> tuple[float, float]:
 
 
 def decode_seconds_per_token(
-    model: DistributedModelForCausalLM, ids: torch.Tensor, new: int, tokenizer
+    model: DistributedModelForCausalLM, ids: torch.Tensor, new: int, tokenizer: PreTrainedTokenizerBase
 ) -> float:
     streamer = TimingStreamer(tokenizer)
     streamer.on_finalized_text = lambda text, stream_end=False: None  # type: ignore[method-assign]
