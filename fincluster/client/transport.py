@@ -211,14 +211,13 @@ class GrpcSpanClient:
         self.binding = binding
         self.certificates = certificates
         self.certificate: x509.Certificate | None = None
+        self._cert_fingerprint: str | None = None
         self._observer = observer
         self._timeout = timeout_seconds
 
     @property
     def cert_fingerprint(self) -> str | None:
-        if self.certificate is None:
-            return None
-        return certificate_fingerprint(self.certificate.public_bytes(serialization.Encoding.PEM))
+        return self._cert_fingerprint
 
     def _call(self, call: Callable[[], T]) -> T:
         try:
@@ -236,6 +235,9 @@ class GrpcSpanClient:
             nonce=nonce,
             session_id=session_id,
             client_id=self.client_id,
+        )
+        self._cert_fingerprint = certificate_fingerprint(
+            self.certificate.public_bytes(serialization.Encoding.PEM)
         )
 
     def _ensure_proven(self) -> None:
