@@ -194,6 +194,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fincluster.demo import run_demo
+    from fincluster.logs import configure_logging
+    from fincluster.settings import LoggingSettings
+
+    configure_logging(LoggingSettings(level="warning"))  # the demo's own output is on stdout
 
     return run_demo(
         workdir=args.workdir,

@@ -371,10 +371,10 @@ def _print_audit(audit_dir: Path, processes: LocalSwarmProcesses) -> None:
     }
     server_events = [event for path in server_dbs for event in read_events(path)]
     report = reconcile(read_events(client_db), server_events, node_keys=node_keys)
-    unmatched = len(report.client_only) + len(report.server_only) + len(report.mismatched)
     print(
-        f"  reconciliation: {report.matched} transfers matched to signed server receipts, "
-        f"{unmatched} unmatched"
+        f"  reconciliation: {report.matched} of the demo client's transfers matched to signed server "
+        f"receipts; {len(report.client_only)} without a server record, {len(report.mismatched)} mismatched; "
+        f"{len(report.server_only)} server records of other client sessions"
     )
     html = audit_dir / "report.html"
     html.write_text(
