@@ -338,14 +338,14 @@ def test_local_blocks_keep_the_prefix_in_the_client(trusted_swarm, kit: TrustKit
     assert received["t"] == []  # the trusted prefix server was not needed and saw nothing
     first = received["a"][0]  # the stateless forward: inputs are the hidden states entering block 2
     from fincluster.client.transport import inputs_to_wire
-    from fincluster.serving.guard import message_digest
     from fincluster.serving.runner import SpanInputs
+    from fincluster.wire.tensors import digest
 
     mask = torch.ones(1, 10, dtype=torch.int64)
     block2_inputs = SpanInputs(expected.hidden_states[2], mask, torch.arange(10).unsqueeze(0))
-    assert first.input_sha256 == message_digest(inputs_to_wire(block2_inputs))
+    assert first.input_sha256 == digest(inputs_to_wire(block2_inputs))
     block0_inputs = SpanInputs(expected.hidden_states[0], mask, torch.arange(10).unsqueeze(0))
-    assert first.input_sha256 != message_digest(inputs_to_wire(block0_inputs))
+    assert first.input_sha256 != digest(inputs_to_wire(block0_inputs))
 
 
 def test_pins_narrow_placement(trusted_swarm, kit: TrustKit) -> None:

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives import serialization
 
 from fincluster.audit import Receipt, verify_receipt
 from fincluster.errors import AuditIntegrityError, CapacityError, RemoteError, SessionError, TrustError
-from fincluster.serving.guard import message_digest
 from fincluster.serving.runner import BlockRunner, SpanInputs
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import BlockSpan, SpanModel
@@ -29,7 +28,7 @@ from fincluster.trust.pki import certificate_fingerprint
 from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.tensors import decode, encode
+from fincluster.wire.tensors import decode, digest, encode
 
 T = TypeVar("T")
 
@@ -260,7 +259,7 @@ class GrpcSpanClient:
         receipt_json: str,
     ) -> None:
         """Check the receipt against what was really sent and received, then report the call."""
-        input_sha256, output_sha256 = message_digest(sent), message_digest(received)
+        input_sha256, output_sha256 = digest(sent), digest(received)
         receipt = self._checked_receipt(receipt_json, session_id, step, input_sha256, output_sha256)
         if self._observer is not None:
             batch, seq = list(sent.hidden_states.shape)[:2]

@@ -3,22 +3,19 @@ receipts over what it received and returned."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from datetime import datetime
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fincluster.audit import BlockSpan as AuditSpan
 from fincluster.audit import sign_receipt
-from fincluster.errors import CertificateError, PolicyDenied
+from fincluster.errors import PolicyDenied
 from fincluster.serving.span_model import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.enforcement import TrustContext, prove_possession, utc_now
-from fincluster.trust.pki import Credential
+from fincluster.trust.pki import Credential, SigningKey, load_signing_key
 from fincluster.trust.policy import BlockSpan as PolicySpan
 from fincluster.trust.policy import (
     Classification,
@@ -32,11 +29,6 @@ from fincluster.trust.policy import (
 from fincluster.wire import fincluster_pb2 as pb
 
 log = structlog.get_logger(__name__)
-
-
-def message_digest(message: pb.SpanInputs | pb.Tensor) -> str:
-    """SHA-256 of a wire message's deterministic bytes: what both sides record and sign."""
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
 class ServeGuard:
@@ -61,7 +53,7 @@ class ServeGuard:
         self._on_denial = on_denial
         self._key_lock = threading.Lock()
         self._key_state: object = None
-        self._key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None = None
+        self._key: tuple[SigningKey, bytes] | None = None
 
     def authorize(self, client_id: str, classification: str, span: BlockSpan) -> Decision | None:
         """Enforce the serve policy for this call; PolicyDenied carries the reasons (logged and audited,
@@ -101,14 +93,15 @@ class ServeGuard:
         return decision
 
     def prove(self, *, nonce: bytes, session_id: str, client_id: str) -> pb.PossessionProof:
-        return prove_possession(self.credential, nonce=nonce, session_id=session_id, client_id=client_id)
+        key, cert_pem = self._current_key()
+        return prove_possession(key, cert_pem, nonce=nonce, session_id=session_id, client_id=client_id)
 
     def receipt(
         self, *, session_id: str, step: int, span: BlockSpan, input_sha256: str, output_sha256: str
     ) -> str:
         """A receipt signed with the current TLS key, as JSON."""
         receipt = sign_receipt(
-            self._private_key(),
+            self._current_key()[0],
             session_id=session_id,
             step=step,
             block_span=AuditSpan(start=span.start, end=span.end),
@@ -119,14 +112,11 @@ class ServeGuard:
         )
         return receipt.model_dump_json()
 
-    def _private_key(self) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
-        """The TLS key, re-read when its file changes (certificate rotation)."""
+    def _current_key(self) -> tuple[SigningKey, bytes]:
+        """The TLS key and its certificate, re-read when their files change (certificate rotation)."""
         with self._key_lock:
             state = self.credential.file_state()
             if self._key is None or state != self._key_state:
-                _, _, key_pem = self.credential.read()
-                key = load_pem_private_key(key_pem, password=None)
-                if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-                    raise CertificateError(f"unsupported TLS key type {type(key).__name__}")
-                self._key, self._key_state = key, state
+                _, cert_pem, key_pem = self.credential.read()
+                self._key, self._key_state = (load_signing_key(key_pem), cert_pem), state
             return self._key

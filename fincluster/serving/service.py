@@ -18,14 +18,14 @@ import structlog
 import torch
 
 from fincluster.errors import CapacityError, PolicyDenied, PolicyError, RemoteError, TrustError, WireError
-from fincluster.serving.guard import ServeGuard, message_digest
+from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner, SpanInputs
 from fincluster.serving.sessions import Session, SessionManager
 from fincluster.serving.span_model import BlockSpan
 from fincluster.trust.tls import peer_identity
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.tensors import decode, encode
+from fincluster.wire.tensors import decode, digest, encode
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -243,8 +243,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             client_id=client_id,
             classification=classification,
             num_tokens=_tokens(inputs),
-            input_sha256=message_digest(inputs),
-            output_sha256=message_digest(output),
+            input_sha256=digest(inputs),
+            output_sha256=digest(output),
         )
 
     def Inference(

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fincluster.errors import CertificateError, ConfigurationError, TrustError
+from fincluster.errors import ConfigurationError, TrustError
 from fincluster.settings import TrustSettings
 from fincluster.trust.attestation import (
     SIGNED_SOFTWARE_EVIDENCE,
@@ -24,7 +24,7 @@ from fincluster.trust.attestation import (
     sign_possession_proof,
     verify_possession_proof,
 )
-from fincluster.trust.pki import Credential, RevocationList, load_certificate, spiffe_id_of
+from fincluster.trust.pki import Credential, RevocationList, SigningKey, load_certificate, spiffe_id_of
 from fincluster.trust.policy import Classification, PolicyEngine
 from fincluster.trust.verifiers import SignedSoftwareVerifier, VerifierSet
 from fincluster.wire import fincluster_pb2 as pb
@@ -93,15 +93,9 @@ class CertificateCheck:
 
 
 def prove_possession(
-    credential: Credential, *, nonce: bytes, session_id: str, client_id: str
+    key: SigningKey, cert_pem: bytes, *, nonce: bytes, session_id: str, client_id: str
 ) -> pb.PossessionProof:
-    """Server side: sign the client's challenge with the current TLS key, and show its certificate."""
-    _, cert_pem, key_pem = credential.read()
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    key = load_pem_private_key(key_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-        raise CertificateError(f"unsupported TLS key type {type(key).__name__}")
+    """Server side: sign the client's challenge with the TLS key, and show the key's certificate."""
     signature = sign_possession_proof(key, nonce=nonce, session_id=session_id, client_id=client_id)
     return pb.PossessionProof(signature=signature, certificate_pem=cert_pem)
 

@@ -50,7 +50,7 @@ import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fincluster.errors import CertificateError, ConfigurationError, TrustError
@@ -614,6 +614,20 @@ def _check_issued_by(cert: x509.Certificate, ca_certificate: x509.Certificate) -
 
 def _same_public_key(private_key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bool:
     return private_key.public_key() == cert.public_key()
+
+
+SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def load_signing_key(pem: bytes) -> SigningKey:
+    """A node's TLS private key as a signing key (proofs, receipts, audit seals)."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as error:
+        raise CertificateError("not an unencrypted PEM private key") from error
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise CertificateError(f"unsupported key type {type(key).__name__}: ECDSA or Ed25519 expected")
+    return key
 
 
 def _load_private_key(pem: bytes, path: Path) -> ec.EllipticCurvePrivateKey:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from google.protobuf.message import Message
 
 from fincluster.errors import WireError
 from fincluster.wire import fincluster_pb2 as pb
@@ -88,6 +89,6 @@ def expect(
     return tensor
 
 
-def digest(message: pb.Tensor) -> str:
-    """SHA-256 of exactly the bytes that travel (used by the audit log)."""
+def digest(message: Message) -> str:
+    """SHA-256 of a wire message's deterministic bytes: what both sides record, sign and compare."""
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
