@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from results import machine, publish
 from transformers import PreTrainedTokenizerBase
 
 from fincluster.audit.node import open_node_audit_log
@@ -37,13 +38,9 @@ from fincluster.store import ModelStore
 from fincluster.trust.pki import Credential, Role
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from generation_cpu import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Explain what a credit default swap is, in plain words."
-MARK_BEGIN = "<!-- audit_overhead:begin -->"
-MARK_END = "<!-- audit_overhead:end -->"
 SPANS = ("0:10", "10:20", "20:30")
 
 
@@ -216,7 +213,6 @@ def main() -> int:
     runs_on = ", ".join(f"{x * 1000:.1f}" for x in results["audit on"])
     report = "\n".join(
         [
-            MARK_BEGIN,
             f"### Audit overhead per generated token, CPU demo model ({datetime.date.today().isoformat()})",
             "",
             f"- Machine: {machine()}",
@@ -240,19 +236,11 @@ def main() -> int:
             f" ({client_ms / (off * 1000) * 100:.1f} % of a token); each server writes its record in"
             f" {server_ms:.2f} ms after its response is sent, off the critical path but on the same 2 cores"
             f" here ({3 * server_ms / (off * 1000) * 100:.1f} % of a token's CPU for 3 servers).",
-            MARK_END,
         ]
     )
     print(report)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text() if path.exists() else "# Benchmarks\n"
-        if MARK_BEGIN in current:
-            head, rest = current.split(MARK_BEGIN, 1)
-            current = head + report + rest.split(MARK_END, 1)[1]
-        else:
-            current = current.rstrip("\n") + "\n\n" + report + "\n"
-        path.write_text(current)
+        publish("audit_overhead", report)
     return 0
 
 

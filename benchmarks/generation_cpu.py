@@ -17,12 +17,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+from results import machine, publish
 from transformers import AutoModelForCausalLM
 
 from fincluster.client import DistributedModelForCausalLM, Swarm
@@ -32,8 +32,6 @@ from fincluster.trust.enforcement import trust_from_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Summarise the main risks of holding long-dated government bonds when inflation is rising."
-MARK_BEGIN = "<!-- generation_cpu:begin -->"
-MARK_END = "<!-- generation_cpu:end -->"
 
 
 def measure(
@@ -66,26 +64,11 @@ def local_model(store: ModelStore) -> torch.nn.Module:
     return model.eval()
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
-    )
-
-
 def write_report(
     rows: list[tuple[str, float, float]], command: str, prompt_tokens: int, new_tokens: int
 ) -> str:
     local_decode = rows[0][2]
     lines = [
-        MARK_BEGIN,
         f"### Demo model on CPU: local transformers vs 3-server swarm ({datetime.date.today().isoformat()})",
         "",
         f"- Machine: {machine()}",
@@ -102,7 +85,6 @@ def write_report(
     ]
     for name, prefill, decode in rows:
         lines.append(f"| {name} | {prefill * 1000:.0f} | {decode:.1f} | {decode / local_decode:.2f}x |")
-    lines.append(MARK_END)
     return "\n".join(lines)
 
 
@@ -151,14 +133,7 @@ def main() -> int:
     report = write_report(rows, command, input_ids.shape[1], args.new_tokens)
     print(report)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text() if path.exists() else "# Benchmarks\n\n"
-        if MARK_BEGIN in current:
-            head, rest = current.split(MARK_BEGIN, 1)
-            current = head + report + rest.split(MARK_END, 1)[1]
-        else:
-            current = current.rstrip("\n") + "\n\n" + report + "\n"
-        path.write_text(current)
+        publish("generation_cpu", report)
     return 0
 
 

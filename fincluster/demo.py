@@ -43,7 +43,15 @@ from fincluster.trust.attestation import (
     load_authority_private_key,
 )
 from fincluster.trust.enforcement import trust_from_settings
-from fincluster.trust.pki import CertificateAuthority, Credential, Role, load_certificate, public_key_digest
+from fincluster.trust.pki import (
+    CertificateAuthority,
+    Credential,
+    Role,
+    load_certificate,
+    public_key_digest,
+    spiffe_id,
+    spiffe_id_of,
+)
 from fincluster.trust.policy import BlockSpan as PolicySpan
 from fincluster.trust.policy import (
     Classification,
@@ -366,7 +374,9 @@ def _print_audit(audit_dir: Path, processes: LocalSwarmProcesses) -> None:
         result = verify(path, [key(nodes / f"{path.stem}.pem")])
         print(f"  {path.name:<24} {'verified' if result.ok else 'FAILED'} ({result.problem_count} problems)")
     node_keys = {
-        f"spiffe://{TRUST_DOMAIN}/server/{path.stem.split('-', 1)[1]}": key(nodes / f"{path.stem}.pem")
+        spiffe_id_of(load_certificate((nodes / f"{path.stem}.pem").read_bytes())): key(
+            nodes / f"{path.stem}.pem"
+        )
         for path in server_dbs
     }
     server_events = [event for path in server_dbs for event in read_events(path)]
@@ -390,7 +400,7 @@ def _tier(verdict: Verdict | None) -> str:
 def _show_intruder_refused(swarm: Swarm, processes: LocalSwarmProcesses, store: ModelStore) -> None:
     """Server d (standard) offers the sensitive prefix: show it is not listed, and the policy's reasons."""
     listed = {record.node_id for record in swarm.registry.list(store.model_id)}
-    node_id = processes.client_credential().spiffe_id.replace("/client/analyst", f"/server/{INTRUDER.name}")
+    node_id = spiffe_id(TRUST_DOMAIN, Role.SERVER, INTRUDER.name)
     if swarm.trust is None or node_id in listed:
         raise FinclusterError(
             f"policy did not keep the standard server {node_id} out of the sensitive prefix"

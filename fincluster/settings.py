@@ -8,6 +8,7 @@ defaults. Below the entry points settings travel as objects.
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fincluster.errors import ConfigurationError
 from fincluster.trust.pki import Credential
 
 
@@ -132,23 +134,21 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        import os
-
-        toml_path = os.environ.get("FINCLUSTER_CONFIG")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_path:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-        return tuple(sources)
+        # the TOML file is the one named by model_config["toml_file"] (see load_settings), if any
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build settings at an entry point; ``config_file`` (TOML) sits below env and overrides."""
-    if config_file is not None:
-        if not config_file.is_file():
-            from fincluster.errors import ConfigurationError
+    """Build settings at an entry point: ``overrides`` > ``FINCLUSTER_*`` environment > the TOML file
+    (``config_file``, else ``$FINCLUSTER_CONFIG``) > defaults. Changes no global state."""
+    from_env = os.environ.get("FINCLUSTER_CONFIG")
+    path = config_file if config_file is not None else Path(from_env) if from_env else None
+    if path is None:
+        return Settings(**overrides)
+    if not path.is_file():
+        raise ConfigurationError(f"config file {path} does not exist")
 
-            raise ConfigurationError(f"config file {config_file} does not exist")
-        import os
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
 
-        os.environ["FINCLUSTER_CONFIG"] = str(config_file)
-    return Settings(**overrides)
+    return FileSettings(**overrides)
