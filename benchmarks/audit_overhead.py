@@ -30,6 +30,7 @@ import torch
 from results import machine, publish
 from transformers import PreTrainedTokenizerBase
 
+from fincluster.audit import AuditSettings
 from fincluster.audit.node import open_node_audit_log
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.demo import TimingStreamer, _prepare
@@ -75,7 +76,9 @@ def swarm_with(store: ModelStore, certs: Path, audit_dir: Path | None) -> Iterat
             if process.stdout is None or process.stdout.readline().strip() != "serving":
                 raise RuntimeError("a benchmark server did not start")
         client = credential(certs, "client", "analyst")
-        client_log = open_node_audit_log(audit_dir, client) if audit_dir is not None else None
+        client_log = (
+            open_node_audit_log(AuditSettings(directory=audit_dir), client) if audit_dir is not None else None
+        )
         with Swarm(registry=address, credential=client, audit=client_log) as swarm:
             while len(swarm.registry.list(store.model_id)) < len(SPANS):
                 time.sleep(0.05)
@@ -94,27 +97,26 @@ def component_costs(certs: Path, scratch: Path) -> tuple[float, float]:
     """Median ms of (client: one step's 3 transfer records in one transaction, server: one record)."""
     from datetime import UTC, datetime
 
-    from fincluster.audit import BlockSpan as AuditSpan
-    from fincluster.audit import Receipt, TransferEvent
+    from fincluster.audit import TransferEvent
     from fincluster.serving.audit_trail import ServerAuditTrail
     from fincluster.serving.guard import ServeGuard
     from fincluster.serving.service import Transfer
-    from fincluster.serving.span_model import BlockSpan
+    from fincluster.spans import BlockSpan
+    from fincluster.trust.enforcement import TrustContext
+    from fincluster.trust.pki import load_certificate
     from fincluster.trust.policy import ModelRef
 
     server = credential(certs, "server", "a")
-    guard = ServeGuard(server, ModelRef(id="m", num_blocks=30))
-    receipt_json = guard.receipt(
+    model = ModelRef(id="m", num_blocks=30, manifest_sha256="0" * 64)
+    trust = TrustContext.public_only(load_certificate(server.read()[0]))
+    guard = ServeGuard(server, model, trust=trust)
+    receipt = guard.receipt(
         session_id="s", step=0, span=BlockSpan(0, 10), input_sha256="1" * 64, output_sha256="2" * 64
     )
-    receipt = Receipt.model_validate_json(receipt_json)
-    client_log = open_node_audit_log(scratch / "components", credential(certs, "client", "analyst"))
+    settings = AuditSettings(directory=scratch / "components")
+    client_log = open_node_audit_log(settings, credential(certs, "client", "analyst"))
     trail = ServerAuditTrail(
-        open_node_audit_log(scratch / "components", server),
-        credential=server,
-        model_id="m",
-        manifest_digest="0" * 64,
-        claims=None,
+        open_node_audit_log(settings, server), node_id=server.spiffe_id, model=model, claims=None
     )
     client_ms, server_ms = [], []
     for step in range(200):
@@ -123,7 +125,6 @@ def component_costs(certs: Path, scratch: Path) -> tuple[float, float]:
                 time=datetime.now(UTC),
                 observer="client",
                 session_id="s",
-                request_id="s",
                 operation="inference_step",
                 step=step,
                 client_id=server.spiffe_id.replace("server", "client"),
@@ -132,7 +133,7 @@ def component_costs(certs: Path, scratch: Path) -> tuple[float, float]:
                 manifest_digest="0" * 64,
                 node_id=server.spiffe_id,
                 cert_fingerprint="sha256:" + "0" * 64,
-                block_span=AuditSpan(start=0, end=10),
+                block_span=BlockSpan(0, 10),
                 num_tokens=1,
                 input_sha256="1" * 64,
                 output_sha256="2" * 64,
@@ -145,7 +146,6 @@ def component_costs(certs: Path, scratch: Path) -> tuple[float, float]:
         client_ms.append((time.perf_counter() - started) * 1000)
         transfer = Transfer(
             "s",
-            "s",
             step,
             "inference_step",
             BlockSpan(0, 10),
@@ -154,7 +154,7 @@ def component_costs(certs: Path, scratch: Path) -> tuple[float, float]:
             1,
             "1" * 64,
             "2" * 64,
-            receipt_json,
+            receipt,
         )
         started = time.perf_counter()
         trail.transfer(transfer)

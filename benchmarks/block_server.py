@@ -16,15 +16,17 @@ from pathlib import Path
 
 import grpc
 
+from fincluster.audit import AuditSettings
 from fincluster.audit.node import open_node_audit_log
 from fincluster.logs import configure_logging
 from fincluster.registry.service import RegistryClient
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
-from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import LoggingSettings, ServerSettings
+from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.trust.pki import Credential
 from fincluster.trust.tls import channel_credentials
+from fincluster.values import TensorDType
 
 
 def main() -> int:
@@ -37,9 +39,13 @@ def main() -> int:
         ca_cert_path=Path(certs) / "ca.pem",
     )
     store = ModelStore.open(store_dir)
-    log = open_node_audit_log(Path(audit_dir), credential) if audit_dir != "-" else None
+    log = (
+        open_node_audit_log(AuditSettings(directory=Path(audit_dir)), credential)
+        if audit_dir != "-"
+        else None
+    )
     server = BlockServer(
-        load_span_model(store, BlockSpan.parse(span), dtype="float32", device="cpu"),
+        load_span_model(store, BlockSpan.parse(span), dtype=TensorDType.FLOAT32, device="cpu"),
         ServedModel.of(store),
         ServerSettings(),
         credential,

@@ -25,10 +25,10 @@ import torch
 from results import machine, publish
 from transformers import AutoModelForCausalLM
 
+from fincluster.bootstrap import trust_from_settings
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.demo import TimingStreamer, launch
 from fincluster.store import ModelStore
-from fincluster.trust.enforcement import trust_from_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Summarise the main risks of holding long-dated government bonds when inflation is rising."

@@ -1,4 +1,4 @@
-"""``fincluster`` command line: model import, certificates, registry, serve, generate, demo.
+"""``fincluster`` command line: model import, certificates, attestations, registry, serve, audit, demo.
 
 Entry point only: it reads settings (arguments > environment > TOML) and hands typed objects down.
 """
@@ -11,13 +11,16 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
 from fincluster.trust.commands import register as register_attest
-from fincluster.trust.enforcement import trust_from_settings
+
+if TYPE_CHECKING:
+    from fincluster.settings import Settings
+    from fincluster.trust.pki import Credential
 
 
 def _progress(stage: str, done: int, total: int) -> None:
@@ -41,7 +44,7 @@ def _trust_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"trust": given} if given else {}
 
 
-def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     from fincluster.logs import configure_logging
     from fincluster.settings import load_settings
 
@@ -52,7 +55,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     return settings
 
 
-def _credential(settings: Any) -> Any:
+def _credential(settings: Settings) -> Credential:
     if settings.tls is None:
         raise FinclusterError("TLS material is required: give --ca-cert/--cert/--key or FINCLUSTER_TLS__*")
     return settings.tls.credential()
@@ -120,6 +123,7 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
 
 # services --------------------------------------------------------------------------------------
 def cmd_registry(args: argparse.Namespace) -> int:
+    from fincluster.bootstrap import trust_from_settings
     from fincluster.registry.server import RegistryServer
 
     overrides: dict[str, Any] = {"registry": {"port": args.port}} if args.port is not None else {}
@@ -136,9 +140,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import grpc
 
+    from fincluster.bootstrap import trust_from_settings
     from fincluster.registry.service import RegistryClient
     from fincluster.serving.server import BlockServer, ServedModel, load_span_model
-    from fincluster.serving.span_model import BlockSpan
     from fincluster.store import ModelStore
     from fincluster.trust.tls import channel_credentials
 
@@ -162,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FinclusterError("serve needs --store and --blocks (or FINCLUSTER_SERVER__STORE/BLOCKS)")
     credential = _credential(settings)
     store = ModelStore.open(settings.server.store)
-    span = BlockSpan.parse(settings.server.blocks)
+    span = settings.server.blocks
     model = load_span_model(store, span, dtype=settings.server.dtype, device=settings.server.device)
     trust = trust_from_settings(settings.trust, credential)
     attestation = settings.trust.attestation.read_text().strip() if settings.trust.attestation else None
@@ -170,9 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.registry.address:
         channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
         registry = RegistryClient(channel)
-    audit_log = open_node_audit_log(
-        settings.audit.directory, credential, retention_days=settings.audit.retention_days
-    )
+    audit_log = open_node_audit_log(settings.audit, credential)
     server = BlockServer(
         model,
         ServedModel.of(store),
@@ -274,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-dir", type=Path, help="directory of this server's audit log")
     serve.set_defaults(handler=cmd_serve)
 
-    demo = commands.add_parser("demo", help="import the demo model, start a 3-server swarm, generate")
+    demo = commands.add_parser(
+        "demo", help="import the demo model, start a registry and 4 block servers, answer a question"
+    )
     demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
     demo.add_argument("--prompt", default=None)
     demo.add_argument("--max-new-tokens", type=int, default=48)

@@ -1,8 +1,8 @@
 """``fincluster demo``: a whole swarm on loopback, every link mTLS, one finance question answered.
 
 Imports the demo model (once), creates a development CA and node certificates, starts the registry
-and three block servers as separate processes, generates through the chain, prints the answer, the
-placement and the timings, and shuts everything down.
+and four block servers as separate processes (three serve, one is refused by policy), generates
+through the chain, prints the answer, the placement and the timings, and shuts everything down.
 """
 
 from __future__ import annotations
@@ -26,23 +26,24 @@ import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from fincluster import __version__
-from fincluster.audit import build_report, read_events, reconcile, render_html, verify
+from fincluster.audit import AuditSettings, build_report, read_events, reconcile, render_html, verify
 from fincluster.audit.node import open_node_audit_log
 from fincluster.audit.signing import PublicKey
+from fincluster.bootstrap import trust_from_settings
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.client.placement import Verdict
 from fincluster.errors import FinclusterError
-from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import TrustSettings
+from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore, import_model
 from fincluster.trust.attestation import (
+    SIGNED_SOFTWARE_EVIDENCE,
     AttestationSubject,
     TrustTier,
     generate_authority_key_files,
     issue_attestation,
     load_authority_private_key,
 )
-from fincluster.trust.enforcement import trust_from_settings
 from fincluster.trust.pki import (
     CertificateAuthority,
     Credential,
@@ -52,15 +53,9 @@ from fincluster.trust.pki import (
     spiffe_id,
     spiffe_id_of,
 )
-from fincluster.trust.policy import BlockSpan as PolicySpan
-from fincluster.trust.policy import (
-    Classification,
-    ClientIdentity,
-    DecisionKind,
-    ModelRef,
-    NodeRef,
-    PolicyInput,
-)
+from fincluster.trust.policy import Classification, ModelRef
+from fincluster.wire import fincluster_pb2 as pb
+from fincluster.wire.codec import span_to_wire
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_PROMPT = (
@@ -322,7 +317,7 @@ def run_demo(
     with launch(workdir, servers, registry_port=registry_port, expect_listed=len(DEMO_SERVERS)) as processes:
         credential = processes.client_credential()
         trust = trust_from_settings(processes.trust_settings(), credential)
-        client_log = open_node_audit_log(audit_dir, credential)
+        client_log = open_node_audit_log(AuditSettings(directory=audit_dir), credential)
         with (
             client_log,
             Swarm(
@@ -401,26 +396,26 @@ def _show_intruder_refused(swarm: Swarm, processes: LocalSwarmProcesses, store: 
     """Server d (standard) offers the sensitive prefix: show it is not listed, and the policy's reasons."""
     listed = {record.node_id for record in swarm.registry.list(store.model_id)}
     node_id = spiffe_id(TRUST_DOMAIN, Role.SERVER, INTRUDER.name)
-    if swarm.trust is None or node_id in listed:
+    if swarm.trust.policy is None or node_id in listed:
         raise FinclusterError(
             f"policy did not keep the standard server {node_id} out of the sensitive prefix"
         )
-    token = (processes.authority / f"{INTRUDER.name}.jwt").read_text()
-    claims = swarm.trust.verifiers.verify("signed-software", token.encode(), now=datetime.now(UTC))
-    decision = swarm.trust.policy.decide(
-        DecisionKind.ROUTE,
-        PolicyInput(
-            client=ClientIdentity(id=swarm.client_id, clearance=swarm.trust.clearance_of(swarm.client_id)),
-            classification=Classification.INTERNAL,
-            model=ModelRef(
-                id=store.model_id, num_blocks=store.num_blocks, manifest_sha256=store.manifest_digest
-            ),
-            span=PolicySpan(start=0, end=10),
-            node=NodeRef(id=node_id, claims=claims),
-        ),
+    offered = pb.ServerRecord(
+        node_id=node_id,
+        span=span_to_wire(BlockSpan.parse(INTRUDER.span)),
+        attestation=(processes.authority / f"{INTRUDER.name}.jwt").read_text(),
+        evidence_kind=SIGNED_SOFTWARE_EVIDENCE,
     )
+    claims, decision = swarm.trust.decide_route(
+        offered,
+        BlockSpan.parse(INTRUDER.span),
+        client_id=swarm.client_id,
+        classification=Classification.INTERNAL,
+        model=ModelRef(id=store.model_id, num_blocks=store.num_blocks, manifest_sha256=store.manifest_digest),
+    )
+    tier = claims.tier.value if claims is not None else "unattested"
     print(
-        f"\nrefused       server {INTRUDER.name} ({claims.tier.value}) offering blocks {INTRUDER.span}: "
+        f"\nrefused       server {INTRUDER.name} ({tier}) offering blocks {INTRUDER.span}: "
         f"the registry did not list it, and route policy says: {'; '.join(decision.reasons)}"
     )
 

@@ -3,36 +3,57 @@
 ::
 
     FinclusterError
-    ├── ConfigurationError          bad settings or arguments given by the operator or user
+    ├── ConfigurationError          bad settings or arguments given by the operator or user (a ValueError)
+    ├── UsageError                  an SDK object used the wrong way (bad arguments, state; a ValueError)
     ├── StoreError                  model store problems
     │   └── StoreIntegrityError     a file's SHA-256 does not match the manifest (tampered or corrupt)
-    ├── WireError                   a tensor or message that does not decode or validate
+    ├── WireError                   a tensor or message that does not decode or validate (a ValueError)
     ├── CertificateError            certificate / key material missing, invalid or not from the swarm CA
-    ├── RoutingError                no chain of servers covers the requested blocks
-    ├── RemoteError                 a server refused or failed a call (carries node id, span, session)
-    │   ├── SessionError            unknown / closed / expired inference session, or max length exceeded
-    │   └── CapacityError           the server's KV-cache budget or its limits are exhausted
+    ├── RoutingError                no chain of allowed servers covers the requested blocks
+    ├── RemoteError                 a server refused or failed a call (carries node, span, session, status)
+    │   ├── InvalidRequestError     the server found the request malformed            INVALID_ARGUMENT
+    │   ├── OutOfRangeError         blocks not served here, or past a session's length OUT_OF_RANGE
+    │   ├── SessionError            unknown, closed or expired session                  NOT_FOUND
+    │   │   ├── SessionExistsError  a session of that id is already open               ALREADY_EXISTS
+    │   │   └── SessionLengthError  max_length outside the server's limit, or exceeded OUT_OF_RANGE
+    │   ├── CapacityError           KV-cache budget or other limits exhausted          RESOURCE_EXHAUSTED
+    │   ├── RefusedError            refused by policy or trust checks (opaque)        PERMISSION_DENIED
+    │   └── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
     ├── RegistryError               the registry could not be reached or refused an announcement
-    ├── TrustError                  attestation / revocation / proof-of-possession failures
+    ├── TrustError                  attestation / revocation / proof-of-possession failures (``reason``)
     ├── PolicyError                 policy could not be loaded or evaluated (fail closed)
-    │   └── PolicyDenied            policy denied a placement; carries the reasons
+    │   └── PolicyDenied            policy denied a placement; carries the reasons and the decision id
     ├── AuditError                  the audit log could not be written or read
     │   └── AuditIntegrityError     the audit log failed verification
     └── ClosedError                 an object was used after ``close()``
 
-Errors raised toward remote peers are mapped to opaque gRPC statuses at the transport boundary;
-the detailed reason stays in local logs (and, for trust decisions, the audit log).
+``fincluster.wire.status`` maps the ``RemoteError`` branch to gRPC status codes and back, in one table:
+servers raise these classes and abort with the mapped status; clients turn a status back into the
+class. Policy and trust refusals reach the peer only as an opaque ``PERMISSION_DENIED`` with the
+decision id; the reasons stay in local logs and the audit trail.
 """
 
 from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
+    from fincluster.spans import BlockSpan
 
 
 class FinclusterError(Exception):
     """Base class of every error raised by fincluster."""
 
 
-class ConfigurationError(FinclusterError):
+class ConfigurationError(FinclusterError, ValueError):
     """Settings or arguments are invalid."""
+
+
+class UsageError(FinclusterError, ValueError):
+    """An SDK object was called with arguments or in a state it cannot work with."""
 
 
 class StoreError(FinclusterError):
@@ -43,7 +64,7 @@ class StoreIntegrityError(StoreError):
     """A store file does not match the SHA-256 recorded in the manifest."""
 
 
-class WireError(FinclusterError):
+class WireError(FinclusterError, ValueError):
     """A wire message or tensor failed to decode or validate."""
 
 
@@ -52,7 +73,7 @@ class CertificateError(FinclusterError):
 
 
 class RoutingError(FinclusterError):
-    """No chain of servers covers the requested blocks."""
+    """No chain of allowed servers covers the requested blocks."""
 
     def __init__(self, message: str, *, missing_blocks: tuple[int, ...] = ()) -> None:
         super().__init__(message)
@@ -60,20 +81,25 @@ class RoutingError(FinclusterError):
 
 
 class RemoteError(FinclusterError):
-    """A server refused or failed a call."""
+    """A server refused or failed a call; ``reason`` is what the server said, the rest is context."""
 
     def __init__(
         self,
         message: str,
         *,
         node_id: str | None = None,
-        span: tuple[int, int] | None = None,
+        span: BlockSpan | None = None,
         session_id: str | None = None,
-        code: str | None = None,
+        status: grpc.StatusCode | None = None,
     ) -> None:
         context = ", ".join(
             f"{name}={value}"
-            for name, value in (("node", node_id), ("span", span), ("session", session_id), ("code", code))
+            for name, value in (
+                ("node", node_id),
+                ("blocks", span),
+                ("session", session_id),
+                ("status", status.name if status is not None else None),
+            )
             if value is not None
         )
         super().__init__(f"{message} ({context})" if context else message)
@@ -81,23 +107,73 @@ class RemoteError(FinclusterError):
         self.node_id = node_id
         self.span = span
         self.session_id = session_id
-        self.code = code
+        self.status = status
+
+
+class InvalidRequestError(RemoteError, ValueError):
+    """The server found the request malformed (shape, dtype, ids, values)."""
+
+
+class OutOfRangeError(RemoteError):
+    """The request names blocks the server does not serve, or goes past a limit of the session."""
 
 
 class SessionError(RemoteError):
-    """An inference session is unknown, closed, expired, or past its max length."""
+    """An inference session is unknown, closed or expired, or its id is already taken."""
+
+
+class SessionExistsError(SessionError):
+    """A session with the requested id is already open on the server."""
+
+
+class SessionLengthError(SessionError, OutOfRangeError):
+    """A session's max_length is outside what the server allows, or a step would exceed it."""
 
 
 class CapacityError(RemoteError):
     """A server has no room (KV-cache budget, session count) for the request."""
 
 
+class RefusedError(RemoteError):
+    """Policy or trust checks refused the call; the peer is told nothing more (see the decision id)."""
+
+
+class UnavailableError(RemoteError):
+    """The server could not be reached, is stopping, did not answer in time, or cannot audit."""
+
+
 class RegistryError(FinclusterError):
     """The registry could not be reached or refused a request."""
 
 
+class TrustReason(enum.StrEnum):
+    """Why a trust check failed: stable codes for logs, audit records and tests."""
+
+    MALFORMED = "malformed"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    NOT_YET_VALID = "not_yet_valid"
+    EXPIRED = "expired"
+    KEY_MISMATCH = "key_mismatch"
+    WRONG_NODE = "wrong_node"
+    BAD_PROOF = "bad_proof"
+    BAD_RECEIPT = "bad_receipt"
+    UNKNOWN_EVIDENCE = "unknown_evidence"
+    NOT_FROM_CA = "not_from_ca"
+    REVOKED = "revoked"
+    OUTSIDE_VALIDITY = "outside_validity"
+    CRL_UNUSABLE = "crl_unusable"
+
+
 class TrustError(FinclusterError):
-    """Attestation, revocation or proof-of-possession checks failed."""
+    """Attestation, revocation or proof-of-possession checks failed; ``reason`` says which."""
+
+    def __init__(self, reason: TrustReason, detail: str, *, node_id: str | None = None) -> None:
+        where = f" (node {node_id})" if node_id is not None else ""
+        super().__init__(f"{reason.value}: {detail}{where}")
+        self.reason = reason
+        self.detail = detail
+        self.node_id = node_id
 
 
 class PolicyError(FinclusterError):
@@ -105,11 +181,14 @@ class PolicyError(FinclusterError):
 
 
 class PolicyDenied(PolicyError):
-    """Policy denied the request."""
+    """Policy denied the request; ``decision_id`` finds the decision in the audit log."""
 
-    def __init__(self, message: str, *, reasons: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, message: str, *, reasons: tuple[str, ...] = (), decision_id: str | None = None
+    ) -> None:
         super().__init__(message if not reasons else f"{message}: {'; '.join(reasons)}")
         self.reasons = reasons
+        self.decision_id = decision_id
 
 
 class AuditError(FinclusterError):

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,8 +20,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fincluster.audit.log import AuditSettings
 from fincluster.errors import ConfigurationError
+from fincluster.spans import BlockSpan
 from fincluster.trust.pki import Credential
+from fincluster.values import TensorDType
 
 
 class LogFormat(enum.StrEnum):
@@ -53,6 +56,9 @@ class TrustSettings(BaseModel):
     )
     opa_url: str | None = Field(default=None, description="evaluate on this OPA server instead of in-process")
     opa_timeout_seconds: float = Field(default=1.5, gt=0)
+    opa_ca_file: Path | None = Field(
+        default=None, description="CA certificate that signs the OPA server's TLS certificate (https URLs)"
+    )
     authority_keys: list[Path] = Field(default_factory=list, description="attestation authority public keys")
     attestation: Path | None = Field(default=None, description="this server's attestation token file")
     crl: Path | None = Field(default=None, description="the swarm CA's revocation list (crl.pem)")
@@ -65,11 +71,11 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     store: Path | None = None
-    blocks: str | None = Field(default=None, description="block span START:END this server hosts")
+    blocks: BlockSpan | None = Field(default=None, description="block span START:END this server hosts")
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     public_address: str | None = Field(default=None, description="address announced; default host:port")
-    dtype: str = Field(default="float32", pattern="^(float32|float16|bfloat16)$")
+    dtype: TensorDType = TensorDType.FLOAT32
     device: str = "cpu"
     cache_budget_bytes: int = Field(default=512 * 2**20, gt=0)
     cache_wait_seconds: float = Field(default=1.0, ge=0, description="bounded wait for cache space at open")
@@ -79,6 +85,11 @@ class ServerSettings(BaseModel):
     max_workers: int = Field(default=16, gt=0)
     announce_ttl_seconds: int = Field(default=15, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _parse_blocks(cls, value: object) -> object:
+        return BlockSpan.parse(value) if isinstance(value, str) else value
 
 
 class ClientSettings(BaseModel):
@@ -94,15 +105,6 @@ class RegistrySettings(BaseModel):
     address: str | None = Field(default=None, description="host:port of the registry service")
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
-
-
-class AuditLogSettings(BaseModel):
-    """Where a node keeps its audit log (``<directory>/<role>-<name>.sqlite``) and for how long."""
-
-    model_config = ConfigDict(frozen=True)
-
-    directory: Path = Path("fincluster-audit")
-    retention_days: int | None = Field(default=None, ge=1)
 
 
 class LoggingSettings(BaseModel):
@@ -123,7 +125,7 @@ class Settings(BaseSettings):
     client: ClientSettings = ClientSettings()
     registry: RegistrySettings = RegistrySettings()
     logging: LoggingSettings = LoggingSettings()
-    audit: AuditLogSettings = AuditLogSettings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -17,12 +17,13 @@ from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.registry.server import RegistryServer
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
 from fincluster.serving.service import Transfer
-from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import ServerSettings
+from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore, import_from_model
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import CertificateAuthority, Credential, Role
 from fincluster.trust.policy import PolicyEngine
+from fincluster.values import TensorDType
 
 POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
 TINY = {
@@ -120,7 +121,10 @@ class Cluster:
         credential = self.pki.credential(Role.SERVER, name)
         options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
         model = load_span_model(
-            self.store, BlockSpan.parse(span), dtype=str(options.pop("dtype", "float32")), device="cpu"
+            self.store,
+            BlockSpan.parse(span),
+            dtype=TensorDType(options.pop("dtype", "float32")),
+            device="cpu",
         )
         channel = grpc.secure_channel(self.registry_address, channel_credentials(credential))
         server = BlockServer(
@@ -206,9 +210,9 @@ class TrustKit:
 
         keys = AuthorityKeys([(authority or self.authority).public_key()])
         return TrustContext(
+            ca_certificate=self.pki.ca.certificate,
             policy=self.policy,
             verifiers=VerifierSet([SignedSoftwareVerifier(keys)]),
-            ca_certificate=self.pki.ca.certificate,
             revocations=RevocationList(self.pki.ca.crl_path, self.pki.ca.certificate) if crl else None,
             clearances={k: Classification(v) for k, v in (clearances or {}).items()},
         )

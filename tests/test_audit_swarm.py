@@ -34,7 +34,8 @@ def audit_log(pki: Pki, role: Role, name: str, path: Path) -> AuditLog:
     return AuditLog(
         path,
         signing_key=load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]
-        settings=AuditSettings(origin=f"{role.value}-{name}"),
+        origin=f"{role.value}-{name}",
+        settings=AuditSettings(),
     )
 
 
@@ -136,7 +137,8 @@ def test_forward_and_backward_are_audited_with_receipts(audited, pki: Pki) -> No
         model(inputs_embeds=embeds).logits.sum().backward()
     records = transfers(client_log.path)
     assert Counter(r.operation for r in records) == {"forward": 3, "backward": 3}
-    assert len({r.request_id for r in records if r.operation == "forward"}) == 1  # one pass, one id
+    assert len({r.session_id for r in records if r.operation == "forward"}) == 1  # one pass, one id
+    assert len({r.session_id for r in records if r.operation == "backward"}) == 1  # its own pass
     report = reconcile(
         read_events(client_log.path),
         server_events(logs, transfers_at_least=6),
@@ -161,7 +163,7 @@ def test_unmatched_transfers_are_reported_both_ways(audited, pki: Pki) -> None:
     )
     pb_grpc.BlockServiceStub(channel).Forward(
         pb.ForwardRequest(
-            span=pb.BlockSpan(start=4, end=6), inputs=inputs, request_id="side-door", classification="public"
+            span=pb.BlockSpan(start=4, end=6), inputs=inputs, session_id="side-door", classification="public"
         ),
         timeout=10,
     )

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import TextStreamer
 
+from fincluster.errors import UsageError
 from tests.helpers import Cluster
 from tests.test_exact_match_demo import chat_ids
 
@@ -106,7 +107,7 @@ def test_a_session_refuses_input_that_does_not_continue_it(demo_cluster: Cluster
         with model.inference_session(max_length=ids.shape[1] + 16):
             model.generate(ids, max_new_tokens=2, do_sample=False)
             other = chat_ids(tokenizer, "Something else entirely, and longer than before, much longer.")
-            with pytest.raises(ValueError, match="mask must cover the held tokens"):
+            with pytest.raises(UsageError, match="mask must cover the held tokens"):
                 model(other, attention_mask=torch.ones(1, 3, dtype=torch.int64))
 
 
@@ -114,7 +115,7 @@ def test_audit_log_holds_no_prompt_text_tokens_or_activations(
     demo_cluster: Cluster, demo_reference, tmp_path
 ) -> None:
     """The real prompt through the real swarm: the client's audit database never contains it."""
-    from fincluster.audit import TransferEvent, read_events
+    from fincluster.audit import AuditSettings, TransferEvent, read_events
     from fincluster.audit.node import open_node_audit_log
     from fincluster.trust.pki import Role
     from fincluster.wire.tensors import encode
@@ -123,7 +124,10 @@ def test_audit_log_holds_no_prompt_text_tokens_or_activations(
     secret = "Client 4471 plans to sell EUR 30m of Bund futures before Friday's auction."
     ids = chat_ids(tokenizer, secret)
     credential = demo_cluster.pki.credential(Role.CLIENT, "analyst")
-    with open_node_audit_log(tmp_path, credential) as log, demo_cluster.swarm(audit=log) as swarm:
+    with (
+        open_node_audit_log(AuditSettings(directory=tmp_path), credential) as log,
+        demo_cluster.swarm(audit=log) as swarm,
+    ):
         model = demo_cluster.model(swarm)
         model.generate(ids, max_new_tokens=4, do_sample=False)
         embeddings = model.get_input_embeddings()(ids).detach()

@@ -6,7 +6,7 @@ import pytest
 
 from fincluster.client.routing import plan_route
 from fincluster.errors import RoutingError
-from fincluster.serving.span_model import BlockSpan
+from fincluster.spans import BlockSpan
 from fincluster.wire import fincluster_pb2 as pb
 
 

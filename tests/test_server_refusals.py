@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -44,7 +45,7 @@ def forward(stub: pb_grpc.BlockServiceStub, message: pb.SpanInputs, span: tuple[
             span=pb.BlockSpan(start=span[0], end=span[1]),
             inputs=message,
             classification="public",
-            request_id="probe",
+            session_id="probe",
         ),
         timeout=10,
     )
@@ -193,20 +194,21 @@ def test_without_a_policy_engine_only_public_data_is_served(tiny_cluster: Cluste
     """A server with no policy configured refuses internal data, opaquely, and serves public data."""
     stub = stub_for(tiny_cluster)
     request = pb.ForwardRequest(
-        span=pb.BlockSpan(start=0, end=2), inputs=inputs(), classification="internal", request_id="probe"
+        span=pb.BlockSpan(start=0, end=2), inputs=inputs(), classification="internal", session_id="probe"
     )
     error = refused(lambda: stub.Forward(request, timeout=10))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error.details() == "request refused by policy"
+    # the peer learns no reasons, only the decision id an operator can look up in the server's log
+    assert re.fullmatch(r"request refused by policy \(decision local-[0-9a-f]{32}\)", error.details())
     assert_still_serving(stub)
 
 
-def test_missing_request_id(tiny_cluster: Cluster) -> None:
+def test_missing_session_id(tiny_cluster: Cluster) -> None:
     stub = stub_for(tiny_cluster)
     request = pb.ForwardRequest(span=pb.BlockSpan(start=0, end=2), inputs=inputs(), classification="public")
     error = refused(lambda: stub.Forward(request, timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "request_id" in error.details()
+    assert error.details() == "session_id: 1 to 256 printable ASCII characters without spaces are required"
 
 
 def test_step_before_open(tiny_cluster: Cluster) -> None:

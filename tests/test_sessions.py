@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from fincluster.errors import CapacityError, SessionError
+from fincluster.errors import CapacityError, InvalidRequestError, SessionError
 from fincluster.serving.sessions import CacheBudget, SessionManager
-from fincluster.serving.span_model import BlockSpan
+from fincluster.spans import BlockSpan
 
 
 class Clock:
@@ -60,7 +60,7 @@ def test_limits_on_length_and_batch() -> None:
     sessions = manager()
     with pytest.raises(SessionError, match=r"max_length 51 outside 1\.\.50"):
         sessions.open(BlockSpan(0, 2), max_length=51, batch_size=1, client_id="c")
-    with pytest.raises(SessionError, match="batch_size must be at least 1"):
+    with pytest.raises(InvalidRequestError, match="batch_size must be at least 1"):
         sessions.open(BlockSpan(0, 2), max_length=5, batch_size=0, client_id="c")
 
 

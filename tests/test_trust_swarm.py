@@ -5,6 +5,7 @@ Tiny Llama store (6 blocks): the shipped policy's sensitive prefix is ceil(6 / 4
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,10 +16,12 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fincluster.bootstrap import trust_from_settings
 from fincluster.client import DistributedModelForCausalLM
 from fincluster.errors import (
     ConfigurationError,
     PolicyError,
+    RefusedError,
     RegistryError,
     RemoteError,
     RoutingError,
@@ -28,7 +31,7 @@ from fincluster.registry.service import RegistryClient
 from fincluster.serving.service import Transfer
 from fincluster.settings import TrustSettings
 from fincluster.store import ModelStore
-from fincluster.trust.enforcement import TrustContext, trust_from_settings
+from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role
 from fincluster.trust.tls import channel_credentials
 from fincluster.wire import fincluster_pb2 as pb
@@ -191,15 +194,13 @@ def test_router_refuses_invalid_attestations_in_records(
             model = cluster.model(swarm, classification="internal")
             with pytest.raises(RoutingError, match="attestation rejected"):
                 model(PROMPT)
-            assert [
-                (node, reason.split(":")[0]) for node, reason in swarm.last_guard.attestation_failures
-            ] == [
+            assert [(node, error.reason.value) for node, error in swarm.last_guard.attestation_failures] == [
                 (
                     server.node_id,
                     {
                         "expired": "expired",
                         "unknown_key": "unknown_key",
-                        "replayed_for_other_node": "key_mismatch",
+                        "replayed_for_other_node": "wrong_node",
                     }[forgery],
                 )
             ]
@@ -248,7 +249,9 @@ def test_client_the_server_policy_does_not_allow(kit: TrustKit, tiny_llama_store
             model = cluster.model(swarm, classification="internal")
             with pytest.raises(RemoteError, match="request refused by policy") as caught:
                 model.generate(PROMPT, max_new_tokens=2)
-            assert caught.value.code == "PERMISSION_DENIED"
+            assert caught.value.status == grpc.StatusCode.PERMISSION_DENIED
+            assert isinstance(caught.value, RefusedError)
+            assert re.fullmatch(r"request refused by policy \(decision [0-9a-f-]{36}\)", caught.value.reason)
             with torch.no_grad():
                 assert cluster.model(swarm, classification="public")(PROMPT).logits.shape == (1, 10, 128)
     assert [t.classification for t in received] == ["public"]
@@ -292,7 +295,8 @@ def test_revoked_client_certificate_is_refused_by_the_server(
             kit.pki.ca.revoke(victim.cert_path)
             with pytest.raises(RemoteError) as caught:
                 model(PROMPT)
-    assert caught.value.code == "UNAUTHENTICATED"
+    assert caught.value.status == grpc.StatusCode.UNAUTHENTICATED
+    assert isinstance(caught.value, RefusedError)
 
 
 def test_classification_per_call_overrides_the_models_default(
@@ -338,7 +342,7 @@ def test_local_blocks_keep_the_prefix_in_the_client(trusted_swarm, kit: TrustKit
     assert received["t"] == []  # the trusted prefix server was not needed and saw nothing
     first = received["a"][0]  # the stateless forward: inputs are the hidden states entering block 2
     from fincluster.client.transport import inputs_to_wire
-    from fincluster.serving.runner import SpanInputs
+    from fincluster.wire.codec import SpanInputs
     from fincluster.wire.tensors import digest
 
     mask = torch.ones(1, 10, dtype=torch.int64)
@@ -399,15 +403,15 @@ def test_unreachable_opa_server_fails_closed(pki: Pki) -> None:
         trust = trust_from_settings(
             TrustSettings(policy_dir=POLICY_DIR, opa_url="http://127.0.0.1:9"), credential
         )
-        assert trust is not None
-        from fincluster.trust.policy import BlockSpan as PolicySpan
+        assert trust.policy is not None
+        from fincluster.spans import BlockSpan
         from fincluster.trust.policy import DecisionKind, ModelRef, NodeRef, PolicyInput
 
         trust.policy.decide(
             DecisionKind.ROUTE,
             PolicyInput(
                 model=ModelRef(id="m", num_blocks=4),
-                span=PolicySpan(start=0, end=1),
+                span=BlockSpan(0, 1),
                 node=NodeRef(id=credential.spiffe_id, claims=None),
             ),
         )

@@ -26,10 +26,9 @@ from fincluster.audit.events import (
     TransferEvent,
 )
 from fincluster.audit.export import export_jsonl
-from fincluster.audit.fields import BlockSpan
 from fincluster.audit.log import AuditLog, AuditSettings
 from fincluster.audit.reader import read_events, read_log
-from fincluster.audit.receipts import Receipt, ReceiptBody, receipt_is_valid, sign_receipt, verify_receipt
+from fincluster.audit.receipts import receipt_body, receipt_is_valid, sign_receipt, verify_receipt
 from fincluster.audit.reconcile import ReconcileReport, TransferKey, reconcile
 from fincluster.audit.recorder import (
     AuditRecorder,
@@ -50,15 +49,12 @@ __all__ = [
     "AuditRecorder",
     "AuditSettings",
     "AuditSink",
-    "BlockSpan",
     "Checkpoint",
     "CheckpointBody",
     "DenialEvent",
     "FailoverEvent",
     "Problem",
     "PruneMarker",
-    "Receipt",
-    "ReceiptBody",
     "ReconcileReport",
     "Report",
     "RouteHop",
@@ -74,6 +70,7 @@ __all__ = [
     "export_jsonl",
     "read_events",
     "read_log",
+    "receipt_body",
     "receipt_is_valid",
     "reconcile",
     "record_event",

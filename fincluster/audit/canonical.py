@@ -6,17 +6,14 @@ event always yields the same leaf hash, on any machine and in any Python version
 
 from __future__ import annotations
 
-import hashlib
-
 import rfc8785
 from pydantic import BaseModel
+
+from fincluster.values import sha256_hex
+
+__all__ = ["canonical_json", "sha256_hex"]
 
 
 def canonical_json(value: BaseModel) -> bytes:
     """RFC 8785 bytes of a model's JSON form (``None`` fields are kept as ``null``)."""
     return rfc8785.dumps(value.model_dump(mode="json"))
-
-
-def sha256_hex(data: bytes) -> str:
-    """SHA-256 of exact bytes as lowercase hex: what transfer events and receipts record."""
-    return hashlib.sha256(data).hexdigest()

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from fincluster.audit.canonical import canonical_json
-from fincluster.audit.fields import FrozenModel, HexSignature, OpaqueId, Sha256Hex, UtcTime
+from fincluster.audit.fields import HexSignature, UtcTime
 from fincluster.audit.merkle import Frontier
 from fincluster.audit.signing import (
     Algorithm,
@@ -32,6 +32,7 @@ from fincluster.audit.signing import (
     sign,
     signature_is_valid,
 )
+from fincluster.values import FrozenModel, OpaqueId, Sha256Hex
 
 CHECKPOINT_DOMAIN = b"fincluster-audit-checkpoint-v1\n"
 PRUNE_MARKER_DOMAIN = b"fincluster-audit-prune-marker-v1\n"

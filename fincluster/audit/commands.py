@@ -112,8 +112,8 @@ def cmd_audit_reconcile(args: argparse.Namespace) -> int:
 def cmd_audit_prune(args: argparse.Namespace) -> int:
     signing_key = _private_key(args.key_file)
     origin = _writer_origin(args.db, signing_key)
-    settings = AuditSettings(origin=origin, retention_days=args.retention_days)
-    with AuditLog(args.db, signing_key=signing_key, settings=settings) as log:
+    settings = AuditSettings(retention_days=args.retention_days)
+    with AuditLog(args.db, signing_key=signing_key, origin=origin, settings=settings) as log:
         marker = log.prune()
     if marker is None:
         print(f"{args.db}: nothing is older than {args.retention_days} days under a checkpoint")

@@ -16,18 +16,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from fincluster.audit.fields import (
-    BlockSpan,
-    CertFingerprint,
-    FrozenModel,
-    Label,
-    OpaqueId,
-    ReasonText,
-    Sha256Hex,
-    SpiffeId,
-    UtcTime,
-)
-from fincluster.audit.receipts import Receipt
+from fincluster.audit.fields import CertFingerprint, Label, ReasonText, UtcTime
+from fincluster.audit.receipts import ReceiptField
+from fincluster.spans import BlockSpan
+from fincluster.values import FrozenModel, OpaqueId, Sha256Hex, SpiffeId
 
 Observer = Literal["client", "server"]
 TransferOperation = Literal["inference_step", "forward", "backward", "replay"]
@@ -35,7 +27,7 @@ EnforcementPoint = Literal["registry", "router", "server"]
 
 
 class _EventBase(FrozenModel):
-    version: Literal[1] = 1
+    version: Literal[2] = 2
     time: UtcTime
     observer: Observer
 
@@ -45,7 +37,6 @@ class TransferEvent(_EventBase):
 
     kind: Literal["transfer"] = "transfer"
     session_id: OpaqueId
-    request_id: OpaqueId
     operation: TransferOperation
     step: int = Field(ge=0)
     client_id: SpiffeId
@@ -62,7 +53,7 @@ class TransferEvent(_EventBase):
     output_sha256: Sha256Hex | None = None
     policy_decision_id: OpaqueId | None = None
     policy_bundle_digest: Sha256Hex | None = None
-    receipt: Receipt | None = None
+    receipt: ReceiptField | None = None
 
 
 class SessionOpenEvent(_EventBase):
@@ -96,7 +87,6 @@ class RoutingEvent(_EventBase):
 
     kind: Literal["routing"] = "routing"
     session_id: OpaqueId
-    request_id: OpaqueId
     client_id: SpiffeId
     chain: tuple[RouteHop, ...] = Field(min_length=1)
     policy_bundle_digest: Sha256Hex | None = None
@@ -108,7 +98,6 @@ class DenialEvent(_EventBase):
     kind: Literal["denial"] = "denial"
     enforced_at: EnforcementPoint
     session_id: OpaqueId | None = None
-    request_id: OpaqueId | None = None
     client_id: SpiffeId | None = None
     node_id: SpiffeId | None = None
     block_span: BlockSpan | None = None
@@ -123,7 +112,6 @@ class FailoverEvent(_EventBase):
 
     kind: Literal["failover"] = "failover"
     session_id: OpaqueId
-    request_id: OpaqueId
     block_span: BlockSpan
     failed_node_id: SpiffeId
     replacement_node_id: SpiffeId | None = None

@@ -1,4 +1,4 @@
-"""Typed field values shared by audit events, receipts and checkpoints.
+"""Typed field values of audit events and checkpoints (shared ids and digests: ``fincluster.values``).
 
 Every string field has a pattern and a length bound. That is the redaction rule of the audit log:
 there is no field that could hold a prompt, token ids or activations, and the identifier fields cannot
@@ -11,28 +11,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import (
-    AfterValidator,
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    model_validator,
-)
-
-Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-"""A SHA-256 digest as 64 lowercase hex characters."""
+from pydantic import AfterValidator, AwareDatetime, Field, PlainSerializer
 
 HexSignature = Annotated[str, Field(pattern=r"^(?:[0-9a-f]{2}){32,160}$")]
 """An Ed25519 or DER-encoded ECDSA signature as lowercase hex."""
-
-SpiffeId = Annotated[str, Field(pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$", max_length=2048)]
-"""A SPIFFE-style workload identity, ``spiffe://<trust-domain>/<path>`` (as in ``fincluster.trust``)."""
-
-OpaqueId = Annotated[str, Field(pattern=r"^[\x21-\x7e]{1,256}$")]
-"""Session, request, attestation (``jti``), policy decision and model ids: printable ASCII without
-spaces, so no sentence fits."""
 
 CertFingerprint = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 """``sha256:<hex>`` of a certificate's DER bytes (``fincluster.trust.pki.certificate_fingerprint``)."""
@@ -60,25 +42,3 @@ UtcTime = Annotated[
     PlainSerializer(format_utc, return_type=str, when_used="json"),
 ]
 """A timezone-aware instant, stored in UTC as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
-
-
-class FrozenModel(BaseModel):
-    """Base of every audit value: immutable, and unknown fields are refused rather than dropped."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BlockSpan(FrozenModel):
-    """A contiguous range of transformer blocks, half-open: ``start <= block < end``."""
-
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _non_empty(self) -> BlockSpan:
-        if self.end <= self.start:
-            raise ValueError(f"block span [{self.start}, {self.end}) is empty")
-        return self
-
-    def __str__(self) -> str:
-        return f"[{self.start}, {self.end})"

@@ -20,8 +20,8 @@ writer (another process) is detected at the next append and refused.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
@@ -37,26 +37,20 @@ from fincluster.audit.checkpoints import (
     sign_prune_marker,
 )
 from fincluster.audit.events import AUDIT_EVENT_ADAPTER, AuditEvent
-from fincluster.audit.fields import FrozenModel, OpaqueId
 from fincluster.audit.merkle import Frontier, consistency_proof, inclusion_proof, leaf_hash
 from fincluster.audit.signing import PrivateKey, key_id, public_key_of, sign
 from fincluster.audit.store import SqliteStore, StoredRecord
 from fincluster.errors import AuditError, AuditIntegrityError, ClosedError
+from fincluster.values import Clock, FrozenModel, utc_now
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
 
 class AuditSettings(FrozenModel):
-    """When to checkpoint and how long to keep records."""
+    """Where a node keeps its audit log (``<directory>/<role>-<name>.sqlite``), when to checkpoint and
+    how long to keep records. The ``audit`` section of the settings tree."""
 
-    origin: OpaqueId = "fincluster-audit"
-    """Names the log inside every signature (e.g. the writer's node name)."""
+    directory: Path = Path("fincluster-audit")
     checkpoint_every_records: int | None = Field(default=256, ge=1)
     checkpoint_every_seconds: float | None = Field(default=60.0, gt=0)
     checkpoint_on_session_close: bool = True
@@ -72,9 +66,11 @@ class AuditLog:
         path: Path | str,
         *,
         signing_key: PrivateKey,
+        origin: str = "fincluster-audit",
         settings: AuditSettings | None = None,
         clock: Clock = utc_now,
     ) -> None:
+        """``origin`` names the log inside every signature (the writer, e.g. ``server-a``)."""
         self._settings = settings or AuditSettings()
         self._key = signing_key
         self._key_id = key_id(public_key_of(signing_key))
@@ -83,9 +79,9 @@ class AuditLog:
         store = SqliteStore(path)
         self.path = store.path
         try:
-            self.origin = store.set_meta_once("origin", self._settings.origin)
-            if self.origin != self._settings.origin:
-                raise AuditError(f"{self.path} is the log of {self.origin!r}, not {self._settings.origin!r}")
+            self.origin = store.set_meta_once("origin", origin)
+            if self.origin != origin:
+                raise AuditError(f"{self.path} is the log of {self.origin!r}, not {origin!r}")
             self._frontier = self._frontier_from(store)
             checkpoints = store.checkpoints()
             last = Checkpoint.model_validate_json(checkpoints[-1][1]) if checkpoints else None

@@ -13,9 +13,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from fincluster.audit.events import AuditEvent, Observer, TransferEvent
-from fincluster.audit.fields import BlockSpan, FrozenModel
-from fincluster.audit.receipts import receipt_is_valid
+from fincluster.audit.receipts import receipt_body, receipt_is_valid
 from fincluster.audit.signing import PublicKey
+from fincluster.errors import AuditIntegrityError
+from fincluster.spans import BlockSpan
+from fincluster.values import FrozenModel
 
 
 class TransferKey(FrozenModel):
@@ -113,12 +115,15 @@ def _disagreement(
     receipt = client.receipt
     if receipt is None:
         return None if client.output_sha256 is None else "no receipt for a completed transfer"
-    body = receipt.body
+    try:
+        body = receipt_body(receipt)
+    except AuditIntegrityError:
+        return "the receipt does not parse"
     described = (
         body.session_id,
         body.step,
         body.node_id,
-        body.block_span,
+        BlockSpan(body.span.start, body.span.end) if body.span.end > body.span.start else None,
         body.input_sha256,
         body.output_sha256,
     )

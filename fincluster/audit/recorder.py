@@ -23,7 +23,23 @@ E = TypeVar("E")
 
 
 class AuditSink(Protocol):
-    def record(self, event: AuditEvent) -> None: ...
+    """Where a node's audit events go: an :class:`~fincluster.audit.log.AuditLog`, or a recorder."""
+
+    def record(self, event: AuditEvent) -> None:
+        """Write one event durably."""
+        ...
+
+    def record_many(self, events: Sequence[AuditEvent]) -> None:
+        """Write several events durably, in order, in one transaction."""
+        ...
+
+    def checkpoint(self) -> object:
+        """Sign the state so far (the client calls it at session close)."""
+        ...
+
+    def checkpoint_if_due(self) -> object:
+        """Sign the state if the sink's schedule says so (servers call it periodically)."""
+        ...
 
 
 class AuditRecorder:
@@ -36,6 +52,16 @@ class AuditRecorder:
     def record(self, event: AuditEvent) -> None:
         with self._lock:
             self._events.append(event)
+
+    def record_many(self, events: Sequence[AuditEvent]) -> None:
+        with self._lock:
+            self._events.extend(events)
+
+    def checkpoint(self) -> None:
+        """Nothing to sign in memory."""
+
+    def checkpoint_if_due(self) -> None:
+        """Nothing to sign in memory."""
 
     @property
     def events(self) -> tuple[AuditEvent, ...]:
@@ -82,12 +108,12 @@ def record_event(sink: AuditSink | None, event: AuditEvent) -> None:
 
 
 def record_events(sink: AuditSink | None, events: Sequence[AuditEvent]) -> None:
-    """Several events at once: one durable write when the sink supports ``record_many``."""
+    """Several events at once, in one durable write, then to active captures."""
     if not events:
         return
-    batch = getattr(sink, "record_many", None)
-    if sink is not None and callable(batch):
-        batch(events)
-        sink = None
-    for event in events:
-        record_event(sink, event)
+    if sink is not None:
+        sink.record_many(events)
+    with _captures_lock:
+        captures = tuple(_captures)
+    for recorder in captures:
+        recorder.record_many(events)

@@ -11,8 +11,9 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 
-from fincluster.audit.fields import BlockSpan, format_utc
+from fincluster.audit.fields import format_utc
 from fincluster.audit.report import AttestationFailureRow, DenialRow, Report
+from fincluster.spans import BlockSpan
 
 COLUMNS = (
     "section",

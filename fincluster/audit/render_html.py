@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from html import escape
 
-from fincluster.audit.fields import BlockSpan
 from fincluster.audit.report import (
     AttestationFailureRow,
     DenialRow,
@@ -22,6 +21,7 @@ from fincluster.audit.report import (
     Report,
     SessionReport,
 )
+from fincluster.spans import BlockSpan
 
 _CSS = """
 :root { color-scheme: light; --ink: #1f2328; --muted: #59636e; --line: #d1d9e0; }
@@ -191,11 +191,10 @@ def _session(s: SessionReport) -> str:
 
 def _failovers(rows: Sequence[FailoverRow]) -> str:
     return _table(
-        ["Time", "Request", "Blocks", "Failed node", "Replacement", "Replayed steps", "Reason"],
+        ["Time", "Blocks", "Failed node", "Replacement", "Replayed steps", "Reason"],
         (
             [
                 _e(_time(f.time)),
-                _code(f.request_id),
                 _span(f.block_span),
                 _code(f.failed_node_id),
                 _code(f.replacement_node_id or "-"),

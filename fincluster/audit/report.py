@@ -30,11 +30,12 @@ from fincluster.audit.events import (
     TransferEvent,
     event_nodes,
 )
-from fincluster.audit.fields import BlockSpan, FrozenModel, UtcTime
-from fincluster.audit.log import Clock, utc_now
+from fincluster.audit.fields import UtcTime
 from fincluster.audit.reader import read_log
 from fincluster.audit.signing import PublicKey
 from fincluster.audit.verify import VerifyReport, verify
+from fincluster.spans import BlockSpan
+from fincluster.values import Clock, FrozenModel, utc_now
 
 IntegrityStatus = Literal["verified", "failed", "not_checked"]
 
@@ -90,7 +91,6 @@ class PlacementRow(FrozenModel):
 class FailoverRow(FrozenModel):
     time: UtcTime
     session_id: str
-    request_id: str
     block_span: BlockSpan
     failed_node_id: str
     replacement_node_id: str | None
@@ -367,7 +367,6 @@ def _failover_row(e: FailoverEvent) -> FailoverRow:
     return FailoverRow(
         time=e.time,
         session_id=e.session_id,
-        request_id=e.request_id,
         block_span=e.block_span,
         failed_node_id=e.failed_node_id,
         replacement_node_id=e.replacement_node_id,

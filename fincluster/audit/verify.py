@@ -36,11 +36,11 @@ from fincluster.audit.checkpoints import (
     seal_message,
 )
 from fincluster.audit.events import AUDIT_EVENT_ADAPTER
-from fincluster.audit.fields import FrozenModel
 from fincluster.audit.merkle import Frontier, leaf_hash
 from fincluster.audit.signing import PublicKey, signature_is_valid, trusted_keys
 from fincluster.audit.store import SqliteStore, StoredRecord
 from fincluster.errors import AuditIntegrityError
+from fincluster.values import FrozenModel
 
 log = structlog.get_logger(__name__)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Iterator, Sequence
 
 from fincluster.audit import (
     AttestationFailureEvent,
@@ -26,29 +25,17 @@ from fincluster.audit import (
     record_event,
     record_events,
 )
-from fincluster.audit import BlockSpan as AuditSpan
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
-from fincluster.client.transport import CallRecord, GrpcSpanClient
-from fincluster.serving.span_model import BlockSpan
-from fincluster.trust.enforcement import utc_now
-
-MAX_REASON = 500
-
-
-def _span(span: BlockSpan) -> AuditSpan:
-    return AuditSpan(start=span.start, end=span.end)
-
-
-def _reason(text: str) -> str:
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+from fincluster.client.transport import CallRecord
+from fincluster.spans import BlockSpan
+from fincluster.trust.attestation import ATTESTATION_REJECTED
+from fincluster.values import Clock, short_reason, utc_now
 
 
 class ClientAuditTrail:
     """Records a client's view of the swarm into ``sink`` (and to ``capture_audit_events`` in tests)."""
 
-    def __init__(
-        self, sink: AuditSink | None, *, client_id: str, clock: Callable[[], datetime] = utc_now
-    ) -> None:
+    def __init__(self, sink: AuditSink | None, *, client_id: str, clock: Clock = utc_now) -> None:
         self.sink = sink
         self.client_id = client_id
         self._clock = clock
@@ -75,28 +62,24 @@ class ClientAuditTrail:
             events, self._local.buffer = self._local.buffer, None
             record_events(self.sink, events)
 
-    def transfer(self, request: PlacementRequest, client: GrpcSpanClient, call: CallRecord) -> None:
-        claims, decision = client.binding.claims, client.binding.decision
-        fingerprint = client.cert_fingerprint
-        if fingerprint is None:  # unreachable: a receipt is only accepted after the proof
-            raise RuntimeError("transfer recorded before the node proved its certificate")
+    def transfer(self, request: PlacementRequest, call: CallRecord) -> None:
+        claims, decision = call.binding.claims, call.binding.decision
         self._record(
             TransferEvent(
                 time=self._clock(),
                 observer="client",
                 session_id=call.session_id,
-                request_id=call.request_id,
                 operation=call.operation,  # type: ignore[arg-type]
                 step=call.step,
                 client_id=self.client_id,
                 classification=request.classification.value,
                 model_id=request.model.id,
                 manifest_digest=request.model.manifest_sha256 or "0" * 64,
-                node_id=client.node_id,
+                node_id=call.node_id,
                 node_tier=claims.tier.value if claims is not None else None,
-                cert_fingerprint=fingerprint,
+                cert_fingerprint=call.cert_fingerprint,
                 attestation_id=claims.attestation_id if claims is not None else None,
-                block_span=_span(client.span),
+                block_span=call.span,
                 num_tokens=call.num_tokens,
                 input_sha256=call.input_sha256,
                 output_sha256=call.output_sha256,
@@ -106,10 +89,10 @@ class ClientAuditTrail:
             )
         )
 
-    def routing(self, session_id: str, request_id: str, hops: Sequence[tuple[BlockSpan, Verdict]]) -> None:
+    def routing(self, session_id: str, hops: Sequence[tuple[BlockSpan, Verdict]]) -> None:
         chain = tuple(
             RouteHop(
-                block_span=_span(span),
+                block_span=span,
                 node_id=verdict.record.node_id,
                 node_tier=verdict.claims.tier.value if verdict.claims is not None else None,
                 attestation_id=verdict.claims.attestation_id if verdict.claims is not None else None,
@@ -125,27 +108,26 @@ class ClientAuditTrail:
                 time=self._clock(),
                 observer="client",
                 session_id=session_id,
-                request_id=request_id,
                 client_id=self.client_id,
                 chain=chain,
                 policy_bundle_digest=digests.pop() if len(digests) == 1 else None,
             )
         )
 
-    def judged(self, guard: PlacementGuard, session_id: str, request_id: str) -> None:
+    def judged(self, guard: PlacementGuard, session_id: str) -> None:
         """Denials and attestation failures the router met while placing this request."""
-        for node_id, reason in guard.attestation_failures:
+        for node_id, error in guard.attestation_failures:
             self._record(
                 AttestationFailureEvent(
                     time=self._clock(),
                     observer="client",
                     session_id=session_id,
                     node_id=node_id,
-                    reason=_reason(reason),
+                    reason=short_reason(str(error)),
                 )
             )
         for verdict in guard.verdicts.values():
-            if verdict.allowed or verdict.reasons == ("attestation rejected",):
+            if verdict.allowed or verdict.reasons == (ATTESTATION_REJECTED,):
                 continue
             record = verdict.record
             self._record(
@@ -154,12 +136,11 @@ class ClientAuditTrail:
                     observer="client",
                     enforced_at="router",
                     session_id=session_id,
-                    request_id=request_id,
                     client_id=self.client_id,
                     node_id=record.node_id,
-                    block_span=AuditSpan(start=record.span.start, end=record.span.end),
+                    block_span=BlockSpan(record.span.start, record.span.end),
                     classification=guard.request.classification.value,
-                    reasons=tuple(_reason(r) for r in verdict.reasons[:16]),
+                    reasons=tuple(short_reason(r) for r in verdict.reasons[:16]),
                     policy_decision_id=verdict.decision.decision_id if verdict.decision is not None else None,
                     policy_bundle_digest=verdict.decision.bundle_digest
                     if verdict.decision is not None
@@ -190,9 +171,8 @@ class ClientAuditTrail:
                 outcome="ok" if ok else "error",
             )
         )
-        checkpoint = getattr(self.sink, "checkpoint", None)
-        if callable(checkpoint):
-            checkpoint()
+        if self.sink is not None:
+            self.sink.checkpoint()
 
     def failover(
         self,
@@ -208,11 +188,10 @@ class ClientAuditTrail:
                 time=self._clock(),
                 observer="client",
                 session_id=session_id,
-                request_id=session_id,
-                block_span=_span(span),
+                block_span=span,
                 failed_node_id=failed,
                 replacement_node_id=replacement,
-                reason=_reason(reason),
+                reason=short_reason(reason),
                 replayed_steps=replayed,
             )
         )

@@ -11,24 +11,25 @@ from typing import Any
 import torch
 
 from fincluster.client.transport import SpanClient, SpanSessionClient
-from fincluster.errors import ClosedError, FinclusterError
-from fincluster.serving.runner import SpanInputs
+from fincluster.errors import ClosedError, FinclusterError, UsageError
+from fincluster.wire.codec import SpanInputs
 
 ChainPlan = Callable[[str], Sequence[SpanClient]]
-"""Span clients covering every block, for the request or session id given."""
+"""Span clients covering every block, for the session id given."""
 
 
 @dataclass
 class _Pass:
-    """Ids shared by every hop of one stateless pass: the forward's, and the backward's once it runs."""
+    """Session ids shared by every hop of one stateless pass: the forward's, and the backward's (a
+    pass of its own) once it runs."""
 
-    request_id: str
-    backward_request_id: str | None = None
+    session_id: str
+    backward_session_id: str | None = None
 
     def backward_id(self) -> str:
-        if self.backward_request_id is None:
-            self.backward_request_id = uuid.uuid4().hex
-        return self.backward_request_id
+        if self.backward_session_id is None:
+            self.backward_session_id = uuid.uuid4().hex
+        return self.backward_session_id
 
 
 class _RemoteSpanFunction(torch.autograd.Function):
@@ -45,12 +46,12 @@ class _RemoteSpanFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         inputs = SpanInputs(hidden.detach(), mask, positions)
         ctx.client, ctx.inputs, ctx.one_pass = client, inputs, one_pass
-        return client.forward(inputs, request_id=one_pass.request_id).to(hidden.device)
+        return client.forward(inputs, session_id=one_pass.session_id).to(hidden.device)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         grad_output = grad_output.contiguous().to(ctx.inputs.hidden_states.dtype)
-        grad = ctx.client.backward(ctx.inputs, grad_output, request_id=ctx.one_pass.backward_id())
+        grad = ctx.client.backward(ctx.inputs, grad_output, session_id=ctx.one_pass.backward_id())
         return grad.to(grad_output.device), None, None, None, None
 
 
@@ -60,10 +61,10 @@ def chain_forward(
     mask: torch.Tensor,
     positions: torch.Tensor,
     *,
-    request_id: str,
+    session_id: str,
 ) -> torch.Tensor:
     """Stateless pass through every hop; differentiable w.r.t. ``hidden``."""
-    one_pass = _Pass(request_id)
+    one_pass = _Pass(session_id)
     for client in clients:
         hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client, one_pass)  # type: ignore[no-untyped-call]
     return hidden
@@ -97,7 +98,7 @@ class InferenceSession:
         on_failover: FailoverListener | None = None,
     ) -> None:
         if max_length < 1:
-            raise ValueError("max_length must be at least 1")
+            raise UsageError("max_length must be at least 1")
         self.max_length = max_length
         self.session_id = session_id or uuid.uuid4().hex
         self.position = 0
@@ -128,7 +129,7 @@ class InferenceSession:
             return
         repeated = input_ids[:, : input_ids.shape[1] - new]
         if repeated.shape[1] and not self.holds_prefix_of(input_ids):
-            raise ValueError("input_ids do not continue the tokens this inference session already holds")
+            raise UsageError("input_ids do not continue the tokens this inference session already holds")
         fresh = input_ids[:, input_ids.shape[1] - new :].detach()
         held = self.token_history
         if held is None:
@@ -145,7 +146,7 @@ class InferenceSession:
             raise ClosedError("inference session is closed")
         seq = hidden.shape[1]
         if self.position + seq > self.max_length:
-            raise FinclusterError(
+            raise UsageError(
                 f"session max_length {self.max_length} reached: {self.position} tokens held, {seq} more given"
             )
         if self._hops is None:
@@ -175,7 +176,7 @@ class InferenceSession:
             raise ClosedError("no open session to move")
         hop = self._hops[index]
         if replacement.span != hop.client.span:
-            raise FinclusterError(f"replacement serves {replacement.span}, the hop is {hop.client.span}")
+            raise UsageError(f"replacement serves {replacement.span}, the hop is {hop.client.span}")
         session = replacement.open_session(
             max_length=self.max_length, batch_size=batch_size, session_id=self.session_id
         )

@@ -9,7 +9,6 @@ travel through a chain of servers. It is a ``PreTrainedModel`` with ``Generation
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -29,9 +28,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fincluster.client.chain import InferenceSession, chain_forward
 from fincluster.client.placement import Pins, PlacementRequest
 from fincluster.client.swarm import ChainPlanner, Swarm
-from fincluster.client.transport import LocalSpanClient, SpanClient
-from fincluster.errors import ClosedError, ConfigurationError
-from fincluster.serving.span_model import BlockSpan, SpanModel
+from fincluster.client.transport import SpanClient
+from fincluster.errors import ClosedError, ConfigurationError, UsageError
+from fincluster.serving.local import LocalSpanClient
+from fincluster.serving.span_model import cut_config
+from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.trust.policy import Classification, ModelRef
 
@@ -40,12 +41,8 @@ def _client_modules(
     config: PretrainedConfig, state: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> tuple[torch.nn.Embedding, torch.nn.Module, torch.nn.Linear]:
     """Embeddings, final norm and LM head of the model family, loaded from the store's client part."""
-    head_config = copy.deepcopy(config)
-    head_config.num_hidden_layers = 0
-    if getattr(head_config, "layer_types", None) is not None:
-        head_config.layer_types = []
     with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(head_config)
+        skeleton = AutoModelForCausalLM.from_config(cut_config(config, range(0)))
     embed, norm, head = skeleton.model.embed_tokens, skeleton.model.norm, skeleton.lm_head
     embed.load_state_dict({"weight": state["embed_tokens.weight"].to(dtype)}, assign=True)
     norm.load_state_dict({"weight": state["norm.weight"].to(dtype)}, assign=True)
@@ -123,11 +120,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             raise ConfigurationError(
                 f"local_blocks must be within 0..{config.num_hidden_layers}, not {local_blocks}"
             )
-        local = None
-        if local_blocks:
-            span = BlockSpan(0, local_blocks)
-            blocks = {index: store.load_block_state(index) for index in range(local_blocks)}
-            local = LocalSpanClient(SpanModel(config, span, blocks, dtype=dtype), node_id="client")
+        local = (
+            LocalSpanClient.from_store(store, BlockSpan(0, local_blocks), dtype=dtype, node_id="client")
+            if local_blocks
+            else None
+        )
         model = cls(
             config,
             store=store,
@@ -153,7 +150,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         """Weights come from the store; nothing is initialised randomly."""
 
     # routing ------------------------------------------------------------------------------------
-    def plan(self, request_id: str) -> Sequence[SpanClient]:
+    def plan(self, session_id: str) -> Sequence[SpanClient]:
         """The chain of span clients that covers every block, chosen now from the registry."""
         if self._closed:
             raise ClosedError("model is closed")
@@ -161,7 +158,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         start = self.local.span.end if self.local is not None else 0
         request = self._placement_request()
         remote = (
-            self.swarm.plan_chain(request, BlockSpan(start, total), request_id=request_id)
+            self.swarm.plan_chain(request, BlockSpan(start, total), session_id=session_id)
             if start < total
             else []
         )
@@ -266,7 +263,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise UsageError("pass exactly one of input_ids or inputs_embeds")
         with self._classified(kwargs.pop("classification", None)):
             return self._forward(
                 input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels
@@ -293,7 +290,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         else:
             new = seq
         if not 1 <= new <= seq:
-            raise ValueError(
+            raise UsageError(
                 f"{seq} tokens given with a mask of "
                 f"{attention_mask.shape[1] if attention_mask is not None else None}"
                 f" while the session holds {past}: the mask must cover the held tokens plus 1..{seq} new ones"
@@ -316,8 +313,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             if session is not None:
                 hidden = session.step(hidden, mask, positions)
             else:
-                request_id = uuid.uuid4().hex
-                hidden = chain_forward(self.plan(request_id), hidden, mask, positions, request_id=request_id)
+                session_id = uuid.uuid4().hex
+                hidden = chain_forward(self.plan(session_id), hidden, mask, positions, session_id=session_id)
         logits = self.lm_head(self.norm(hidden)).float()
         loss = None
         if labels is not None:
@@ -337,7 +334,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is None:
-            raise ValueError("generate needs input_ids (or inputs_embeds)")
+            raise UsageError("generate needs input_ids (or inputs_embeds)")
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = (

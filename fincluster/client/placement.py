@@ -14,19 +14,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from fincluster.errors import TrustError
-from fincluster.serving.span_model import BlockSpan
-from fincluster.trust.attestation import VerifiedClaims
+from fincluster.spans import BlockSpan
+from fincluster.trust.attestation import ATTESTATION_REJECTED, VerifiedClaims
 from fincluster.trust.enforcement import TrustContext
-from fincluster.trust.policy import BlockSpan as PolicySpan
-from fincluster.trust.policy import (
-    Classification,
-    ClientIdentity,
-    Decision,
-    DecisionKind,
-    ModelRef,
-    NodeRef,
-    PolicyInput,
-)
+from fincluster.trust.policy import Classification, Decision, ModelRef
 from fincluster.wire import fincluster_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -61,12 +52,12 @@ class Verdict:
 class PlacementGuard:
     """Judges records for one request; keeps every verdict (the audit trail reads them)."""
 
-    def __init__(self, trust: TrustContext | None, client_id: str, request: PlacementRequest) -> None:
+    def __init__(self, trust: TrustContext, client_id: str, request: PlacementRequest) -> None:
         self.trust = trust
         self.client_id = client_id
         self.request = request
         self.verdicts: dict[str, Verdict] = {}
-        self.attestation_failures: list[tuple[str, str]] = []
+        self.attestation_failures: list[tuple[str, TrustError]] = []
 
     def allows(self, record: pb.ServerRecord, span: BlockSpan) -> bool:
         verdict = self._judge(record, span)
@@ -74,27 +65,18 @@ class PlacementGuard:
         return verdict.allowed
 
     def _judge(self, record: pb.ServerRecord, span: BlockSpan) -> Verdict:
-        if self.trust is None:
-            if self.request.classification is not Classification.PUBLIC:
-                reason = "no policy engine is configured, so only public data may leave the client"
-                return Verdict(record, None, None, (reason,))
-            return self._pinned(Verdict(record, None, None), span)
         try:
-            claims = self.trust.verify_record(record)
-        except TrustError as error:
-            self.attestation_failures.append((record.node_id, str(error)))
-            log.warning("attestation rejected", node=record.node_id, reason=str(error))
-            return Verdict(record, None, None, ("attestation rejected",))
-        decision = self.trust.policy.decide(
-            DecisionKind.ROUTE,
-            PolicyInput(
-                client=ClientIdentity(id=self.client_id, clearance=self.trust.clearance_of(self.client_id)),
+            claims, decision = self.trust.decide_route(
+                record,
+                span,
+                client_id=self.client_id,
                 classification=self.request.classification,
                 model=self.request.model,
-                span=PolicySpan(start=span.start, end=span.end),
-                node=NodeRef(id=record.node_id, claims=claims),
-            ),
-        )
+            )
+        except TrustError as error:
+            self.attestation_failures.append((record.node_id, error))
+            log.warning("attestation_rejected", node=record.node_id, reason=str(error))
+            return Verdict(record, None, None, (ATTESTATION_REJECTED,))
         return self._pinned(Verdict(record, claims, decision, decision.reasons), span)
 
     def _pinned(self, verdict: Verdict, span: BlockSpan) -> Verdict:

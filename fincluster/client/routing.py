@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fincluster.errors import RoutingError
-from fincluster.serving.span_model import BlockSpan
+from fincluster.spans import BlockSpan
 from fincluster.wire import fincluster_pb2 as pb
+from fincluster.wire.codec import span_from_wire
 
 NodeFilter = Callable[[pb.ServerRecord, BlockSpan], bool]
 HOP_PENALTY_SECONDS = 0.002
@@ -26,7 +27,7 @@ class Hop:
 
 
 def record_span(record: pb.ServerRecord) -> BlockSpan:
-    return BlockSpan(record.span.start, record.span.end)
+    return span_from_wire(record.span)
 
 
 def expected_seconds(record: pb.ServerRecord, rtt_seconds: float) -> float:

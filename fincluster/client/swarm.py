@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 import grpc
 
-from fincluster.audit import AuditLog, AuditSink
+from fincluster.audit import AuditLog, AuditSettings, AuditSink
 from fincluster.audit.node import open_node_audit_log
 from fincluster.client.audit_trail import ClientAuditTrail
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
@@ -22,9 +22,9 @@ from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBindin
 from fincluster.errors import ClosedError, RemoteError, RoutingError
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
-from fincluster.serving.span_model import BlockSpan
 from fincluster.settings import ClientSettings
-from fincluster.trust.enforcement import CertificateCheck, TrustContext
+from fincluster.spans import BlockSpan
+from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.tls import channel_credentials, expected_server_identity
 from fincluster.wire import fincluster_pb2 as pb
@@ -42,7 +42,7 @@ class ChainPlanner(Protocol):
     def trail(self) -> ClientAuditTrail | None: ...
 
     def plan_chain(
-        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
     ) -> Sequence[SpanClient]: ...
 
 
@@ -56,7 +56,7 @@ class LocalSwarm:
         self.clients = list(clients)
 
     def plan_chain(
-        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
     ) -> Sequence[SpanClient]:
         covered = [c.span for c in self.clients]
         if (
@@ -74,10 +74,10 @@ class Swarm:
 
     ``registry`` is the registry's ``host:port`` (reached over mTLS with ``credential``) or any
     ``Registry`` object. ``trust`` enables attestation checks and route policy (without it only public
-    data may leave the client). ``audit`` is where the client's audit trail goes: by default an
-    ``AuditLog`` in ``./fincluster-audit/client-<name>.sqlite`` signed with the client's TLS key;
-    ``None`` turns it off, which only public data allows. Channels are cached per address and closed,
-    with a default audit log, by ``close()``.
+    data may leave the client: :meth:`TrustContext.public_only`). ``audit`` is where the client's audit
+    trail goes: by default an ``AuditLog`` in ``./fincluster-audit/client-<name>.sqlite`` signed with
+    the client's TLS key; ``None`` turns it off, which only public data allows. Channels are cached per
+    address and closed, with a default audit log, by ``close()``.
     """
 
     def __init__(
@@ -92,14 +92,14 @@ class Swarm:
         self.credential = credential
         self.client_id = credential.spiffe_id
         self.settings = settings or ClientSettings()
+        if trust is None:
+            trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
-        ca_pem, _, _ = credential.read()
-        self.certificates = (
-            trust.certificates if trust is not None else CertificateCheck(load_certificate(ca_pem))
-        )
         self._owned_log: AuditLog | None = None
         if audit == "default":
-            self._owned_log = open_node_audit_log(DEFAULT_AUDIT_DIRECTORY, credential)
+            self._owned_log = open_node_audit_log(
+                AuditSettings(directory=DEFAULT_AUDIT_DIRECTORY), credential
+            )
             audit = self._owned_log
         self.audit: AuditSink | None = audit
         self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
@@ -150,7 +150,7 @@ class Swarm:
             client_id=self.client_id,
             classification=classification,
             binding=binding or NodeBinding(record.node_id, None, None),
-            certificates=self.certificates,
+            certificates=self.trust.certificates,
             observer=observer,
         )
 
@@ -167,7 +167,7 @@ class Swarm:
         return self._rtt[record.address]
 
     def route(
-        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
     ) -> list[tuple[Hop, Verdict]]:
         """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow.
 
@@ -179,18 +179,18 @@ class Swarm:
         try:
             hops = plan_route(records, blocks, rtt=self.rtt, allow=guard.allows)
         except RoutingError as error:
-            self.trail.judged(guard, request_id, request_id)
+            self.trail.judged(guard, session_id)
             raise RoutingError(
                 f"{error}; refused: {guard.explain(error.missing_blocks)}",
                 missing_blocks=error.missing_blocks,
             ) from None
         chosen = [(hop, guard.verdicts[hop.record.node_id]) for hop in hops]
-        self.trail.judged(guard, request_id, request_id)
-        self.trail.routing(request_id, request_id, [(hop.span, verdict) for hop, verdict in chosen])
+        self.trail.judged(guard, session_id)
+        self.trail.routing(session_id, [(hop.span, verdict) for hop, verdict in chosen])
         return chosen
 
     def plan_chain(
-        self, request: PlacementRequest, blocks: BlockSpan, *, request_id: str
+        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
     ) -> list[SpanClient]:
         observer = partial(self.trail.transfer, request)
         return [
@@ -200,7 +200,7 @@ class Swarm:
                 binding=NodeBinding(hop.record.node_id, verdict.claims, verdict.decision),
                 observer=observer,
             )
-            for hop, verdict in self.route(request, blocks, request_id=request_id)
+            for hop, verdict in self.route(request, blocks, session_id=session_id)
         ]
 
     def replacement(
@@ -212,7 +212,7 @@ class Swarm:
             raise RoutingError(f"{node_id} does not announce blocks {span}")
         guard = PlacementGuard(self.trust, self.client_id, request)
         allowed = guard.allows(records[0], span)
-        self.trail.judged(guard, session_id, session_id)
+        self.trail.judged(guard, session_id)
         if not allowed:
             raise RoutingError(
                 f"cannot move blocks {span} to {node_id}: {guard.explain(range(span.start, span.end))}"

@@ -1,13 +1,14 @@
 """The one seam where activations leave the client: a ``SpanClient`` per hop.
 
-``GrpcSpanClient`` talks to a block server over mTLS; ``LocalSpanClient`` runs a ``SpanModel`` in this
-process (local blocks, and fast in-process tests). Both speak in ``SpanInputs`` and tensors.
+``GrpcSpanClient`` talks to a block server over mTLS; ``fincluster.serving.local.LocalSpanClient``
+runs a span in this process (local blocks, and fast in-process tests). Both speak in ``SpanInputs``
+and tensors. Every call a gRPC span client completes is reported to its observer as a
+:class:`CallRecord` that carries the hop's identity, so the audit trail needs nothing else.
 """
 
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -15,19 +16,18 @@ from typing import Protocol, TypeVar
 import grpc
 import torch
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from fincluster.audit import Receipt, verify_receipt
-from fincluster.errors import AuditIntegrityError, CapacityError, RemoteError, SessionError, TrustError
-from fincluster.serving.runner import BlockRunner, SpanInputs
-from fincluster.serving.sessions import Session
-from fincluster.serving.span_model import BlockSpan, SpanModel
+from fincluster.audit import verify_receipt
+from fincluster.audit.signing import PublicKey
+from fincluster.errors import AuditIntegrityError, RemoteError, TrustError, TrustReason
+from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims, new_nonce
 from fincluster.trust.enforcement import CertificateCheck, check_possession
-from fincluster.trust.pki import certificate_fingerprint
 from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
+from fincluster.wire.codec import SpanInputs, inputs_to_wire, span_to_wire, wire_tokens
+from fincluster.wire.status import remote_error
 from fincluster.wire.tensors import decode, digest, encode
 
 T = TypeVar("T")
@@ -42,45 +42,18 @@ class SpanSessionClient(Protocol):
 
 
 class SpanClient(Protocol):
-    """One hop. ``request_id`` is shared by the hops of one pass, ``session_id`` by those of a session."""
+    """One hop. ``session_id`` is shared by the hops of one pass or one inference session."""
 
     node_id: str
     span: BlockSpan
 
-    def forward(self, inputs: SpanInputs, *, request_id: str) -> torch.Tensor: ...
+    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor: ...
 
     def backward(
-        self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, request_id: str
+        self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str
     ) -> torch.Tensor: ...
 
     def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> SpanSessionClient: ...
-
-
-def inputs_to_wire(inputs: SpanInputs) -> pb.SpanInputs:
-    return pb.SpanInputs(
-        hidden_states=encode(inputs.hidden_states),
-        attention_mask=encode(inputs.attention_mask),
-        position_ids=encode(inputs.position_ids),
-    )
-
-
-def remote_error(
-    error: grpc.RpcError, *, node_id: str, span: BlockSpan, session_id: str | None = None
-) -> RemoteError:
-    """Turn a gRPC failure into the matching fincluster error, with its context."""
-    code = error.code()
-    context = {
-        "node_id": node_id,
-        "span": (span.start, span.end),
-        "session_id": session_id,
-        "code": code.name,
-    }
-    message = error.details() or code.name
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return CapacityError(message, **context)
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE) and session_id is not None:
-        return SessionError(message, **context)
-    return RemoteError(message, **context)
 
 
 @dataclass(frozen=True)
@@ -98,15 +71,18 @@ class CallRecord:
 
     operation: str
     session_id: str
-    request_id: str
     step: int
+    node_id: str
+    span: BlockSpan
+    binding: NodeBinding
+    cert_fingerprint: str
     num_tokens: int
     input_sha256: str
     output_sha256: str
-    receipt: Receipt
+    receipt: pb.Receipt
 
 
-CallObserver = Callable[["GrpcSpanClient", CallRecord], None]
+CallObserver = Callable[[CallRecord], None]
 
 
 class GrpcSpanSession:
@@ -122,10 +98,9 @@ class GrpcSpanSession:
         self.steps = 0
         nonce = new_nonce()
         open_request = pb.OpenSession(
-            span=client.wire_span,
+            span=span_to_wire(client.span),
             max_length=max_length,
             batch_size=batch_size,
-            request_id=session_id,
             nonce=nonce,
             classification=client.classification,
             session_id=session_id,
@@ -133,7 +108,11 @@ class GrpcSpanSession:
         opened = self._exchange(pb.InferenceRequest(open=open_request), "opened").opened
         try:
             if opened.session_id != session_id:
-                raise TrustError(f"{client.node_id} opened session {opened.session_id!r}, not {session_id!r}")
+                raise TrustError(
+                    TrustReason.MALFORMED,
+                    f"opened session {opened.session_id!r}, not {session_id!r}",
+                    node_id=client.node_id,
+                )
             client.accept_proof(opened.proof, nonce=nonce, session_id=session_id)
         except TrustError:
             self.close()
@@ -145,11 +124,14 @@ class GrpcSpanSession:
             response = next(self._responses)
         except grpc.RpcError as error:
             self._requests.put(None)
-            raise remote_error(
-                error, node_id=self._client.node_id, span=self._client.span, session_id=self.session_id
-            ) from None
+            raise self._client.error_of(error, session_id=self.session_id) from None
         if response.WhichOneof("kind") != expected:
-            raise RemoteError(f"server answered {response.WhichOneof('kind')!r} to {expected!r}")
+            raise RemoteError(
+                f"server answered {response.WhichOneof('kind')!r} to {expected!r}",
+                node_id=self._client.node_id,
+                span=self._client.span,
+                session_id=self.session_id,
+            )
         return response
 
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
@@ -157,10 +139,8 @@ class GrpcSpanSession:
         wire_inputs = inputs_to_wire(inputs)
         request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
         result = self._exchange(pb.InferenceRequest(step=request), "step").step
-        operation = "replay" if replay else "inference_step"
         self._client.observe(
-            operation,
-            self.session_id,
+            "replay" if replay else "inference_step",
             self.session_id,
             self.steps,
             wire_inputs,
@@ -203,26 +183,27 @@ class GrpcSpanClient:
         self.node_id = record.node_id
         self.address = record.address
         self.span = BlockSpan(record.span.start, record.span.end)
-        self.wire_span = pb.BlockSpan(start=self.span.start, end=self.span.end)
         self.stub = pb_grpc.BlockServiceStub(channel)
         self.client_id = client_id
         self.classification = classification
         self.binding = binding
         self.certificates = certificates
         self.certificate: x509.Certificate | None = None
-        self._cert_fingerprint: str | None = None
         self._observer = observer
         self._timeout = timeout_seconds
 
-    @property
-    def cert_fingerprint(self) -> str | None:
-        return self._cert_fingerprint
+    def error_of(self, error: grpc.RpcError, *, session_id: str | None = None) -> RemoteError:
+        """The fincluster error for a failed call to this node, with its context."""
+        code = error.code()
+        return remote_error(
+            code, error.details() or code.name, node_id=self.node_id, span=self.span, session_id=session_id
+        )
 
-    def _call(self, call: Callable[[], T]) -> T:
+    def _call(self, call: Callable[[], T], *, session_id: str | None = None) -> T:
         try:
             return call()
         except grpc.RpcError as error:
-            raise remote_error(error, node_id=self.node_id, span=self.span) from None
+            raise self.error_of(error, session_id=session_id) from None
 
     def accept_proof(self, proof: pb.PossessionProof, *, nonce: bytes, session_id: str) -> None:
         """Check the server's answer to a challenge; remember its certificate."""
@@ -234,9 +215,6 @@ class GrpcSpanClient:
             nonce=nonce,
             session_id=session_id,
             client_id=self.client_id,
-        )
-        self._cert_fingerprint = certificate_fingerprint(
-            self.certificate.public_bytes(serialization.Encoding.PEM)
         )
 
     def _ensure_proven(self) -> None:
@@ -252,40 +230,43 @@ class GrpcSpanClient:
         self,
         operation: str,
         session_id: str,
-        request_id: str,
         step: int,
         sent: pb.SpanInputs,
         received: pb.Tensor,
-        receipt_json: str,
+        receipt: pb.Receipt,
     ) -> None:
         """Check the receipt against what was really sent and received, then report the call."""
         input_sha256, output_sha256 = digest(sent), digest(received)
-        receipt = self._checked_receipt(receipt_json, session_id, step, input_sha256, output_sha256)
+        body = self._checked_receipt(receipt, session_id, step, input_sha256, output_sha256)
         if self._observer is not None:
-            batch, seq = list(sent.hidden_states.shape)[:2]
-            record = CallRecord(
-                operation,
-                session_id,
-                request_id,
-                step,
-                int(batch * seq),
-                input_sha256,
-                output_sha256,
-                receipt,
+            self._observer(
+                CallRecord(
+                    operation=operation,
+                    session_id=session_id,
+                    step=step,
+                    node_id=self.node_id,
+                    span=self.span,
+                    binding=self.binding,
+                    cert_fingerprint=body.cert_fingerprint,
+                    num_tokens=wire_tokens(sent),
+                    input_sha256=input_sha256,
+                    output_sha256=output_sha256,
+                    receipt=receipt,
+                )
             )
-            self._observer(self, record)
 
     def _checked_receipt(
-        self, receipt_json: str, session_id: str, step: int, input_sha256: str, output_sha256: str
-    ) -> Receipt:
+        self, receipt: pb.Receipt, session_id: str, step: int, input_sha256: str, output_sha256: str
+    ) -> pb.ReceiptBody:
         if self.certificate is None:
-            raise TrustError(f"receipt from {self.node_id} before it proved its key")
+            raise TrustError(
+                TrustReason.BAD_RECEIPT, "receipt before the node proved its key", node_id=self.node_id
+            )
+        public_key: PublicKey = self.certificate.public_key()  # type: ignore[assignment]
         try:
-            receipt = Receipt.model_validate_json(receipt_json)
-            verify_receipt(receipt, self.certificate.public_key())  # type: ignore[arg-type]
-        except (ValueError, AuditIntegrityError) as error:
-            raise TrustError(f"invalid receipt from {self.node_id}: {error}") from None
-        body = receipt.body
+            body = verify_receipt(receipt, public_key)
+        except AuditIntegrityError as error:
+            raise TrustError(TrustReason.BAD_RECEIPT, str(error), node_id=self.node_id) from None
         expected = (
             session_id,
             step,
@@ -298,89 +279,56 @@ class GrpcSpanClient:
         got = (
             body.session_id,
             body.step,
-            body.block_span.start,
-            body.block_span.end,
+            body.span.start,
+            body.span.end,
             body.input_sha256,
             body.output_sha256,
             body.node_id,
         )
         if got != expected:
-            raise TrustError(f"receipt from {self.node_id} does not match the transfer: {got} != {expected}")
-        return receipt
+            raise TrustError(
+                TrustReason.BAD_RECEIPT,
+                f"receipt does not match the transfer: {got} != {expected}",
+                node_id=self.node_id,
+            )
+        if not body.cert_fingerprint.startswith("sha256:"):
+            raise TrustError(TrustReason.BAD_RECEIPT, "receipt names no certificate", node_id=self.node_id)
+        return body
 
     def info(self) -> pb.ServerInfo:
         info: pb.ServerInfo = self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
         return info
 
-    def forward(self, inputs: SpanInputs, *, request_id: str) -> torch.Tensor:
+    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.ForwardRequest(
-            span=self.wire_span, inputs=wire_inputs, request_id=request_id, classification=self.classification
+            span=span_to_wire(self.span),
+            inputs=wire_inputs,
+            session_id=session_id,
+            classification=self.classification,
         )
-        response = self._call(lambda: self.stub.Forward(request, timeout=self._timeout))
-        self.observe(
-            "forward", request_id, request_id, 0, wire_inputs, response.hidden_states, response.receipt
+        response = self._call(
+            lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
         )
+        self.observe("forward", session_id, 0, wire_inputs, response.hidden_states, response.receipt)
         return decode(response.hidden_states, name="hidden_states")
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, request_id: str) -> torch.Tensor:
+    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str) -> torch.Tensor:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.BackwardRequest(
-            span=self.wire_span,
+            span=span_to_wire(self.span),
             inputs=wire_inputs,
             grad_outputs=encode(grad_outputs),
-            request_id=request_id,
+            session_id=session_id,
             classification=self.classification,
         )
-        response = self._call(lambda: self.stub.Backward(request, timeout=self._timeout))
-        self.observe(
-            "backward", request_id, request_id, 0, wire_inputs, response.grad_inputs, response.receipt
+        response = self._call(
+            lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )
+        self.observe("backward", session_id, 0, wire_inputs, response.grad_inputs, response.receipt)
         return decode(response.grad_inputs, name="grad_inputs")
 
     def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> GrpcSpanSession:
         return GrpcSpanSession(self, max_length=max_length, batch_size=batch_size, session_id=session_id)
-
-
-class LocalSpanSession:
-    def __init__(self, runner: BlockRunner, session: Session) -> None:
-        self._runner = runner
-        self._session = session
-        self.session_id = session.session_id
-
-    def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
-        return self._runner.step(self._session, inputs)
-
-    def close(self) -> None:
-        self._session.closed_reason = "closed"
-
-
-class LocalSpanClient:
-    """Blocks computed in the client's own process: their activations never leave it."""
-
-    def __init__(self, model: SpanModel, *, node_id: str = "local") -> None:
-        self.node_id = node_id
-        self.span = model.span
-        self._runner = BlockRunner(model)
-        self._model = model
-
-    def forward(self, inputs: SpanInputs, *, request_id: str) -> torch.Tensor:
-        return self._runner.forward(self.span, inputs)
-
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, request_id: str) -> torch.Tensor:
-        return self._runner.backward(self.span, inputs, grad_outputs)
-
-    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> LocalSpanSession:
-        session = Session(
-            session_id=session_id,
-            span=self.span,
-            max_length=max_length,
-            batch_size=batch_size,
-            reserved_bytes=0,
-            cache=self._model.new_cache(),
-            client_id="local",
-            last_used=time.monotonic(),
-        )
-        return LocalSpanSession(self._runner, session)

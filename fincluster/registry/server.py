@@ -9,9 +9,9 @@ import structlog
 
 from fincluster.errors import ClosedError
 from fincluster.registry.backend import InMemoryRegistry
-from fincluster.registry.service import RegistryServicer, policy_announce_check
+from fincluster.registry.service import RegistryServicer
 from fincluster.trust.enforcement import TrustContext
-from fincluster.trust.pki import Credential
+from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 
@@ -34,9 +34,10 @@ class RegistryServer:
         self.host = host
         self.port = port
         self.backend = backend or InMemoryRegistry()
+        if trust is None:
+            trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
-        check = policy_announce_check(trust) if trust is not None else None
-        self._servicer = RegistryServicer(self.backend, announce_check=check)
+        self._servicer = RegistryServicer(self.backend, trust=trust)
         self._grpc: grpc.Server | None = None
         self._closed = False
         self.address: str | None = None
@@ -45,7 +46,7 @@ class RegistryServer:
         if self._closed:
             raise ClosedError("this registry was stopped; create a new one")
         interceptors = []
-        if self.trust is not None and self.trust.revocations is not None:
+        if self.trust.revocations is not None:
             interceptors.append(PeerCheckInterceptor(self.trust.revocations))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-rpc"),
@@ -56,7 +57,7 @@ class RegistryServer:
         server.start()
         self._grpc = server
         self.address = f"{self.host}:{port}"
-        log.info("registry started", address=self.address)
+        log.info("registry_started", address=self.address)
         return self.address
 
     def stop(self, grace_seconds: float = 1.0) -> None:

@@ -1,8 +1,9 @@
 """The embedded registry as a gRPC service (mTLS), and its client.
 
 Only a server may announce, and only under its own identity: the record's node id must equal the
-SPIFFE id of the certificate that made the call. ``announce_check`` is the seam where registry-side
-policy plugs in (the trust layer refuses, e.g., unattested nodes announcing sensitive blocks).
+SPIFFE id of the certificate that made the call. Then the trust context's announce recipe decides
+(an attestation bound to the caller's key; the announce policy keeps, e.g., unattested nodes off the
+sensitive blocks).
 """
 
 from __future__ import annotations
@@ -13,54 +14,26 @@ from typing import TypeVar
 
 import grpc
 import structlog
-from cryptography import x509
 
-from fincluster.errors import PolicyError, RegistryError, TrustError
+from fincluster.errors import InvalidRequestError, PolicyError, RefusedError, RegistryError, TrustError
 from fincluster.registry.backend import Registry
-from fincluster.trust.attestation import require_key_binding
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
-from fincluster.trust.policy import BlockSpan as PolicySpan
-from fincluster.trust.policy import DecisionKind, ModelRef, NodeRef, PolicyInput
 from fincluster.trust.tls import peer_certificate, peer_identity
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
+from fincluster.wire.status import abort_for
 
 log = structlog.get_logger(__name__)
 
-AnnounceCheck = Callable[[pb.ServerRecord, x509.Certificate], None]
 MAX_TTL_SECONDS = 300
 T = TypeVar("T")
 
 
-def policy_announce_check(trust: TrustContext) -> AnnounceCheck:
-    """Registry-side enforcement: a valid attestation bound to the caller's key, and the announce policy."""
-
-    def check(record: pb.ServerRecord, peer: x509.Certificate) -> None:
-        claims = trust.verify_record(record)
-        if claims is not None:
-            require_key_binding(claims, peer.public_key())
-        if record.num_blocks < 1:
-            raise PolicyError("record does not say how many blocks the model has")
-        decision = trust.policy.decide(
-            DecisionKind.ANNOUNCE,
-            PolicyInput(
-                model=ModelRef(
-                    id=record.model_id, num_blocks=record.num_blocks, manifest_sha256=record.manifest_digest
-                ),
-                span=PolicySpan(start=record.span.start, end=record.span.end),
-                node=NodeRef(id=record.node_id, claims=claims),
-            ),
-        )
-        decision.enforce()
-
-    return check
-
-
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    def __init__(self, backend: Registry, *, announce_check: AnnounceCheck | None = None) -> None:
+    def __init__(self, backend: Registry, *, trust: TrustContext) -> None:
         self._backend = backend
-        self._announce_check = announce_check
+        self._trust = trust
         self._stopping = threading.Event()
 
     def stop_watches(self) -> None:
@@ -71,30 +44,33 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         _, role, _ = parse_spiffe_id(caller)
         if role is not Role.SERVER or request.record.node_id != caller:
             log.warning(
-                "announce refused: identity mismatch", caller=caller, record_node=request.record.node_id
+                "announce_refused", caller=caller, record_node=request.record.node_id, reason="identity"
             )
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "a server may announce only its own identity")
+            abort_for(context, RefusedError("a server may announce only its own identity"), method="Announce")
         if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}"
+            abort_for(
+                context,
+                InvalidRequestError(f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}"),
+                method="Announce",
             )
         record = request.record
         if not record.address or not record.model_id or record.span.end <= record.span.start:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "record needs address, model_id and a non-empty span"
+            abort_for(
+                context,
+                InvalidRequestError("record needs address, model_id and a non-empty span"),
+                method="Announce",
             )
-        if self._announce_check is not None:
-            try:
-                self._announce_check(record, peer_certificate(context))
-            except (PolicyError, TrustError) as error:
-                log.warning("announce refused", node=caller, reason=str(error))
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "announcement refused by policy")
+        try:
+            self._trust.decide_announce(record, peer_certificate(context)).enforce()
+        except (PolicyError, TrustError) as error:
+            log.warning("announce_refused", node=caller, reason=str(error))
+            abort_for(context, RefusedError("announcement refused by policy"), method="Announce")
         expires = self._backend.announce(record, request.ttl_seconds)
         return pb.AnnounceResponse(expires_at_unix=expires)
 
     def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:
         if request.node_id != peer_identity(context):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "a server may withdraw only its own record")
+            abort_for(context, RefusedError("a server may withdraw only its own record"), method="Withdraw")
         self._backend.withdraw(request.node_id)
         return pb.WithdrawResponse()
 

@@ -3,18 +3,14 @@ receipt it signed, and every request its policy refused."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
-
-from fincluster.audit import AuditSink, DenialEvent, Receipt, TransferEvent, record_event
-from fincluster.audit import BlockSpan as AuditSpan
+from fincluster.audit import AuditSink, DenialEvent, TransferEvent, receipt_body, record_event
+from fincluster.serving.guard import Denial
 from fincluster.serving.service import Transfer
-from fincluster.serving.span_model import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims
-from fincluster.trust.enforcement import utc_now
-from fincluster.trust.pki import Credential, certificate_fingerprint
+from fincluster.trust.policy import Classification, ModelRef
+from fincluster.values import Clock, short_reason, utc_now
 
-MAX_REASON = 500
+_LEVELS = frozenset(level.value for level in Classification)
 
 
 class ServerAuditTrail:
@@ -22,66 +18,57 @@ class ServerAuditTrail:
         self,
         sink: AuditSink | None,
         *,
-        credential: Credential,
-        model_id: str,
-        manifest_digest: str,
+        node_id: str,
+        model: ModelRef,
         claims: VerifiedClaims | None,
-        clock: Callable[[], datetime] = utc_now,
+        clock: Clock = utc_now,
     ) -> None:
         self.sink = sink
-        self.credential = credential
-        self.node_id = credential.spiffe_id
-        self.model_id = model_id
-        self.manifest_digest = manifest_digest
+        self.node_id = node_id
+        self.model = model
         self.claims = claims
         self._clock = clock
-        self._fingerprint: tuple[object, str] | None = None
-
-    def _cert_fingerprint(self) -> str:
-        """Fingerprint of the certificate serving now (re-read only when its files change: rotation)."""
-        state = self.credential.file_state()
-        if self._fingerprint is None or self._fingerprint[0] != state:
-            _, cert_pem, _ = self.credential.read()
-            self._fingerprint = (state, certificate_fingerprint(cert_pem))
-        return self._fingerprint[1]
 
     def transfer(self, transfer: Transfer) -> None:
+        model = self.model
         record_event(
             self.sink,
             TransferEvent(
                 time=self._clock(),
                 observer="server",
                 session_id=transfer.session_id,
-                request_id=transfer.request_id,
                 operation=transfer.operation,  # type: ignore[arg-type]
                 step=transfer.step,
                 client_id=transfer.client_id,
                 classification=transfer.classification,
-                model_id=self.model_id,
-                manifest_digest=self.manifest_digest,
+                model_id=model.id,
+                manifest_digest=model.manifest_sha256 or "0" * 64,
                 node_id=self.node_id,
                 node_tier=self.claims.tier.value if self.claims is not None else None,
-                cert_fingerprint=self._cert_fingerprint(),
+                cert_fingerprint=receipt_body(transfer.receipt).cert_fingerprint,
                 attestation_id=self.claims.attestation_id if self.claims is not None else None,
-                block_span=AuditSpan(start=transfer.span.start, end=transfer.span.end),
+                block_span=transfer.span,
                 num_tokens=transfer.num_tokens,
                 input_sha256=transfer.input_sha256,
                 output_sha256=transfer.output_sha256,
-                receipt=Receipt.model_validate_json(transfer.receipt),
+                receipt=transfer.receipt,
             ),
         )
 
-    def denial(self, client_id: str, classification: str, span: BlockSpan, reasons: tuple[str, ...]) -> None:
+    def denial(self, denial: Denial) -> None:
         record_event(
             self.sink,
             DenialEvent(
                 time=self._clock(),
                 observer="server",
                 enforced_at="server",
-                client_id=client_id,
+                session_id=denial.session_id,
+                client_id=denial.client_id,
                 node_id=self.node_id,
-                block_span=AuditSpan(start=span.start, end=span.end),
-                classification=classification[:64] or None,
-                reasons=tuple(r[:MAX_REASON] for r in reasons[:16]) or ("refused",),
+                block_span=denial.span,
+                # a peer may send any string; only known classifications are labels
+                classification=denial.classification if denial.classification in _LEVELS else None,
+                reasons=tuple(short_reason(r) for r in denial.reasons[:16]) or ("refused",),
+                policy_decision_id=denial.decision_id,
             ),
         )

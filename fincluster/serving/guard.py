@@ -5,44 +5,58 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass
 
 import structlog
 
-from fincluster.audit import BlockSpan as AuditSpan
 from fincluster.audit import sign_receipt
 from fincluster.errors import PolicyDenied
-from fincluster.serving.span_model import BlockSpan
+from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims
-from fincluster.trust.enforcement import TrustContext, prove_possession, utc_now
-from fincluster.trust.pki import Credential, SigningKey, load_signing_key
-from fincluster.trust.policy import BlockSpan as PolicySpan
-from fincluster.trust.policy import (
-    Classification,
-    ClientIdentity,
-    Decision,
-    DecisionKind,
-    ModelRef,
-    NodeRef,
-    PolicyInput,
-)
+from fincluster.trust.enforcement import TrustContext, prove_possession
+from fincluster.trust.pki import Credential, SigningKey, certificate_fingerprint, load_signing_key
+from fincluster.trust.policy import Decision, ModelRef
+from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
+DenialListener = Callable[["Denial"], None]
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A call the serve policy refused: who asked, for what, and why (for the server's audit trail)."""
+
+    client_id: str
+    session_id: str | None
+    classification: str
+    span: BlockSpan
+    reasons: tuple[str, ...]
+    decision_id: str | None
+
+
+@dataclass(frozen=True)
+class SigningIdentity:
+    """The TLS key a server signs with now, its certificate and that certificate's fingerprint."""
+
+    key: SigningKey
+    cert_pem: bytes
+    cert_fingerprint: str
+
 
 class ServeGuard:
-    """Server-side enforcement point. Without a ``TrustContext`` a server serves public data only."""
+    """Server-side enforcement point: the serve recipe of ``trust`` on every call."""
 
     def __init__(
         self,
         credential: Credential,
         model: ModelRef,
         *,
-        trust: TrustContext | None = None,
+        trust: TrustContext,
         own_claims: VerifiedClaims | None = None,
-        clock: Callable[[], datetime] = utc_now,
-        on_denial: Callable[[str, str, BlockSpan, tuple[str, ...]], None] | None = None,
+        clock: Clock = utc_now,
+        on_denial: DenialListener | None = None,
     ) -> None:
         self.credential = credential
         self.node_id = credential.spiffe_id
@@ -53,70 +67,79 @@ class ServeGuard:
         self._on_denial = on_denial
         self._key_lock = threading.Lock()
         self._key_state: object = None
-        self._key: tuple[SigningKey, bytes] | None = None
+        self._identity: SigningIdentity | None = None
 
-    def authorize(self, client_id: str, classification: str, span: BlockSpan) -> Decision | None:
+    def authorize(
+        self, client_id: str, classification: str, span: BlockSpan, *, session_id: str | None = None
+    ) -> Decision:
         """Enforce the serve policy for this call; PolicyDenied carries the reasons (logged and audited,
-        never sent to the peer)."""
-        try:
-            return self._decide(client_id, classification, span)
-        except PolicyDenied as denied:
-            if self._on_denial is not None:
-                self._on_denial(client_id, classification, span, denied.reasons)
-            raise
-
-    def _decide(self, client_id: str, classification: str, span: BlockSpan) -> Decision | None:
-        try:
-            level = Classification(classification)
-        except ValueError:
-            raise PolicyDenied(
-                "policy denied serve", reasons=(f"unknown classification {classification!r}",)
-            ) from None
-        if self.trust is None:
-            if level is not Classification.PUBLIC:
-                raise PolicyDenied(
-                    "policy denied serve",
-                    reasons=("this server has no policy engine and serves public data only",),
-                )
-            return None
-        decision = self.trust.policy.decide(
-            DecisionKind.SERVE,
-            PolicyInput(
-                client=ClientIdentity(id=client_id, clearance=self.trust.clearance_of(client_id)),
-                classification=level,
-                model=self.model,
-                span=PolicySpan(start=span.start, end=span.end),
-                node=NodeRef(id=self.node_id, claims=self.own_claims),
-            ),
+        never sent to the peer) and the decision id (which the peer does get)."""
+        decision = self.trust.decide_serve(
+            client_id=client_id,
+            classification=classification,
+            model=self.model,
+            span=span,
+            node_id=self.node_id,
+            claims=self.own_claims,
         )
-        decision.enforce()
+        if not decision.allow:
+            log.warning(
+                "serve_refused",
+                client=client_id,
+                session=session_id,
+                blocks=str(span),
+                decision=decision.decision_id,
+                reasons=list(decision.reasons),
+            )
+            if self._on_denial is not None:
+                self._on_denial(
+                    Denial(
+                        client_id,
+                        session_id,
+                        classification,
+                        span,
+                        decision.reasons,
+                        decision.decision_id,
+                    )
+                )
+            raise PolicyDenied(
+                "policy denied serve", reasons=decision.reasons, decision_id=decision.decision_id
+            )
         return decision
 
     def prove(self, *, nonce: bytes, session_id: str, client_id: str) -> pb.PossessionProof:
-        key, cert_pem = self._current_key()
-        return prove_possession(key, cert_pem, nonce=nonce, session_id=session_id, client_id=client_id)
+        identity = self.signing_identity()
+        return prove_possession(
+            identity.key, identity.cert_pem, nonce=nonce, session_id=session_id, client_id=client_id
+        )
 
     def receipt(
         self, *, session_id: str, step: int, span: BlockSpan, input_sha256: str, output_sha256: str
-    ) -> str:
-        """A receipt signed with the current TLS key, as JSON."""
-        receipt = sign_receipt(
-            self._current_key()[0],
+    ) -> pb.Receipt:
+        """A receipt signed with the current TLS key, naming its certificate."""
+        identity = self.signing_identity()
+        return sign_receipt(
+            identity.key,
             session_id=session_id,
             step=step,
-            block_span=AuditSpan(start=span.start, end=span.end),
+            span=span,
             input_sha256=input_sha256,
             output_sha256=output_sha256,
             node_id=self.node_id,
+            cert_fingerprint=identity.cert_fingerprint,
             issued_at=self._clock(),
         )
-        return receipt.model_dump_json()
 
-    def _current_key(self) -> tuple[SigningKey, bytes]:
-        """The TLS key and its certificate, re-read when their files change (certificate rotation)."""
+    def signing_identity(self) -> SigningIdentity:
+        """The TLS key and certificate, re-read when their files change (renewal, rotation)."""
         with self._key_lock:
             state = self.credential.file_state()
-            if self._key is None or state != self._key_state:
+            if self._identity is None or state != self._key_state:
                 _, cert_pem, key_pem = self.credential.read()
-                self._key, self._key_state = (load_signing_key(key_pem), cert_pem), state
-            return self._key
+                self._identity = SigningIdentity(
+                    load_signing_key(key_pem, source=self.credential.key_path),
+                    cert_pem,
+                    certificate_fingerprint(cert_pem),
+                )
+                self._key_state = state
+            return self._identity

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from fincluster.errors import RemoteError, SessionError, WireError
+from fincluster.errors import OutOfRangeError, SessionError, SessionLengthError, WireError
 from fincluster.serving.sessions import Session
-from fincluster.serving.span_model import BlockSpan, SpanModel
+from fincluster.serving.span_model import SpanModel
+from fincluster.spans import BlockSpan
+from fincluster.wire.codec import SpanInputs
 from fincluster.wire.tensors import expect
-
-
-@dataclass(frozen=True)
-class SpanInputs:
-    """One pass over a span: hidden_states [batch, seq, hidden], attention_mask [batch, past + seq],
-    position_ids [batch, seq]."""
-
-    hidden_states: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
 
 
 class BlockRunner:
@@ -32,10 +22,8 @@ class BlockRunner:
 
     def check_span(self, span: BlockSpan) -> None:
         if span != self.span:
-            raise RemoteError(
-                f"blocks {span} requested; this server serves blocks {self.span} only",
-                span=(span.start, span.end),
-                code="OUT_OF_RANGE",
+            raise OutOfRangeError(
+                f"blocks {span} requested; this server serves blocks {self.span} only", span=span
             )
 
     def validate(self, inputs: SpanInputs, *, batch_size: int | None = None, past_length: int = 0) -> None:
@@ -62,17 +50,11 @@ class BlockRunner:
         if bool((inputs.position_ids < 0).any()):
             raise WireError("position_ids: negative position")
 
-    def _to_device(self, inputs: SpanInputs) -> SpanInputs:
-        device = self.model.device
-        return SpanInputs(
-            *(t.to(device) for t in (inputs.hidden_states, inputs.attention_mask, inputs.position_ids))
-        )
-
     @torch.no_grad()
     def forward(self, span: BlockSpan, inputs: SpanInputs) -> torch.Tensor:
         self.check_span(span)
         self.validate(inputs)
-        inputs = self._to_device(inputs)
+        inputs = inputs.to(self.model.device)
         return self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids)
 
     def backward(self, span: BlockSpan, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
@@ -86,7 +68,7 @@ class BlockRunner:
             rank=3,
             sizes=inputs.hidden_states.shape,
         )
-        inputs = self._to_device(inputs)
+        inputs = inputs.to(self.model.device)
         with torch.enable_grad():
             hidden = inputs.hidden_states.detach().requires_grad_(True)
             output = self.model(hidden, inputs.attention_mask, inputs.position_ids)
@@ -98,19 +80,16 @@ class BlockRunner:
         """Run new tokens through the span, extending the session's KV cache."""
         with session.lock:
             if session.closed_reason is not None:
-                raise SessionError(
-                    f"session {session.closed_reason}", session_id=session.session_id, code="NOT_FOUND"
-                )
+                raise SessionError(f"session {session.closed_reason}", session_id=session.session_id)
             self.validate(inputs, batch_size=session.batch_size, past_length=session.position)
             seq = inputs.hidden_states.shape[1]
             if session.position + seq > session.max_length:
-                raise SessionError(
+                raise SessionLengthError(
                     f"step of {seq} tokens at position {session.position} "
                     f"exceeds max_length {session.max_length}",
                     session_id=session.session_id,
-                    code="OUT_OF_RANGE",
                 )
-            inputs = self._to_device(inputs)
+            inputs = inputs.to(self.model.device)
             output = self.model(
                 inputs.hidden_states, inputs.attention_mask, inputs.position_ids, session.cache
             )

@@ -17,35 +17,36 @@ import structlog
 import torch
 
 from fincluster.audit import AuditSink
-from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError
+from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError, TrustReason
 from fincluster.registry.backend import Registry
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.service import BlockServicer, Transfer, TransferHook
 from fincluster.serving.sessions import CacheBudget, SessionManager
-from fincluster.serving.span_model import BlockSpan, SpanModel, cache_bytes_per_token
+from fincluster.serving.span_model import SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
+from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE, VerifiedClaims, require_key_binding
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.policy import ModelRef
 from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
+from fincluster.values import TensorDType
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
+from fincluster.wire.codec import span_to_wire
 from fincluster.wire.tensors import wire_dtype
 
 log = structlog.get_logger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-
-def load_span_model(store: ModelStore, span: BlockSpan, *, dtype: str, device: str) -> SpanModel:
+def load_span_model(store: ModelStore, span: BlockSpan, *, dtype: TensorDType, device: str) -> SpanModel:
     """Load only ``span``'s weights from ``store`` (each file checked against the manifest)."""
     config = store.load_config()
-    blocks = {index: store.load_block_state(index) for index in range(span.start, span.end)}
-    return SpanModel(config, span, blocks, dtype=DTYPES[dtype], device=device)
+    blocks = {index: store.load_block_state(index) for index in span.blocks}
+    return SpanModel(config, span, blocks, dtype=TensorDType(dtype).torch_dtype, device=device)
 
 
 def measure_throughput(model: SpanModel, repeats: int = 3) -> float:
@@ -79,7 +80,9 @@ def verify_own_attestation(token: str, credential: Credential, trust: TrustConte
     claims = trust.verifiers.verify(SIGNED_SOFTWARE_EVIDENCE, token.encode(), now=trust.clock())
     _, cert_pem, _ = credential.read()
     if claims.node_id != credential.spiffe_id:
-        raise TrustError(f"the attestation is for {claims.node_id}, this node is {credential.spiffe_id}")
+        raise TrustError(
+            TrustReason.WRONG_NODE, f"the attestation is for {claims.node_id}", node_id=credential.spiffe_id
+        )
     require_key_binding(claims, load_certificate(cert_pem).public_key())
     return claims
 
@@ -98,7 +101,8 @@ class BlockServer:
         audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
     ) -> None:
-        """``audit`` receives a record of every transfer and refusal (the CLI passes the server's
+        """``trust`` is what the server enforces (default: public data only, no revocation list);
+        ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
         ``AuditLog``); ``on_transfer`` is an extra observer (tests)."""
         self.model = model
         self.served = served
@@ -106,30 +110,21 @@ class BlockServer:
         self.credential = credential
         self.node_id = credential.spiffe_id
         self.registry = registry
+        if trust is None:
+            trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
         self.attestation = attestation
-        self.claims = (
-            verify_own_attestation(attestation, credential, trust) if attestation and trust else None
-        )
-        if attestation and trust is None:
+        if attestation and trust.policy is None:
             raise ConfigurationError(
                 "an attestation needs the trust settings (authority keys, policy) to check it"
             )
-        self.audit = ServerAuditTrail(
-            audit,
-            credential=credential,
-            model_id=served.model_id,
-            manifest_digest=served.manifest_digest,
-            claims=self.claims,
+        self.claims = verify_own_attestation(attestation, credential, trust) if attestation else None
+        model_ref = ModelRef(
+            id=served.model_id, num_blocks=served.num_blocks, manifest_sha256=served.manifest_digest
         )
+        self.audit = ServerAuditTrail(audit, node_id=self.node_id, model=model_ref, claims=self.claims)
         self.guard = ServeGuard(
-            credential,
-            ModelRef(
-                id=served.model_id, num_blocks=served.num_blocks, manifest_sha256=served.manifest_digest
-            ),
-            trust=trust,
-            own_claims=self.claims,
-            on_denial=self.audit.denial,
+            credential, model_ref, trust=trust, own_claims=self.claims, on_denial=self.audit.denial
         )
         self._on_transfer = on_transfer
         self.budget = CacheBudget(settings.cache_budget_bytes)
@@ -153,7 +148,7 @@ class BlockServer:
             node_id=self.node_id,
             model_id=self.served.model_id,
             manifest_digest=self.served.manifest_digest,
-            span=pb.BlockSpan(start=self.model.span.start, end=self.model.span.end),
+            span=span_to_wire(self.model.span),
             hidden_size=self.model.config.hidden_size,
             dtype=wire_dtype(self.model.dtype),
             cache_bytes_total=self.budget.total_bytes,
@@ -170,7 +165,7 @@ class BlockServer:
             address=self.address,
             model_id=self.served.model_id,
             manifest_digest=self.served.manifest_digest,
-            span=pb.BlockSpan(start=self.model.span.start, end=self.model.span.end),
+            span=span_to_wire(self.model.span),
             throughput=self.throughput,
             cache_bytes_free=self.budget.free_bytes,
             num_blocks=self.served.num_blocks,
@@ -185,7 +180,7 @@ class BlockServer:
         self.throughput = measure_throughput(self.model)
         limit = self.settings.max_message_bytes
         interceptors = []
-        if self.trust is not None and self.trust.revocations is not None:
+        if self.trust.revocations is not None:
             interceptors.append(PeerCheckInterceptor(self.trust.revocations))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="block-rpc"),
@@ -204,7 +199,7 @@ class BlockServer:
         self.address = self.settings.public_address or f"{self.settings.host}:{port}"
         self._background = threading.Thread(target=self._maintain, name="server-maintenance", daemon=True)
         self._background.start()
-        log.info("server started", node=self.node_id, address=self.address, span=str(self.model.span))
+        log.info("server_started", node=self.node_id, address=self.address, blocks=str(self.model.span))
         return self.address
 
     def _observe(self, transfer: Transfer) -> None:
@@ -218,16 +213,15 @@ class BlockServer:
         next_announce = 0.0
         while not self._stopping.is_set():
             for session_id in self.sessions.expire_idle():
-                log.info("session expired", session=session_id)
-            checkpoint_if_due = getattr(self.audit.sink, "checkpoint_if_due", None)
-            if callable(checkpoint_if_due):
-                checkpoint_if_due()
+                log.info("session_expired", session=session_id)
+            if self.audit.sink is not None:
+                self.audit.sink.checkpoint_if_due()
             if self.registry is not None and time.monotonic() >= next_announce:
                 try:
                     self.registry.announce(self.record(), self.settings.announce_ttl_seconds)
                     next_announce = time.monotonic() + interval
                 except RegistryError as error:
-                    log.warning("announce failed; retrying", error=str(error))
+                    log.warning("announce_failed", error=str(error))
                     next_announce = time.monotonic() + min(interval, 1.0)
             self._stopping.wait(0.2)
 
@@ -243,12 +237,12 @@ class BlockServer:
             try:
                 self.registry.withdraw(self.node_id)
             except RegistryError as error:
-                log.warning("withdraw failed; the record expires with its TTL", error=str(error))
+                log.warning("withdraw_failed", error=str(error), note="the record expires with its TTL")
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         self.sessions.close_all()
-        log.info("server stopped", node=self.node_id)
+        log.info("server_stopped", node=self.node_id)
 
     def wait(self) -> None:
         if self._grpc is not None:

@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 
 from transformers import DynamicCache
 
-from fincluster.errors import CapacityError, SessionError
-from fincluster.serving.span_model import BlockSpan
+from fincluster.errors import (
+    CapacityError,
+    InvalidRequestError,
+    SessionError,
+    SessionExistsError,
+    SessionLengthError,
+)
+from fincluster.spans import BlockSpan
 
 
 class CacheBudget:
@@ -104,24 +110,21 @@ class SessionManager:
     ) -> Session:
         """Reserve cache for a new session; ``session_id`` is the client's choice (one id on every hop)."""
         if max_length < 1 or max_length > self._max_session_length:
-            raise SessionError(
-                f"max_length {max_length} outside 1..{self._max_session_length} allowed by this server",
-                code="OUT_OF_RANGE",
+            raise SessionLengthError(
+                f"max_length {max_length} outside 1..{self._max_session_length} allowed by this server"
             )
         if batch_size < 1:
-            raise SessionError("batch_size must be at least 1", code="INVALID_ARGUMENT")
+            raise InvalidRequestError("batch_size must be at least 1")
         session_id = session_id or uuid.uuid4().hex
         with self._lock:
             if session_id in self._sessions:
-                raise SessionError(
-                    "a session with this id is already open", session_id=session_id, code="ALREADY_EXISTS"
-                )
+                raise SessionExistsError("a session with this id is already open", session_id=session_id)
         nbytes = self._bytes_per_token(span) * max_length * batch_size
         if not self._budget.reserve(nbytes, wait_seconds=self._wait_seconds):
             raise CapacityError(
                 f"KV-cache budget full: session needs {nbytes} bytes, {self._budget.free_bytes} of "
                 f"{self._budget.total_bytes} free after waiting {self._wait_seconds:g} s",
-                span=(span.start, span.end),
+                span=span,
             )
         session = Session(
             session_id=session_id,
@@ -136,9 +139,7 @@ class SessionManager:
         with self._lock:
             if session_id in self._sessions:  # opened concurrently under the same id
                 self._budget.release(nbytes)
-                raise SessionError(
-                    "a session with this id is already open", session_id=session_id, code="ALREADY_EXISTS"
-                )
+                raise SessionExistsError("a session with this id is already open", session_id=session_id)
             self._sessions[session.session_id] = session
         return session
 
@@ -146,9 +147,9 @@ class SessionManager:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
-            raise SessionError("unknown or closed session", session_id=session_id, code="NOT_FOUND")
+            raise SessionError("unknown or closed session", session_id=session_id)
         if session.closed_reason is not None:
-            raise SessionError(f"session {session.closed_reason}", session_id=session_id, code="NOT_FOUND")
+            raise SessionError(f"session {session.closed_reason}", session_id=session_id)
         session.last_used = self._clock()
         return session
 

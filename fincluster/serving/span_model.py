@@ -11,53 +11,27 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 from fincluster.errors import StoreError
+from fincluster.spans import BlockSpan
 
 
-@dataclass(frozen=True)
-class BlockSpan:
-    """Half-open range ``[start, end)`` of transformer blocks."""
-
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
-            raise ValueError(f"invalid block span {self.start}:{self.end}")
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __str__(self) -> str:
-        return f"{self.start}:{self.end}"
-
-    def contains(self, other: BlockSpan) -> bool:
-        return self.start <= other.start and other.end <= self.end
-
-    @classmethod
-    def parse(cls, text: str) -> BlockSpan:
-        """Parse ``"START:END"``."""
-        start, sep, end = text.partition(":")
-        if not sep:
-            raise ValueError(f"block span {text!r} is not START:END")
-        return cls(int(start), int(end))
-
-
-def span_config(config: PretrainedConfig, span: BlockSpan) -> PretrainedConfig:
-    """The model config restricted to ``span`` (layer count and per-layer attention types)."""
-    if span.end > config.num_hidden_layers:
-        raise StoreError(f"block span {span} exceeds the model's {config.num_hidden_layers} blocks")
+def cut_config(config: PretrainedConfig, layers: range) -> PretrainedConfig:
+    """A copy of the model config restricted to ``layers`` (layer count and per-layer attention types);
+    ``range(0)`` gives the config of the client part (embeddings, norm, head: no layers)."""
+    if layers.stop > config.num_hidden_layers:
+        raise StoreError(
+            f"blocks {layers.start}:{layers.stop} exceed the model's {config.num_hidden_layers} blocks"
+        )
     sub = copy.deepcopy(config)
-    sub.num_hidden_layers = len(span)
+    sub.num_hidden_layers = len(layers)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        sub.layer_types = list(layer_types[span.start : span.end])
+        sub.layer_types = list(layer_types[layers.start : layers.stop])
     return sub
 
 
@@ -75,7 +49,7 @@ class SpanModel(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.span = span
-        self.config = span_config(config, span)
+        self.config = cut_config(config, span.blocks)
         self.dtype = dtype
         with init_empty_weights(include_buffers=False):
             base = AutoModel.from_config(self.config)

@@ -15,7 +15,3 @@ def sha256_file(path: Path) -> str:
         while chunk := file.read(CHUNK_SIZE):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

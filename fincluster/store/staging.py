@@ -15,9 +15,10 @@ from types import TracebackType
 import structlog
 
 from fincluster.errors import ConfigurationError
-from fincluster.store.digest import sha256_bytes, sha256_file
+from fincluster.store.digest import sha256_file
 from fincluster.store.layout import MANIFEST_FILE
 from fincluster.store.manifest import Manifest
+from fincluster.values import sha256_hex
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,7 @@ class StagedStore:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        self._digests[path] = sha256_bytes(data)
+        self._digests[path] = sha256_hex(data)
 
     def file_digests(self) -> dict[str, str]:
         """Digests of every staged file; those from other writers (``save_pretrained``) are hashed now."""

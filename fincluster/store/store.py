@@ -19,9 +19,10 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from fincluster.errors import StoreError, StoreIntegrityError
-from fincluster.store.digest import sha256_bytes, sha256_file
+from fincluster.store.digest import sha256_file
 from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, MANIFEST_FILE, TOKENIZER_DIR, block_file
 from fincluster.store.manifest import Manifest
+from fincluster.values import sha256_hex
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +50,7 @@ class ModelStore:
         except OSError as error:
             raise StoreError(f"cannot read {manifest_path}: {error}") from error
         manifest = Manifest.from_json_bytes(data, source=str(manifest_path))
-        return cls(root, manifest, sha256_bytes(data))
+        return cls(root, manifest, sha256_hex(data))
 
     @property
     def path(self) -> Path:
@@ -136,7 +137,7 @@ class ModelStore:
             raise self._missing(path) from None
         except OSError as error:
             raise StoreError(f"cannot read store file {path!r} in {self._path}: {error}") from error
-        self._check_digest(path, sha256_bytes(data), expected)
+        self._check_digest(path, sha256_hex(data), expected)
         return data
 
     def _load_tensors(self, path: str) -> dict[str, torch.Tensor]:

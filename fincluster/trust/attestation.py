@@ -21,9 +21,9 @@ A token proves nothing about the connection it arrives on: anyone can replay it.
 :func:`require_key_binding` (the peer's TLS key hashes to ``tls_key_sha256``) and, at session open,
 :func:`verify_possession_proof` (the peer signed the client's fresh nonce with that key).
 
-Every failure raises :class:`~fincluster.errors.TrustError` whose message starts with a stable
-reason code (``expired: ...``) for local logs and the audit trail; remote peers must only ever see
-:data:`ATTESTATION_REJECTED`.
+Every failure raises :class:`~fincluster.errors.TrustError` with a stable reason
+(:class:`~fincluster.errors.TrustReason`, ``error.reason``) for local logs and the audit trail; remote
+peers must only ever see :data:`ATTESTATION_REJECTED`.
 """
 
 from __future__ import annotations
@@ -49,18 +49,18 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from fincluster.errors import ConfigurationError, TrustError
+from fincluster.errors import ConfigurationError, TrustError, TrustReason
+from fincluster.values import Sha256Hex, SpiffeId
 
 __all__ = [
     "ATTESTATION_ISSUER",
     "ATTESTATION_JWT_TYPE",
     "ATTESTATION_REJECTED",
     "DEFAULT_LEEWAY",
+    "MIN_NONCE_BYTES",
     "SIGNED_SOFTWARE_EVIDENCE",
     "AttestationSubject",
     "AuthorityKeys",
-    "Sha256Hex",
-    "SpiffeId",
     "TrustTier",
     "VerifiedClaims",
     "authority_key_id",
@@ -91,14 +91,10 @@ DEFAULT_LEEWAY: Final = timedelta(seconds=30)
 _ALGORITHM: Final = "Ed25519"
 _MAX_TOKEN_BYTES: Final = 8192
 _NONCE_BYTES: Final = 32
-_MIN_NONCE_BYTES: Final = 16
+MIN_NONCE_BYTES: Final = 16
 _MAX_FIELD_BYTES: Final = 1024
 _PROOF_CONTEXT: Final = b"fincluster/v1 attestation possession proof\x00"
 
-SpiffeId = Annotated[
-    str, StringConstraints(pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$", max_length=2048)
-]
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 _Label = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 
 
@@ -261,41 +257,47 @@ def verify_attestation(
     """
     now = _aware(now)
     if len(token) > _MAX_TOKEN_BYTES:
-        raise _rejected("malformed", f"token is {len(token)} bytes, limit {_MAX_TOKEN_BYTES}")
+        raise _rejected(TrustReason.MALFORMED, f"token is {len(token)} bytes, limit {_MAX_TOKEN_BYTES}")
     try:
         signed = jws.extract_compact(token.encode("ascii"))
         header = signed.headers()
     except (JoseError, ValueError, TypeError) as error:
-        raise _rejected("malformed", f"not a JWS compact token ({error})") from error
+        raise _rejected(TrustReason.MALFORMED, f"not a JWS compact token ({error})") from error
     if header.get("alg") != _ALGORITHM or header.get("typ") != ATTESTATION_JWT_TYPE:
-        raise _rejected("malformed", f"unexpected header alg={header.get('alg')!r} typ={header.get('typ')!r}")
+        raise _rejected(
+            TrustReason.MALFORMED, f"unexpected header alg={header.get('alg')!r} typ={header.get('typ')!r}"
+        )
     key_id = header.get("kid")
     if not isinstance(key_id, str):
-        raise _rejected("malformed", "header names no authority key id")
+        raise _rejected(TrustReason.MALFORMED, "header names no authority key id")
     public_key = authority_keys.get(key_id)
     if public_key is None:
-        raise _rejected("unknown_key", f"no trusted authority key with kid={key_id!r}")
+        raise _rejected(TrustReason.UNKNOWN_KEY, f"no trusted authority key with kid={key_id!r}")
     try:
         valid = jws.validate_compact(signed, OKPKey.import_key(public_key), algorithms=[_ALGORITHM])
     except JoseError as error:
-        raise _rejected("bad_signature", str(error), kid=key_id) from error
+        raise _rejected(TrustReason.BAD_SIGNATURE, str(error), kid=key_id) from error
     if not valid:
-        raise _rejected("bad_signature", "signature does not verify", kid=key_id)
+        raise _rejected(TrustReason.BAD_SIGNATURE, "signature does not verify", kid=key_id)
     try:
         claims = _TokenClaims.model_validate_json(signed.payload)
     except ValidationError as error:
-        raise _rejected("malformed", f"invalid claims: {_first_error(error)}", kid=key_id) from error
+        raise _rejected(
+            TrustReason.MALFORMED, f"invalid claims: {_first_error(error)}", kid=key_id
+        ) from error
     issued_at = datetime.fromtimestamp(claims.iat, UTC)
     expires_at = datetime.fromtimestamp(claims.exp, UTC)
     if expires_at <= issued_at:
-        raise _rejected("malformed", "expiry is not after issue time", jti=claims.jti)
+        raise _rejected(TrustReason.MALFORMED, "expiry is not after issue time", jti=claims.jti)
     if issued_at > now + leeway:
         raise _rejected(
-            "not_yet_valid", f"issued at {issued_at.isoformat()}, now {now.isoformat()}", jti=claims.jti
+            TrustReason.NOT_YET_VALID,
+            f"issued at {issued_at.isoformat()}, now {now.isoformat()}",
+            jti=claims.jti,
         )
     if expires_at <= now - leeway:
         raise _rejected(
-            "expired", f"expired at {expires_at.isoformat()}, now {now.isoformat()}", jti=claims.jti
+            TrustReason.EXPIRED, f"expired at {expires_at.isoformat()}, now {now.isoformat()}", jti=claims.jti
         )
     return VerifiedClaims(
         node_id=claims.sub,
@@ -318,7 +320,7 @@ def require_key_binding(claims: VerifiedClaims, tls_public_key: PublicKeyTypes) 
     presented = _spki_sha256(tls_public_key)
     if not secrets.compare_digest(presented, claims.tls_key_sha256):
         raise _rejected(
-            "key_mismatch",
+            TrustReason.KEY_MISMATCH,
             f"attested key {claims.tls_key_sha256[:16]}…, presented key {presented[:16]}…",
             jti=claims.attestation_id,
             node=claims.node_id,
@@ -337,11 +339,13 @@ def possession_proof_message(*, nonce: bytes, session_id: str, client_id: str) -
     key) followed by length-prefixed session id, client id and nonce. The client id is the caller
     as the server sees it over mTLS, so a proof relayed through another client does not verify.
     """
-    if len(nonce) < _MIN_NONCE_BYTES:
-        raise TrustError(f"malformed: nonce of {len(nonce)} bytes, need at least {_MIN_NONCE_BYTES}")
+    if len(nonce) < MIN_NONCE_BYTES:
+        raise TrustError(
+            TrustReason.MALFORMED, f"nonce of {len(nonce)} bytes, need at least {MIN_NONCE_BYTES}"
+        )
     fields = (session_id.encode(), client_id.encode(), nonce)
     if any(not field or len(field) > _MAX_FIELD_BYTES for field in fields):
-        raise TrustError("malformed: empty or oversized possession proof field")
+        raise TrustError(TrustReason.MALFORMED, "empty or oversized possession proof field")
     return _PROOF_CONTEXT + b"".join(len(field).to_bytes(4, "big") + field for field in fields)
 
 
@@ -379,10 +383,10 @@ def verify_possession_proof(
         elif isinstance(tls_public_key, ec.EllipticCurvePublicKey):
             tls_public_key.verify(proof, message, ec.ECDSA(hashes.SHA256()))
         else:
-            raise _rejected("bad_proof", f"unsupported key type {type(tls_public_key).__name__}")
+            raise _rejected(TrustReason.BAD_PROOF, f"unsupported key type {type(tls_public_key).__name__}")
     except InvalidSignature as error:
         raise _rejected(
-            "bad_proof",
+            TrustReason.BAD_PROOF,
             "possession proof does not verify",
             jti=claims.attestation_id if claims is not None else None,
             session=session_id,
@@ -394,9 +398,10 @@ def _spki_sha256(public_key: PublicKeyTypes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def _rejected(code: str, detail: str, **context: object) -> TrustError:
-    _log.warning("attestation_rejected", reason=code, detail=detail, **context)
-    return TrustError(f"{code}: {detail}")
+def _rejected(reason: TrustReason, detail: str, **context: object) -> TrustError:
+    _log.warning("attestation_rejected", reason=reason.value, detail=detail, **context)
+    node = context.get("node")
+    return TrustError(reason, detail, node_id=node if isinstance(node, str) else None)
 
 
 def _first_error(error: ValidationError) -> str:

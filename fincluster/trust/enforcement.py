@@ -1,37 +1,81 @@
-"""The trust checks every party makes, in one place: verify a node's record and certificate, prove
-and check possession of the attested key, and hold what a node needs for policy decisions.
+"""The trust checks every party makes, in one place.
 
-Registry, client router and server all use :class:`TrustContext`; failures raise ``TrustError`` /
-``PolicyError`` with the precise reason for the local log and audit trail, while remote peers get one
-opaque status.
+:class:`TrustContext` holds what one party enforces with (policy engine, attestation verifiers, the
+swarm CA, the revocation list, clearances, the clock) and offers the three recipes that every
+enforcement point calls — :meth:`~TrustContext.decide_route` (client router),
+:meth:`~TrustContext.decide_serve` (every server, every call) and :meth:`~TrustContext.decide_announce`
+(registry) — plus the certificate and possession-proof checks. A context without a policy engine
+(:meth:`TrustContext.public_only`) allows public data only; that rule lives here and nowhere else.
+
+Failures raise ``TrustError`` (with a :class:`~fincluster.errors.TrustReason`) or return a denying
+:class:`~fincluster.trust.policy.Decision`; the precise reasons go to the local log and audit trail,
+while remote peers get one opaque status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fincluster.errors import ConfigurationError, TrustError
-from fincluster.settings import TrustSettings
+from fincluster.errors import TrustError, TrustReason
+from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import (
     SIGNED_SOFTWARE_EVIDENCE,
-    AuthorityKeys,
     VerifiedClaims,
+    require_key_binding,
     sign_possession_proof,
     verify_possession_proof,
 )
-from fincluster.trust.pki import Credential, RevocationList, SigningKey, load_certificate, spiffe_id_of
-from fincluster.trust.policy import Classification, PolicyEngine
-from fincluster.trust.verifiers import SignedSoftwareVerifier, VerifierSet
+from fincluster.trust.pki import RevocationList, SigningKey, load_certificate, spiffe_id_of
+from fincluster.trust.policy import (
+    Classification,
+    ClientIdentity,
+    Decision,
+    DecisionKind,
+    ModelRef,
+    NodeRef,
+    PolicyEngine,
+    PolicyInput,
+)
+from fincluster.trust.verifiers import VerifierSet
+from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 
+NO_POLICY_REASON = "no policy engine is configured, so only public data may be handled"
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+
+@dataclass(frozen=True)
+class CertificateCheck:
+    """Is this certificate the swarm CA's, for this node, valid now and not revoked?"""
+
+    ca_certificate: x509.Certificate
+    revocations: RevocationList | None = None
+    clock: Clock = utc_now
+
+    def verify(self, cert_pem: bytes, *, node_id: str) -> x509.Certificate:
+        try:
+            certificate = load_certificate(cert_pem)
+            certificate.verify_directly_issued_by(self.ca_certificate)
+        except Exception as error:  # malformed PEM, another issuer, or a forged signature
+            raise TrustError(
+                TrustReason.NOT_FROM_CA, f"certificate is not from the swarm CA: {error!r}", node_id=node_id
+            ) from None
+        if spiffe_id_of(certificate) != node_id:
+            raise TrustError(
+                TrustReason.WRONG_NODE, f"certificate is for {spiffe_id_of(certificate)}", node_id=node_id
+            )
+        now = self.clock()
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise TrustError(
+                TrustReason.OUTSIDE_VALIDITY, "certificate is outside its validity period", node_id=node_id
+            )
+        if self.revocations is not None and self.revocations.is_revoked(certificate, now=now):
+            raise TrustError(TrustReason.REVOKED, "certificate is revoked", node_id=node_id)
+        return certificate
 
 
 @dataclass(frozen=True)
@@ -40,14 +84,26 @@ class TrustContext:
 
     ``clearances`` maps client SPIFFE ids to the highest classification they may send; an unlisted
     client is cleared for ``public`` only. It comes from the operator's settings, never from the peer.
+    ``policy=None`` means no policy engine: only public data, and attestations are not consulted.
     """
 
-    policy: PolicyEngine
-    verifiers: VerifierSet
     ca_certificate: x509.Certificate
+    policy: PolicyEngine | None = None
+    verifiers: VerifierSet = field(default_factory=lambda: VerifierSet([]))
     revocations: RevocationList | None = None
     clearances: Mapping[str, Classification] = field(default_factory=dict)
-    clock: Callable[[], datetime] = utc_now
+    clock: Clock = utc_now
+
+    @classmethod
+    def public_only(
+        cls, ca_certificate: x509.Certificate, *, revocations: RevocationList | None = None
+    ) -> TrustContext:
+        """A context with no policy engine: public data only."""
+        return cls(ca_certificate=ca_certificate, revocations=revocations)
+
+    @property
+    def certificates(self) -> CertificateCheck:
+        return CertificateCheck(self.ca_certificate, self.revocations, self.clock)
 
     def clearance_of(self, client_id: str) -> Classification:
         return self.clearances.get(client_id, Classification.PUBLIC)
@@ -60,36 +116,106 @@ class TrustContext:
             record.evidence_kind or SIGNED_SOFTWARE_EVIDENCE, record.attestation.encode(), now=self.clock()
         )
         if claims.node_id != record.node_id:
-            raise TrustError(f"key_mismatch: attestation names {claims.node_id}, record is {record.node_id}")
+            raise TrustError(
+                TrustReason.WRONG_NODE, f"attestation names {claims.node_id}", node_id=record.node_id
+            )
         return claims
 
-    @property
-    def certificates(self) -> CertificateCheck:
-        return CertificateCheck(self.ca_certificate, self.revocations, self.clock)
+    # -- the three recipes --------------------------------------------------------------------
 
+    def decide_route(
+        self,
+        record: pb.ServerRecord,
+        span: BlockSpan,
+        *,
+        client_id: str,
+        classification: Classification,
+        model: ModelRef,
+    ) -> tuple[VerifiedClaims | None, Decision]:
+        """May the client router send ``span`` of this request to the node of ``record``?
 
-@dataclass(frozen=True)
-class CertificateCheck:
-    """Is this certificate the swarm CA's, for this node, valid now and not revoked?"""
+        Verifies the record's attestation first (TrustError if it is invalid), then asks the route
+        policy with the verified claims.
+        """
+        if self.policy is None:
+            return None, _public_only(DecisionKind.ROUTE, classification)
+        claims = self.verify_record(record)
+        decision = self.policy.decide(
+            DecisionKind.ROUTE,
+            PolicyInput(
+                client=ClientIdentity(id=client_id, clearance=self.clearance_of(client_id)),
+                classification=classification,
+                model=model,
+                span=span,
+                node=NodeRef(id=record.node_id, claims=claims),
+            ),
+        )
+        return claims, decision
 
-    ca_certificate: x509.Certificate
-    revocations: RevocationList | None = None
-    clock: Callable[[], datetime] = utc_now
-
-    def verify(self, cert_pem: bytes, *, node_id: str) -> x509.Certificate:
+    def decide_serve(
+        self,
+        *,
+        client_id: str,
+        classification: str,
+        model: ModelRef,
+        span: BlockSpan,
+        node_id: str,
+        claims: VerifiedClaims | None,
+    ) -> Decision:
+        """May this server (``node_id``, with its own verified ``claims``) serve this call?"""
         try:
-            certificate = load_certificate(cert_pem)
-            certificate.verify_directly_issued_by(self.ca_certificate)
-        except Exception as error:  # malformed PEM, another issuer, or a forged signature
-            raise TrustError(f"certificate of {node_id} is not from the swarm CA: {error!r}") from None
-        if spiffe_id_of(certificate) != node_id:
-            raise TrustError(f"certificate is for {spiffe_id_of(certificate)}, not {node_id}")
-        now = self.clock()
-        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise TrustError(f"certificate of {node_id} is outside its validity period")
-        if self.revocations is not None and self.revocations.is_revoked(certificate, now=now):
-            raise TrustError(f"certificate of {node_id} is revoked")
-        return certificate
+            level = Classification(classification)
+        except ValueError:
+            return _local_decision(
+                DecisionKind.SERVE, allow=False, reasons=(f"unknown classification {classification[:64]!r}",)
+            )
+        if self.policy is None:
+            return _public_only(DecisionKind.SERVE, level)
+        return self.policy.decide(
+            DecisionKind.SERVE,
+            PolicyInput(
+                client=ClientIdentity(id=client_id, clearance=self.clearance_of(client_id)),
+                classification=level,
+                model=model,
+                span=span,
+                node=NodeRef(id=node_id, claims=claims),
+            ),
+        )
+
+    def decide_announce(self, record: pb.ServerRecord, peer: x509.Certificate) -> Decision:
+        """May the caller holding ``peer`` announce ``record``? Its attestation must be valid and bound
+        to the caller's key (TrustError otherwise), and the announce policy must allow the span."""
+        if self.policy is None:
+            return _local_decision(DecisionKind.ANNOUNCE, allow=True, reasons=())
+        claims = self.verify_record(record)
+        if claims is not None:
+            require_key_binding(claims, peer.public_key())
+        if record.num_blocks < 1 or record.span.end <= record.span.start:
+            return _local_decision(
+                DecisionKind.ANNOUNCE, allow=False, reasons=("record has no model size or no blocks",)
+            )
+        return self.policy.decide(
+            DecisionKind.ANNOUNCE,
+            PolicyInput(
+                model=ModelRef(
+                    id=record.model_id, num_blocks=record.num_blocks, manifest_sha256=record.manifest_digest
+                ),
+                span=BlockSpan(record.span.start, record.span.end),
+                node=NodeRef(id=record.node_id, claims=claims),
+            ),
+        )
+
+
+def _local_decision(kind: DecisionKind, *, allow: bool, reasons: tuple[str, ...]) -> Decision:
+    """A decision made without a policy engine (no bundle digest)."""
+    return Decision(
+        kind=kind, allow=allow, reasons=reasons, decision_id=f"local-{uuid.uuid4().hex}", bundle_digest=None
+    )
+
+
+def _public_only(kind: DecisionKind, classification: Classification) -> Decision:
+    allowed = classification is Classification.PUBLIC
+    return _local_decision(kind, allow=allowed, reasons=() if allowed else (NO_POLICY_REASON,))
 
 
 def prove_possession(
@@ -114,7 +240,7 @@ def check_possession(
     certificate = certificates.verify(proof.certificate_pem, node_id=node_id)
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        raise TrustError(f"unsupported key type in the certificate of {node_id}")
+        raise TrustError(TrustReason.MALFORMED, "unsupported key type in the certificate", node_id=node_id)
     verify_possession_proof(
         proof.signature,
         claims=claims,
@@ -124,40 +250,3 @@ def check_possession(
         client_id=client_id,
     )
     return certificate
-
-
-def trust_from_settings(settings: TrustSettings, credential: Credential) -> TrustContext | None:
-    """The trust context an entry point builds from settings; None when no policy is configured."""
-    if settings.policy_dir is None:
-        if settings.attestation is not None or settings.authority_keys:
-            raise ConfigurationError(
-                "attestation settings need trust.policy_dir: policy decides who is trusted"
-            )
-        return None
-    from fincluster.trust.policy_engine import open_policy_engine
-
-    ca_pem, _, _ = credential.read()
-    ca_certificate = load_certificate(ca_pem)
-    policy = open_policy_engine(
-        settings.policy_dir,
-        data_file=settings.policy_data,
-        opa_url=settings.opa_url,
-        opa_timeout_s=settings.opa_timeout_seconds,
-    )
-    verifiers = VerifierSet(
-        [SignedSoftwareVerifier(AuthorityKeys.from_files(settings.authority_keys))]
-        if settings.authority_keys
-        else []
-    )
-    try:
-        clearances = {identity: Classification(level) for identity, level in settings.clearances.items()}
-    except ValueError as error:
-        raise ConfigurationError(f"trust.clearances: {error}") from None
-    revocations = RevocationList(settings.crl, ca_certificate) if settings.crl is not None else None
-    return TrustContext(
-        policy=policy,
-        verifiers=verifiers,
-        ca_certificate=ca_certificate,
-        revocations=revocations,
-        clearances=clearances,
-    )

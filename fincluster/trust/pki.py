@@ -41,7 +41,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fincluster.errors import CertificateError, ConfigurationError, TrustError
+from fincluster.errors import CertificateError, ConfigurationError, TrustError, TrustReason
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class Credential:
         _warn_if_key_readable_by_others(self.key_path)
         ca_pem, cert_pem, key_pem = _read(self.ca_cert_path), _read(self.cert_path), _read(self.key_path)
         certificate = load_certificate(cert_pem)
-        if not _same_public_key(_load_private_key(key_pem, self.key_path), certificate):
+        if not _same_public_key(_load_ec_key(key_pem, self.key_path), certificate):
             raise CertificateError(f"{self.key_path} does not belong to {self.cert_path}")
         _check_issued_by(certificate, load_certificate(ca_pem))
         if spiffe_id_of(certificate) != self.spiffe_id:
@@ -232,7 +232,7 @@ class CertificateAuthority:
                 f"{key_path} is readable by other users (mode {stat.filemode(mode)}); "
                 "fix it with chmod 600 and consider the CA key compromised"
             )
-        private_key = _load_private_key(_read(key_path), key_path)
+        private_key = _load_ec_key(_read(key_path), key_path)
         if not _same_public_key(private_key, certificate):
             raise CertificateError(f"{key_path} does not belong to {directory / CA_CERT_FILE}")
         ca_id = _single_spiffe_uri(certificate)
@@ -441,17 +441,22 @@ class RevocationList:
         """The verified CRL, re-loaded if the file changed since the last look."""
         now = _now(now)
         with self._lock:
-            signature = _file_signature(self.crl_path, TrustError)
+            signature = _file_signature(self.crl_path, _crl_error)
             if signature != self._signature or self._crl is None:
                 crl = load_crl(self.crl_path, self._ca_certificate, now=now)
                 if self._crl is not None and _crl_number(crl) < _crl_number(self._crl):
                     # An older CRL put back in place would quietly un-revoke certificates.
-                    raise TrustError(f"{self.crl_path} is older than the revocation list already seen")
+                    raise TrustError(
+                        TrustReason.CRL_UNUSABLE,
+                        f"{self.crl_path} is older than the revocation list already seen",
+                    )
                 if self._crl is not None:
                     log.info("crl_reloaded", crl=str(self.crl_path), revoked=len(crl))
                 self._crl, self._signature = crl, signature
             elif (next_update := self._crl.next_update_utc) is not None and now > next_update:
-                raise TrustError(f"{self.crl_path} is stale since {next_update.isoformat()}")
+                raise TrustError(
+                    TrustReason.CRL_UNUSABLE, f"{self.crl_path} is stale since {next_update.isoformat()}"
+                )
             return self._crl
 
 
@@ -466,10 +471,10 @@ def parse_spiffe_id(identity: str) -> tuple[str, Role, str]:
     """Split a node's SPIFFE id into ``(trust_domain, role, name)``; :class:`TrustError` if it is not one."""
     match = re.fullmatch(r"spiffe://([^/]+)/([^/]+)/([^/]+)", identity)
     if match is None or match[2] not in {role.value for role in Role}:
-        raise TrustError(f"not a fincluster node identity: {identity!r}")
+        raise TrustError(TrustReason.MALFORMED, f"not a fincluster node identity: {identity!r}")
     trust_domain, role, name = match[1], Role(match[2]), match[3]
     if not _TRUST_DOMAIN.fullmatch(trust_domain) or not _valid_name(name):
-        raise TrustError(f"not a fincluster node identity: {identity!r}")
+        raise TrustError(TrustReason.MALFORMED, f"not a fincluster node identity: {identity!r}")
     return trust_domain, role, name
 
 
@@ -522,29 +527,29 @@ def load_crl(
 ) -> x509.CertificateRevocationList:
     """Read a CRL (a path or PEM bytes) and verify it: issued and signed by the CA, and current at ``now``."""
     now = _now(now)
-    pem = _read(source, TrustError) if isinstance(source, Path) else source
+    pem = _read(source, _crl_error) if isinstance(source, Path) else source
     try:
         crl = x509.load_pem_x509_crl(pem)
     except ValueError as error:
-        raise TrustError(f"not a PEM CRL: {error}") from error
+        raise TrustError(TrustReason.CRL_UNUSABLE, f"not a PEM CRL: {error}") from error
     ca_key = ca_certificate.public_key()
     if crl.issuer != ca_certificate.subject or not isinstance(ca_key, ec.EllipticCurvePublicKey):
-        raise TrustError("the CRL was not issued by the swarm CA")
+        raise TrustError(TrustReason.CRL_UNUSABLE, "the CRL was not issued by the swarm CA")
     try:
         valid = crl.is_signature_valid(ca_key)
     except (InvalidSignature, TypeError, ValueError):
         valid = False
     if not valid:
-        raise TrustError("the CRL signature does not verify against the swarm CA")
+        raise TrustError(TrustReason.CRL_UNUSABLE, "the CRL signature does not verify against the swarm CA")
     if (next_update := crl.next_update_utc) is not None and now > next_update:
-        raise TrustError(f"the CRL is stale since {next_update.isoformat()}")
+        raise TrustError(TrustReason.CRL_UNUSABLE, f"the CRL is stale since {next_update.isoformat()}")
     return crl
 
 
 def is_revoked(cert: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
     """Whether a verified ``crl`` lists ``cert``; :class:`TrustError` if the CRL cannot speak for it."""
     if cert.issuer != crl.issuer:
-        raise TrustError("the certificate was not issued by the CRL's issuer")
+        raise TrustError(TrustReason.CRL_UNUSABLE, "the certificate was not issued by the CRL's issuer")
     return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
 
 
@@ -619,22 +624,23 @@ def _same_public_key(private_key: ec.EllipticCurvePrivateKey, cert: x509.Certifi
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
-def load_signing_key(pem: bytes) -> SigningKey:
-    """A node's TLS private key as a signing key (proofs, receipts, audit seals)."""
+def load_signing_key(pem: bytes, *, source: object = "the key") -> SigningKey:
+    """A node's TLS private key as a signing key (proofs, receipts, audit seals); ``source`` names it
+    in errors (a path, usually)."""
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as error:
-        raise CertificateError("not an unencrypted PEM private key") from error
+        raise CertificateError(f"{source} is not an unencrypted PEM private key") from error
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-        raise CertificateError(f"unsupported key type {type(key).__name__}: ECDSA or Ed25519 expected")
+        raise CertificateError(
+            f"{source}: unsupported key type {type(key).__name__}, ECDSA or Ed25519 expected"
+        )
     return key
 
 
-def _load_private_key(pem: bytes, path: Path) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as error:
-        raise CertificateError(f"{path} is not an unencrypted PEM private key") from error
+def _load_ec_key(pem: bytes, path: Path) -> ec.EllipticCurvePrivateKey:
+    """CA and node keys are ECDSA P-256 (what gRPC's BoringSSL supports best)."""
+    key = load_signing_key(pem, source=path)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{path} is not an ECDSA private key")
     return key
@@ -650,7 +656,7 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
-        raise TrustError("the CRL has no CRL number") from None
+        raise TrustError(TrustReason.CRL_UNUSABLE, "the CRL has no CRL number") from None
 
 
 def _warn_if_key_readable_by_others(key_path: Path) -> None:
@@ -659,21 +665,28 @@ def _warn_if_key_readable_by_others(key_path: Path) -> None:
         log.warning("private_key_readable_by_others", key_path=str(key_path), mode=stat.filemode(mode))
 
 
-def _read(path: Path, error: type[Exception] = CertificateError) -> bytes:
+ErrorFactory = Callable[[str], Exception]
+
+
+def _crl_error(message: str) -> Exception:
+    return TrustError(TrustReason.CRL_UNUSABLE, message)
+
+
+def _read(path: Path, error: ErrorFactory = CertificateError) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _stat(path: Path, error: type[Exception] = CertificateError) -> os.stat_result:
+def _stat(path: Path, error: ErrorFactory = CertificateError) -> os.stat_result:
     try:
         return os.stat(path)
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _file_signature(path: Path, error: type[Exception] = CertificateError) -> tuple[int, int, int, int]:
+def _file_signature(path: Path, error: ErrorFactory = CertificateError) -> tuple[int, int, int, int]:
     """What changes when a file is rewritten in place or replaced: compare it to spot a new version."""
     info = _stat(path, error)
     return info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_size

@@ -17,23 +17,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Protocol, Self
+from typing import Annotated, Any, Protocol
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    NonNegativeInt,
-    PositiveInt,
-    StringConstraints,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, PositiveInt, StringConstraints, ValidationError
 
 from fincluster.errors import PolicyDenied, PolicyError
-from fincluster.trust.attestation import Sha256Hex, SpiffeId, VerifiedClaims
+from fincluster.spans import BlockSpan
+from fincluster.trust.attestation import VerifiedClaims
+from fincluster.values import FrozenModel, Sha256Hex, SpiffeId
 
 __all__ = [
-    "BlockSpan",
     "Classification",
     "ClientIdentity",
     "Decision",
@@ -72,16 +65,12 @@ class Classification(StrEnum):
     RESTRICTED = "restricted"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ClientIdentity(_Frozen):
+class ClientIdentity(FrozenModel):
     id: SpiffeId
     clearance: Classification
 
 
-class ModelRef(_Frozen):
+class ModelRef(FrozenModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     num_blocks: PositiveInt
     #: Digest of the manifest the client will run; trusted placements need the node's attested
@@ -89,26 +78,13 @@ class ModelRef(_Frozen):
     manifest_sha256: Sha256Hex | None = None
 
 
-class BlockSpan(_Frozen):
-    """Blocks ``[start, end)``."""
-
-    start: NonNegativeInt
-    end: PositiveInt
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> Self:
-        if self.end <= self.start:
-            raise ValueError(f"empty block span [{self.start}, {self.end})")
-        return self
-
-
-class NodeRef(_Frozen):
+class NodeRef(FrozenModel):
     id: SpiffeId
     #: Claims that passed verification and key binding, or None for an unattested node.
     claims: VerifiedClaims | None
 
 
-class PolicyInput(_Frozen):
+class PolicyInput(FrozenModel):
     """The one input document of every decision; announcements carry no client or classification."""
 
     client: ClientIdentity | None = None
@@ -121,19 +97,22 @@ class PolicyInput(_Frozen):
         return self.model_dump(mode="json")
 
 
-class Decision(_Frozen):
+class Decision(FrozenModel):
     kind: DecisionKind
     allow: bool
     #: Why the decision denies (empty when it allows).
     reasons: tuple[str, ...]
     decision_id: str
-    #: SHA-256 of the policy bundle that decided (see :attr:`PolicyBundle.digest`).
-    bundle_digest: str
+    #: SHA-256 of the policy bundle that decided (see :attr:`PolicyBundle.digest`); None for a
+    #: decision made without a policy engine (public data only).
+    bundle_digest: str | None
 
     def enforce(self) -> None:
-        """Raise :class:`PolicyDenied` with the reasons unless the decision allows."""
+        """Raise :class:`PolicyDenied` with the reasons and decision id unless the decision allows."""
         if not self.allow:
-            raise PolicyDenied(f"policy denied {self.kind.value}", reasons=self.reasons)
+            raise PolicyDenied(
+                f"policy denied {self.kind.value}", reasons=self.reasons, decision_id=self.decision_id
+            )
 
 
 class PolicyEngine(Protocol):

@@ -50,7 +50,7 @@ import grpc
 import structlog
 from cryptography import x509
 
-from fincluster.errors import CertificateError, TrustError
+from fincluster.errors import CertificateError, TrustError, TrustReason
 from fincluster.trust.pki import (
     Credential,
     RevocationList,
@@ -120,12 +120,17 @@ def check_peer_not_revoked(
     certificate = peer_certificate(context)
     identity = spiffe_id_of(certificate)
     if revocations.is_revoked(certificate, now=now):
-        raise TrustError(f"the certificate of {identity} (serial {certificate.serial_number:x}) is revoked")
+        raise TrustError(
+            TrustReason.REVOKED,
+            f"certificate (serial {certificate.serial_number:x}) is revoked",
+            node_id=identity,
+        )
     not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     if not not_before <= now <= not_after:
         raise TrustError(
-            f"the certificate of {identity} is outside its validity "
-            f"({not_before.isoformat()} to {not_after.isoformat()})"
+            TrustReason.OUTSIDE_VALIDITY,
+            f"certificate is outside its validity ({not_before.isoformat()} to {not_after.isoformat()})",
+            node_id=identity,
         )
     return identity
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from fincluster.errors import ConfigurationError, TrustError
+from fincluster.errors import ConfigurationError, TrustError, TrustReason
 from fincluster.trust.attestation import (
     DEFAULT_LEEWAY,
     SIGNED_SOFTWARE_EVIDENCE,
@@ -56,7 +56,7 @@ class SignedSoftwareVerifier:
         try:
             token = evidence.decode("ascii")
         except UnicodeDecodeError as error:
-            raise TrustError("malformed: attestation token is not ASCII") from error
+            raise TrustError(TrustReason.MALFORMED, "attestation token is not ASCII") from error
         return verify_attestation(token, authority_keys=self._authority_keys, now=now, leeway=self._leeway)
 
 
@@ -73,10 +73,11 @@ class VerifierSet:
     def verify(self, evidence_kind: str, evidence: bytes, *, now: datetime) -> VerifiedClaims:
         verifier = self._by_kind.get(evidence_kind)
         if verifier is None:
-            raise TrustError(f"unknown_evidence: no verifier configured for {evidence_kind!r}")
+            raise TrustError(TrustReason.UNKNOWN_EVIDENCE, f"no verifier configured for {evidence_kind!r}")
         claims = verifier.verify(evidence, now=now)
         if claims.evidence_kind != evidence_kind:
             raise TrustError(
-                f"malformed: {evidence_kind!r} verifier returned claims of kind {claims.evidence_kind!r}"
+                TrustReason.MALFORMED,
+                f"{evidence_kind!r} verifier returned claims of kind {claims.evidence_kind!r}",
             )
         return claims

@@ -141,18 +141,100 @@ class SpanInputs(_message.Message):
 Global___SpanInputs: _TypeAlias = SpanInputs  # noqa: Y015
 
 @_typing.final
+class ReceiptBody(_message.Message):
+    """What a server signs for every call: it received the input with this digest for this session, step
+    and span, and returned the output with this digest. Digests are SHA-256 (hex) of the deterministic
+    bytes of the SpanInputs sent and of the Tensor returned. Signed bytes: the ASCII line
+    "fincluster-receipt-v2" and a newline, then this message serialized with fields in field-number
+    order and default values omitted (protobuf's deterministic encoding); tests/vectors/audit/receipt.json
+    pins them. issued_at_us: microseconds since the Unix epoch (UTC). key_id: SHA-256 (hex) of the
+    signer's SubjectPublicKeyInfo DER; cert_fingerprint: "sha256:<hex>" of the signer's certificate DER
+    (renewal keeps the key and changes the certificate). algorithm: "ecdsa-p256-sha256" or "ed25519".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SPAN_FIELD_NUMBER: _builtins.int
+    INPUT_SHA256_FIELD_NUMBER: _builtins.int
+    OUTPUT_SHA256_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_US_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    step: _builtins.int
+    input_sha256: _builtins.str
+    output_sha256: _builtins.str
+    node_id: _builtins.str
+    issued_at_us: _builtins.int
+    key_id: _builtins.str
+    cert_fingerprint: _builtins.str
+    algorithm: _builtins.str
+    @_builtins.property
+    def span(self) -> Global___BlockSpan: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        span: Global___BlockSpan | None = ...,
+        input_sha256: _builtins.str = ...,
+        output_sha256: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        issued_at_us: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        cert_fingerprint: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "cert_fingerprint", b"cert_fingerprint", "input_sha256", b"input_sha256", "issued_at_us", b"issued_at_us", "key_id", b"key_id", "node_id", b"node_id", "output_sha256", b"output_sha256", "session_id", b"session_id", "span", b"span", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptBody: _TypeAlias = ReceiptBody  # noqa: Y015
+
+@_typing.final
+class Receipt(_message.Message):
+    """body: a serialized ReceiptBody, exactly the bytes that were signed (verifiers parse, never re-encode)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        body: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
 class ForwardRequest(_message.Message):
     """Data classification of a request ("public", "internal", "confidential", "restricted"); servers
-    evaluate their serve policy with it and refuse what they may not see.
+    evaluate their serve policy with it and refuse what they may not see. session_id: chosen by the
+    client, shared by every hop of one pass (a backward pass has its own), named in receipts and audit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SPAN_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
-    request_id: _builtins.str
+    session_id: _builtins.str
     classification: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
@@ -163,12 +245,12 @@ class ForwardRequest(_message.Message):
         *,
         span: Global___BlockSpan | None = ...,
         inputs: Global___SpanInputs | None = ...,
-        request_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
         classification: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "inputs", b"inputs", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "inputs", b"inputs", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -176,22 +258,21 @@ Global___ForwardRequest: _TypeAlias = ForwardRequest  # noqa: Y015
 
 @_typing.final
 class ForwardResponse(_message.Message):
-    """receipt: the server's signed receipt (JSON) over request id, span, input and output digests."""
-
     DESCRIPTOR: _descriptor.Descriptor
 
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
-    receipt: _builtins.str
     @_builtins.property
     def hidden_states(self) -> Global___Tensor: ...
+    @_builtins.property
+    def receipt(self) -> Global___Receipt: ...
     def __init__(
         self,
         *,
         hidden_states: Global___Tensor | None = ...,
-        receipt: _builtins.str = ...,
+        receipt: Global___Receipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -208,9 +289,9 @@ class BackwardRequest(_message.Message):
     SPAN_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUTS_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
-    request_id: _builtins.str
+    session_id: _builtins.str
     classification: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
@@ -224,12 +305,12 @@ class BackwardRequest(_message.Message):
         span: Global___BlockSpan | None = ...,
         inputs: Global___SpanInputs | None = ...,
         grad_outputs: Global___Tensor | None = ...,
-        request_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
         classification: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad_outputs", b"grad_outputs", "inputs", b"inputs", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "grad_outputs", b"grad_outputs", "inputs", b"inputs", "request_id", b"request_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "grad_outputs", b"grad_outputs", "inputs", b"inputs", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -241,16 +322,17 @@ class BackwardResponse(_message.Message):
 
     GRAD_INPUTS_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
-    receipt: _builtins.str
     @_builtins.property
     def grad_inputs(self) -> Global___Tensor: ...
+    @_builtins.property
+    def receipt(self) -> Global___Receipt: ...
     def __init__(
         self,
         *,
         grad_inputs: Global___Tensor | None = ...,
-        receipt: _builtins.str = ...,
+        receipt: Global___Receipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -260,26 +342,24 @@ Global___BackwardResponse: _TypeAlias = BackwardResponse  # noqa: Y015
 
 @_typing.final
 class OpenSession(_message.Message):
-    """nonce: fresh random bytes; the server answers with a proof that it holds its TLS private key."""
+    """nonce: fresh random bytes; the server answers with a proof that it holds its TLS private key.
+    session_id: chosen by the client, the same on every hop of its session (audit records and receipts
+    use it); refused when this server already has a session of that id.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SPAN_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     max_length: _builtins.int
     batch_size: _builtins.int
-    request_id: _builtins.str
     nonce: _builtins.bytes
     classification: _builtins.str
     session_id: _builtins.str
-    """Chosen by the client, the same on every hop of its session (audit records and receipts use it);
-    refused when this server already has a session of that id.
-    """
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -288,14 +368,13 @@ class OpenSession(_message.Message):
         span: Global___BlockSpan | None = ...,
         max_length: _builtins.int = ...,
         batch_size: _builtins.int = ...,
-        request_id: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
         classification: _builtins.str = ...,
         session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "max_length", b"max_length", "nonce", b"nonce", "request_id", b"request_id", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "max_length", b"max_length", "nonce", b"nonce", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,17 +494,18 @@ class StepResult(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Tokens held in the session's KV cache after this step."""
-    receipt: _builtins.str
     @_builtins.property
     def hidden_states(self) -> Global___Tensor: ...
+    @_builtins.property
+    def receipt(self) -> Global___Receipt: ...
     def __init__(
         self,
         *,
         hidden_states: Global___Tensor | None = ...,
         position: _builtins.int = ...,
-        receipt: _builtins.str = ...,
+        receipt: Global___Receipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "position", b"position", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...

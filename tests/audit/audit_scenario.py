@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fincluster.audit import (
     AttestationFailureEvent,
-    BlockSpan,
     DenialEvent,
     FailoverEvent,
     RouteHop,
@@ -25,6 +24,7 @@ from fincluster.audit import (
     sha256_hex,
     sign_receipt,
 )
+from fincluster.spans import BlockSpan
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "audit"
 REGENERATE = os.environ.get("FINCLUSTER_REGENERATE_VECTORS") == "1"
@@ -38,6 +38,11 @@ MODEL = "HuggingFaceTB/SmolLM2-135M"
 MANIFEST = sha256_hex(b"manifest of the demo model")
 BUNDLE = sha256_hex(b"policy bundle v1")
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def cert_fingerprint(node_id: str) -> str:
+    """A stand-in certificate fingerprint per node (the scenario has keys, not certificates)."""
+    return "sha256:" + sha256_hex(f"certificate of {node_id}".encode())
 
 
 def ed25519_key(label: str) -> Ed25519PrivateKey:
@@ -94,7 +99,6 @@ class Swarm:
         num_tokens: int,
         operation: str = "inference_step",
         classification: str = "confidential",
-        request_id: str = "req-1",
     ) -> tuple[TransferEvent, TransferEvent]:
         """The client's and the server's record of one transfer (payloads are stand-in bytes)."""
         block_span = BlockSpan(start=span[0], end=span[1])
@@ -104,15 +108,15 @@ class Swarm:
             self.node_keys[node_id],
             session_id=session_id,
             step=step,
-            block_span=block_span,
+            span=block_span,
             input_sha256=sha256_hex(sent),
             output_sha256=sha256_hex(returned),
             node_id=node_id,
+            cert_fingerprint=cert_fingerprint(node_id),
             issued_at=self.clock(),
         )
         common: dict[str, Any] = dict(
             session_id=session_id,
-            request_id=request_id,
             operation=operation,
             step=step,
             client_id=CLIENT,
@@ -121,7 +125,7 @@ class Swarm:
             manifest_digest=MANIFEST,
             node_id=node_id,
             node_tier=self.tiers[node_id],
-            cert_fingerprint="sha256:" + sha256_hex(f"certificate of {node_id}".encode()),
+            cert_fingerprint=cert_fingerprint(node_id),
             attestation_id=f"att-{node_id.rsplit('/', 1)[-1]}-1",
             block_span=block_span,
             num_tokens=num_tokens,
@@ -184,7 +188,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
             time=clock(),
             observer="client",
             session_id="s-1",
-            request_id="req-1",
             client_id=CLIENT,
             chain=(swarm.hop(NODE_A, (0, 4), "s-1"), swarm.hop(NODE_B, (4, 8), "s-1")),
             policy_bundle_digest=BUNDLE,
@@ -200,7 +203,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
             time=clock(),
             observer="client",
             session_id="s-1",
-            request_id="req-1",
             block_span=BlockSpan(start=4, end=8),
             failed_node_id=NODE_B,
             replacement_node_id=NODE_C,
@@ -213,7 +215,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
             time=clock(),
             observer="client",
             session_id="s-1",
-            request_id="req-1",
             client_id=CLIENT,
             chain=(swarm.hop(NODE_A, (0, 4), "s-1"), swarm.hop(NODE_C, (4, 8), "s-1")),
             policy_bundle_digest=BUNDLE,
@@ -252,7 +253,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
             observer="client",
             enforced_at="router",
             session_id="s-2",
-            request_id="req-2",
             client_id=CLIENT,
             node_id=NODE_B,
             block_span=BlockSpan(start=4, end=8),
@@ -267,7 +267,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
             time=clock(),
             observer="client",
             session_id="s-2",
-            request_id="req-2",
             client_id=CLIENT,
             chain=(swarm.hop(NODE_A, (0, 8), "s-2"),),
             policy_bundle_digest=BUNDLE,
@@ -281,7 +280,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
         num_tokens=12,
         operation="forward",
         classification="restricted",
-        request_id="req-2",
     )
     transfer(
         session_id="s-2",
@@ -291,7 +289,6 @@ def client_scenario(swarm: Swarm) -> ScenarioLogs:
         num_tokens=12,
         operation="backward",
         classification="restricted",
-        request_id="req-2",
     )
     client.append(
         SessionCloseEvent(time=clock(), observer="client", session_id="s-2", client_id=CLIENT, outcome="ok")

@@ -41,8 +41,11 @@ def write_log(tmp_path: Path, writer_key: Ed25519PrivateKey, clock: FakeClock) -
 
     def write(events: list[Any], *, name: str = "audit.db", **settings: Any) -> Path:
         path = tmp_path / name
-        options: dict[str, Any] = {"origin": "client.analyst-1", "checkpoint_every_records": 4} | settings
-        with AuditLog(path, signing_key=writer_key, settings=AuditSettings(**options), clock=clock) as log:
+        options: dict[str, Any] = {"checkpoint_every_records": 4} | settings
+        origin = options.pop("origin", "client.analyst-1")
+        with AuditLog(
+            path, signing_key=writer_key, origin=origin, settings=AuditSettings(**options), clock=clock
+        ) as log:
             for event in events:
                 log.append(event)
         return path

@@ -130,7 +130,7 @@ def test_verify_with_an_anchor_catches_a_cut_tail(
     """Records after the last checkpoint, removed with that checkpoint: only the anchor notices."""
     path = write_log(scenario.client_events)
     anchor = tmp_path / "anchor.json"
-    with AuditLog(path, signing_key=writer_key, settings=AuditSettings(origin="client.analyst-1")) as log:
+    with AuditLog(path, signing_key=writer_key, origin="client.analyst-1", settings=AuditSettings()) as log:
         assert log.last_checkpoint is not None
         anchor.write_bytes(canonical_json(log.last_checkpoint))
     with sqlite3.connect(path) as db:
@@ -271,7 +271,7 @@ def test_reconcile_lists_a_transfer_only_a_server_recorded_and_exits_1(
     assert run(["audit", "reconcile", str(fixture_log), str(server)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("matched 12, unmatched 1 (client only 0, server only 1, mismatched 0)")
-    assert f"server only: session s-9 step 0 node {NODE_B} blocks [4, 8)" in out
+    assert f"server only: session s-9 step 0 node {NODE_B} blocks 4:8" in out
 
 
 def test_reconcile_checks_receipts_against_the_node_certificates(

@@ -8,10 +8,11 @@ import pytest
 from audit_scenario import CLIENT, MANIFEST, MODEL, NODE_A, Swarm, check_vector
 from pydantic import TypeAdapter, ValidationError
 
-from fincluster.audit import AuditEvent, BlockSpan, SessionOpenEvent, TransferEvent, canonical_json
+from fincluster.audit import AuditEvent, SessionOpenEvent, TransferEvent, canonical_json
 from fincluster.audit.checkpoints import seal_message
 from fincluster.audit.merkle import leaf_hash
 from fincluster.audit.signing import key_id, sign
+from fincluster.spans import BlockSpan
 
 EVENTS: TypeAdapter[AuditEvent] = TypeAdapter(AuditEvent)
 

@@ -25,8 +25,8 @@ from fincluster.errors import AuditError, ClosedError, ConfigurationError
 
 
 def open_log(path: Path, key, clock: FakeClock, **settings) -> AuditLog:
-    options = {"origin": "client.analyst-1"} | settings
-    return AuditLog(path, signing_key=key, settings=AuditSettings(**options), clock=clock)
+    origin = settings.pop("origin", "client.analyst-1")
+    return AuditLog(path, signing_key=key, origin=origin, settings=AuditSettings(**settings), clock=clock)
 
 
 def transfers(swarm: Swarm, count: int, session_id: str = "s-1") -> list[TransferEvent]:

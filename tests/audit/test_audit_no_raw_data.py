@@ -10,7 +10,6 @@ from audit_scenario import CLIENT, MANIFEST, MODEL, NODE_A, T0
 from fincluster.audit import (
     AuditLog,
     AuditSettings,
-    BlockSpan,
     SessionOpenEvent,
     TransferEvent,
     build_report,
@@ -20,6 +19,7 @@ from fincluster.audit import (
     render_json,
     sha256_hex,
 )
+from fincluster.spans import BlockSpan
 
 PROMPT = "Move 250000 EUR from account DE44500105175407324931 to the Cayman trust of J. Doe"
 
@@ -49,7 +49,6 @@ def test_events_built_from_a_prompt_leave_no_trace_of_it_on_disk(tmp_path, write
                 time=T0,
                 observer="client",
                 session_id="s-1",
-                request_id="r-1",
                 operation="forward",
                 step=0,
                 client_id=CLIENT,

@@ -1,21 +1,29 @@
-"""Server receipts and the reconciliation of client and server logs."""
+"""Server receipts (protobuf, signed over their exact body bytes) and the reconciliation of client and
+server logs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from audit_scenario import NODE_A, NODE_B, T0, ScenarioLogs, Swarm, ed25519_key, p256_key
+from audit_scenario import NODE_A, NODE_B, T0, VECTORS, ScenarioLogs, Swarm, ed25519_key, p256_key
 
 from fincluster.audit import (
-    BlockSpan,
     TransferEvent,
     read_events,
+    receipt_body,
     receipt_is_valid,
     reconcile,
     sha256_hex,
     sign_receipt,
     verify_receipt,
 )
+from fincluster.audit.receipts import RECEIPT_DOMAIN
 from fincluster.errors import AuditIntegrityError
+from fincluster.spans import BlockSpan
+from fincluster.wire import fincluster_pb2 as pb
+
+FINGERPRINT = "sha256:" + sha256_hex(b"certificate of server a")
 
 
 def receipt_for(key, **overrides):
@@ -23,10 +31,11 @@ def receipt_for(key, **overrides):
         dict(
             session_id="s-1",
             step=3,
-            block_span=BlockSpan(start=0, end=4),
+            span=BlockSpan(0, 4),
             input_sha256=sha256_hex(b"request bytes"),
             output_sha256=sha256_hex(b"response bytes"),
             node_id=NODE_A,
+            cert_fingerprint=FINGERPRINT,
             issued_at=T0,
         )
         | overrides
@@ -39,9 +48,11 @@ def receipt_for(key, **overrides):
 )
 def test_a_receipt_verifies_under_the_signing_servers_key(key) -> None:
     receipt = receipt_for(key)
-    verify_receipt(receipt, key.public_key())
+    body = verify_receipt(receipt, key.public_key())
     assert receipt_is_valid(receipt, key.public_key())
-    assert receipt.body.algorithm == ("ed25519" if "Ed25519" in type(key).__name__ else "ecdsa-p256-sha256")
+    assert body.algorithm == ("ed25519" if "Ed25519" in type(key).__name__ else "ecdsa-p256-sha256")
+    assert (body.session_id, body.step, body.span.start, body.span.end) == ("s-1", 3, 0, 4)
+    assert body.cert_fingerprint == FINGERPRINT
 
 
 def test_a_receipt_fails_under_another_key() -> None:
@@ -53,8 +64,33 @@ def test_a_receipt_fails_under_another_key() -> None:
 def test_a_receipt_whose_body_was_changed_fails() -> None:
     key = ed25519_key("server a")
     receipt = receipt_for(key)
-    altered = receipt.model_copy(update={"body": receipt.body.model_copy(update={"step": 4})})
+    body = receipt_body(receipt)
+    body.step = 4
+    altered = pb.Receipt(body=body.SerializeToString(deterministic=True), signature=receipt.signature)
     assert not receipt_is_valid(altered, key.public_key())
+
+
+def test_a_receipt_body_that_does_not_parse_is_invalid_not_an_exception() -> None:
+    key = ed25519_key("server a")
+    garbage = pb.Receipt(body=b"\xff\xff\xff", signature=b"\x00" * 64)
+    assert not receipt_is_valid(garbage, key.public_key())
+    with pytest.raises(AuditIntegrityError, match="does not parse"):
+        receipt_body(garbage)
+
+
+def test_receipt_encoding_matches_the_known_answer_vector() -> None:
+    """The signed bytes are the domain line plus the body exactly as pinned, written out field by field
+    in the vector; Ed25519 signatures are deterministic, so the signature is pinned too."""
+    vector = json.loads((VECTORS / "receipt.json").read_text())
+    receipt = receipt_for(ed25519_key("server a"))
+    assert vector["domain"].encode() == RECEIPT_DOMAIN
+    assert receipt.body.hex() == vector["body_hex"]
+    assert receipt.signature.hex() == vector["signature_hex"]
+    body = receipt_body(receipt)
+    assert {field.name: value for field, value in body.ListFields() if field.name != "span"} == vector[
+        "fields"
+    ]
+    assert (body.span.start, body.span.end) == tuple(vector["span"])
 
 
 def node_keys(swarm: Swarm):

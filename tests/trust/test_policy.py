@@ -21,10 +21,10 @@ import pytest
 from pydantic import ValidationError
 
 from fincluster.errors import ClosedError, ConfigurationError, PolicyDenied, PolicyError
+from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import TrustTier, VerifiedClaims
 from fincluster.trust.opa_backend import OpaEngine
 from fincluster.trust.policy import (
-    BlockSpan,
     Classification,
     ClientIdentity,
     Decision,
