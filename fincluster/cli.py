@@ -17,6 +17,7 @@ from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
 from fincluster.trust.commands import register as register_attest
+from fincluster.values import TensorDType
 
 if TYPE_CHECKING:
     from fincluster.settings import Settings
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", type=Path)
     serve.add_argument("--blocks", help="START:END")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    serve.add_argument("--dtype", choices=[dtype.value for dtype in TensorDType])
     serve.add_argument("--registry", help="registry host:port")
     serve.add_argument("--audit-dir", type=Path, help="directory of this server's audit log")
     serve.set_defaults(handler=cmd_serve)

@@ -35,7 +35,7 @@ class LogFormat(enum.StrEnum):
 class TLSSettings(BaseModel):
     """Paths of this node's mTLS material (issued by ``fincluster certs``)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     ca_cert: Path
     cert: Path
@@ -48,7 +48,7 @@ class TLSSettings(BaseModel):
 class TrustSettings(BaseModel):
     """Policy, attestation and revocation. Without ``policy_dir`` a node handles public data only."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     policy_dir: Path | None = Field(default=None, description="directory of Rego policies (policies/)")
     policy_data: Path | None = Field(
@@ -68,7 +68,7 @@ class TrustSettings(BaseModel):
 
 
 class ServerSettings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     store: Path | None = None
     blocks: BlockSpan | None = Field(default=None, description="block span START:END this server hosts")
@@ -93,14 +93,14 @@ class ServerSettings(BaseModel):
 
 
 class ClientSettings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     max_message_bytes: int = Field(default=64 * 2**20, gt=0)
 
 
 class RegistrySettings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     address: str | None = Field(default=None, description="host:port of the registry service")
     host: str = "127.0.0.1"
@@ -108,7 +108,7 @@ class RegistrySettings(BaseModel):
 
 
 class LoggingSettings(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     format: LogFormat = LogFormat.CONSOLE
     level: str = "info"

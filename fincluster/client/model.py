@@ -31,9 +31,9 @@ from fincluster.client.swarm import ChainPlanner, Swarm
 from fincluster.client.transport import SpanClient
 from fincluster.errors import ClosedError, ConfigurationError, UsageError
 from fincluster.serving.local import LocalSpanClient
-from fincluster.serving.span_model import cut_config
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
+from fincluster.store.partition import cut_config
 from fincluster.trust.policy import Classification, ModelRef
 
 

@@ -9,7 +9,6 @@ applies it).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
@@ -18,21 +17,7 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 from fincluster.errors import StoreError
 from fincluster.spans import BlockSpan
-
-
-def cut_config(config: PretrainedConfig, layers: range) -> PretrainedConfig:
-    """A copy of the model config restricted to ``layers`` (layer count and per-layer attention types);
-    ``range(0)`` gives the config of the client part (embeddings, norm, head: no layers)."""
-    if layers.stop > config.num_hidden_layers:
-        raise StoreError(
-            f"blocks {layers.start}:{layers.stop} exceed the model's {config.num_hidden_layers} blocks"
-        )
-    sub = copy.deepcopy(config)
-    sub.num_hidden_layers = len(layers)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        sub.layer_types = list(layer_types[layers.start : layers.stop])
-    return sub
+from fincluster.store.partition import cut_config
 
 
 class SpanModel(torch.nn.Module):

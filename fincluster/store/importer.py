@@ -24,10 +24,11 @@ from fincluster.errors import ConfigurationError
 from fincluster.store.aliases import STORE_ALIASES
 from fincluster.store.checkpoint import SafetensorsCheckpoint, load_checkpoint_config, tokenizer_files
 from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, TOKENIZER_DIR, block_file
-from fincluster.store.manifest import Manifest, StoreDtype
+from fincluster.store.manifest import Manifest
 from fincluster.store.partition import plan_store
 from fincluster.store.staging import StagedStore, check_destination
 from fincluster.store.store import ModelStore
+from fincluster.values import TensorDType
 
 log = structlog.get_logger(__name__)
 
@@ -35,12 +36,6 @@ ProgressCallback = Callable[[str, int, int], None]
 TokenizerWriter = Callable[[Path], None]
 
 _GGUF_MAGIC = b"GGUF"
-_STORE_DTYPES: Mapping[torch.dtype, StoreDtype] = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
-_TORCH_DTYPES: Mapping[StoreDtype, torch.dtype] = {name: dtype for dtype, name in _STORE_DTYPES.items()}
 # Config entries that must not reach the store: the GGUF quantization marker (the store holds plain
 # dequantized weights) and the source path (machine-specific).
 _DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path")
@@ -76,14 +71,22 @@ def import_model(
     _refuse_overlap(source_path, out_path)
     if source_path.is_file() and _is_gguf(source_path):
         name = model_id or (os.fspath(source) if alias is not None else source_path.stem)
-        log.info("importing GGUF model", source=str(source_path), out=str(out_path), model_id=name)
+        log.info(
+            "model_import_started", format="gguf", source=str(source_path), out=str(out_path), model_id=name
+        )
         model, tokenizer = _load_gguf(source_path, progress)
         return import_from_model(
             model, tokenizer, out_path, model_id=name, progress=progress, overwrite=overwrite
         )
     if source_path.is_dir() and (source_path / CONFIG_FILE).is_file():
         name = model_id or source_path.name
-        log.info("importing checkpoint", source=str(source_path), out=str(out_path), model_id=name)
+        log.info(
+            "model_import_started",
+            format="checkpoint",
+            source=str(source_path),
+            out=str(out_path),
+            model_id=name,
+        )
         return _import_checkpoint(
             source_path, out_path, model_id=name, progress=progress, overwrite=overwrite
         )
@@ -165,11 +168,11 @@ def _write_store(
     report = progress or (lambda stage, done, total: None)
     with StagedStore(out, overwrite=overwrite) as staged:
         dtype = _store_dtype(get_tensor(plan.client["embed_tokens.weight"]))
-        staged.write_bytes(CLIENT_FILE, _serialize(plan.client, get_tensor, _TORCH_DTYPES[dtype]))
+        staged.write_bytes(CLIENT_FILE, _serialize(plan.client, get_tensor, dtype.torch_dtype))
         report(ImportStage.CLIENT, 1, 1)
         report(ImportStage.BLOCKS, 0, num_blocks)
         for index, block in enumerate(plan.blocks):
-            staged.write_bytes(block_file(index), _serialize(block, get_tensor, _TORCH_DTYPES[dtype]))
+            staged.write_bytes(block_file(index), _serialize(block, get_tensor, dtype.torch_dtype))
             report(ImportStage.BLOCKS, index + 1, num_blocks)
         staged.write_bytes(CONFIG_FILE, _config_json(config, dtype))
         if write_tokenizer is not None:
@@ -185,17 +188,17 @@ def _write_store(
             files=staged.file_digests(),
         )
         staged.publish(manifest)
-    log.info("model imported", store=str(out), model_id=model_id, blocks=num_blocks, dtype=dtype)
+    log.info("model_imported", store=str(out), model_id=model_id, blocks=num_blocks, dtype=dtype.value)
     return ModelStore.open(out)
 
 
-def _store_dtype(embeddings: torch.Tensor) -> StoreDtype:
-    name = _STORE_DTYPES.get(embeddings.dtype)
-    if name is None:
+def _store_dtype(embeddings: torch.Tensor) -> TensorDType:
+    try:
+        return TensorDType.of(embeddings.dtype)
+    except ValueError:
         raise ConfigurationError(
             f"embeddings are {embeddings.dtype}; stores hold float32, float16 or bfloat16"
-        )
-    return name
+        ) from None
 
 
 def _serialize(
@@ -214,11 +217,11 @@ def _serialize(
     return safetensors.torch.save(tensors, metadata={"format": "pt"})
 
 
-def _config_json(config: PretrainedConfig, dtype: StoreDtype) -> bytes:
+def _config_json(config: PretrainedConfig, dtype: TensorDType) -> bytes:
     data = json.loads(config.to_json_string(use_diff=False))
     for key in _DROPPED_CONFIG_KEYS:
         data.pop(key, None)
-    data["dtype"] = dtype
+    data["dtype"] = dtype.value
     return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
 
 

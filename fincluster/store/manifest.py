@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import PurePosixPath
-from typing import Literal
 
 import pydantic
 
 from fincluster.errors import StoreError
 from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, MANIFEST_FILE, block_file
-
-StoreDtype = Literal["float32", "float16", "bfloat16"]
+from fincluster.values import TensorDType
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -40,7 +38,7 @@ class Manifest(pydantic.BaseModel):
     architecture: str = pydantic.Field(min_length=1)
     num_blocks: int = pydantic.Field(ge=1)
     hidden_size: int = pydantic.Field(ge=1)
-    dtype: StoreDtype
+    dtype: TensorDType
     tie_word_embeddings: bool
     files: dict[str, str]
 

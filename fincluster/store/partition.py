@@ -13,11 +13,14 @@ Anything else is refused, so no weight is silently left behind.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fincluster.errors import ConfigurationError
+from transformers import PretrainedConfig
+
+from fincluster.errors import ConfigurationError, StoreError
 
 EMBEDDINGS = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -62,3 +65,18 @@ def plan_store(source_keys: Iterable[str], *, num_blocks: int, tie_word_embeddin
     if missing:
         raise ConfigurationError(f"the source lacks tensor(s): {', '.join(missing[:5])}")
     return StorePlan(client=client, blocks=tuple(blocks))
+
+
+def cut_config(config: PretrainedConfig, layers: range) -> PretrainedConfig:
+    """A copy of the model config restricted to ``layers`` (layer count and per-layer attention types);
+    ``range(0)`` gives the config of the client part (embeddings, norm, head: no layers)."""
+    if layers.stop > config.num_hidden_layers:
+        raise StoreError(
+            f"blocks {layers.start}:{layers.stop} exceed the model's {config.num_hidden_layers} blocks"
+        )
+    sub = copy.deepcopy(config)
+    sub.num_hidden_layers = len(layers)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        sub.layer_types = list(layer_types[layers.start : layers.stop])
+    return sub

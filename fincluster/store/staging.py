@@ -95,7 +95,7 @@ class StagedStore:
                 raise
             finally:
                 shutil.rmtree(replaced, ignore_errors=True)
-        log.info("store published", store=str(self._out), files=len(manifest.files))
+        log.info("store_published", store=str(self._out), files=len(manifest.files))
 
     def __enter__(self) -> StagedStore:
         return self

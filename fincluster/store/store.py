@@ -118,7 +118,7 @@ class ModelStore:
             except FileNotFoundError:
                 raise self._missing(path) from None
             self._check_digest(path, actual, expected)
-        log.info("store verified", store=str(self._path), files=len(self._manifest.files))
+        log.info("store_verified", store=str(self._path), files=len(self._manifest.files))
 
     def _unlisted_files(self) -> Iterator[str]:
         listed = set(self._manifest.files)
@@ -162,7 +162,7 @@ class ModelStore:
 
     def _check_digest(self, path: str, actual: str, expected: str) -> None:
         if actual != expected:
-            log.error("store file failed its integrity check", store=str(self._path), file=path)
+            log.error("store_file_tampered", store=str(self._path), file=path)
             raise StoreIntegrityError(
                 f"store file {path!r} in {self._path} is corrupt or was tampered with: "
                 f"its SHA-256 is {actual}, the manifest says {expected}"

@@ -50,7 +50,7 @@ from joserfc.jwk import OKPKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from fincluster.errors import ConfigurationError, TrustError, TrustReason
-from fincluster.values import Sha256Hex, SpiffeId
+from fincluster.values import FrozenModel, Sha256Hex, SpiffeId
 
 __all__ = [
     "ATTESTATION_ISSUER",
@@ -105,10 +105,8 @@ class TrustTier(StrEnum):
     STANDARD = "standard"
 
 
-class AttestationSubject(BaseModel):
+class AttestationSubject(FrozenModel):
     """What the authority asserts about one node (the input to :func:`issue_attestation`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     node_id: SpiffeId
     tls_key_sha256: Sha256Hex
