@@ -154,10 +154,18 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._guard.authorize(client_id, classification, span, session_id=session_id)
         return span
 
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+    def _stateless(
+        self,
+        context: grpc.ServicerContext,
+        request: pb.ForwardRequest | pb.BackwardRequest,
+        operation: str,
+        compute: Callable[[BlockSpan], torch.Tensor],
+    ) -> tuple[pb.Tensor, pb.Receipt]:
+        """One forward or backward call: authorise, compute, sign; the record is written once the
+        response is on its way."""
         client_id = peer_identity(context)
 
-        def work() -> pb.ForwardResponse:
+        def work() -> tuple[pb.Tensor, pb.Receipt]:
             session_id = checked_id(request.session_id)
             span = self._authorized_span(
                 request.span,
@@ -165,11 +173,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 classification=request.classification,
                 session_id=session_id,
             )
-            output = encode(self._runner.forward(span, inputs_from_wire(request.inputs)))
+            output = encode(compute(span))
             transfer = self._transfer(
                 session_id=session_id,
                 step=0,
-                operation="forward",
+                operation=operation,
                 span=span,
                 client_id=client_id,
                 classification=request.classification,
@@ -177,39 +185,29 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 output=output,
             )
             context.add_callback(partial(self._record, transfer))
-            return pb.ForwardResponse(hidden_states=output, receipt=transfer.receipt)
+            return output, transfer.receipt
 
-        return self._call(context, "Forward", work)
+        return self._call(context, operation, work)
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        output, receipt = self._stateless(
+            context,
+            request,
+            "forward",
+            lambda span: self._runner.forward(span, inputs_from_wire(request.inputs)),
+        )
+        return pb.ForwardResponse(hidden_states=output, receipt=receipt)
 
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
-        client_id = peer_identity(context)
-
-        def work() -> pb.BackwardResponse:
-            session_id = checked_id(request.session_id)
-            span = self._authorized_span(
-                request.span,
-                client_id=client_id,
-                classification=request.classification,
-                session_id=session_id,
-            )
-            grad = self._runner.backward(
+        output, receipt = self._stateless(
+            context,
+            request,
+            "backward",
+            lambda span: self._runner.backward(
                 span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
-            )
-            output = encode(grad)
-            transfer = self._transfer(
-                session_id=session_id,
-                step=0,
-                operation="backward",
-                span=span,
-                client_id=client_id,
-                classification=request.classification,
-                inputs=request.inputs,
-                output=output,
-            )
-            context.add_callback(partial(self._record, transfer))
-            return pb.BackwardResponse(grad_inputs=output, receipt=transfer.receipt)
-
-        return self._call(context, "Backward", work)
+            ),
+        )
+        return pb.BackwardResponse(grad_inputs=output, receipt=receipt)
 
     def Inference(
         self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
