@@ -18,6 +18,7 @@
     │   └── PolicyDenied            policy denied a placement; carries the reasons
     ├── AuditError                  the audit log could not be written or read
     │   └── AuditIntegrityError     the audit log failed verification
+    ├── DatasetError                a data set shipped with the package is missing or malformed
     └── ClosedError                 an object was used after ``close()``
 
 Errors raised toward remote peers are mapped to opaque gRPC statuses at the transport boundary;
@@ -118,6 +119,10 @@ class AuditError(FinclusterError):
 
 class AuditIntegrityError(AuditError):
     """The audit log failed verification."""
+
+
+class DatasetError(FinclusterError):
+    """A data set shipped with the package is missing or malformed."""
 
 
 class ClosedError(FinclusterError):
