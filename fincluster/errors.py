@@ -25,6 +25,7 @@
     │   └── PolicyDenied            policy denied a placement; carries the reasons and the decision id
     ├── AuditError                  the audit log could not be written or read
     │   └── AuditIntegrityError     the audit log failed verification
+    ├── DatasetError                a data set shipped with the package is missing or malformed
     └── ClosedError                 an object was used after ``close()``
 
 ``fincluster.wire.status`` maps the ``RemoteError`` branch to gRPC status codes and back, in one table:
@@ -197,6 +198,10 @@ class AuditError(FinclusterError):
 
 class AuditIntegrityError(AuditError):
     """The audit log failed verification."""
+
+
+class DatasetError(FinclusterError):
+    """A data set shipped with the package is missing or malformed."""
 
 
 class ClosedError(FinclusterError):

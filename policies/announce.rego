@@ -10,7 +10,7 @@ import data.fincluster.common
 
 # METADATA
 # description: A span inside the model, prefix blocks only from trusted nodes, and claims for this node.
-requirements(doc, cfg) := {"valid_span"} | prefix_requirements(doc, cfg) | common.binding_requirements(doc)
+requirements(doc, cfg) := ({"valid_span"} | prefix_requirements(doc, cfg)) | common.binding_requirements(doc)
 
 # METADATA
 # description: A span that is not known to be clear of the sensitive prefix needs a trusted node.

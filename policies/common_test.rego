@@ -24,6 +24,11 @@ placement(classification, start, end, claims) := {
 
 test_missing_input_is_an_empty_document if common.doc == {}
 
+test_input_is_the_document if {
+	doc := placement("public", 0, 8, null)
+	common.doc == doc with input as doc
+}
+
 test_shipped_prefix_fraction_is_a_fraction if {
 	common.config.sensitive_prefix.default_fraction > 0
 	common.config.sensitive_prefix.default_fraction <= 1
@@ -68,9 +73,7 @@ test_confidential_needs_a_trusted_node_in_an_allowed_zone if {
 }
 
 test_restricted_also_keeps_the_prefix_on_the_client if {
-	common.node_requirements(placement("restricted", 8, 32, null), cfg) == {
-		"trusted_node", "attested_weights", "allowed_zone", "prefix_on_client",
-	}
+	common.node_requirements(placement("restricted", 8, 32, null), cfg) == {"trusted_node", "attested_weights", "allowed_zone", "prefix_on_client"}
 }
 
 test_unknown_classification_adds_no_node_requirement if common.node_requirements({"classification": "secret"}, cfg) == set()

@@ -10,7 +10,7 @@ import data.fincluster.common
 
 # METADATA
 # description: The request is well formed and the node meets what its classification needs.
-requirements(doc, cfg) := request_requirements | common.node_requirements(doc, cfg) | common.binding_requirements(doc)
+requirements(doc, cfg) := (request_requirements | common.node_requirements(doc, cfg)) | common.binding_requirements(doc)
 
 # METADATA
 # description: Every request names a known classification and a span inside the model, for a cleared client.
