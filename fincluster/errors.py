@@ -13,6 +13,7 @@
     │   ├── SessionError            unknown / closed / expired inference session, or max length exceeded
     │   └── CapacityError           the server's KV-cache budget or its limits are exhausted
     ├── RegistryError               the registry could not be reached or refused an announcement
+    │   └── RegistryUnavailableError  the registry's store (etcd) answered from none of its endpoints
     ├── TrustError                  attestation / revocation / proof-of-possession failures
     ├── PolicyError                 policy could not be loaded or evaluated (fail closed)
     │   └── PolicyDenied            policy denied a placement; carries the reasons
@@ -94,6 +95,10 @@ class CapacityError(RemoteError):
 
 class RegistryError(FinclusterError):
     """The registry could not be reached or refused a request."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """No endpoint of the registry's store answered in time; retrying later may succeed."""
 
 
 class TrustError(FinclusterError):
