@@ -7,6 +7,7 @@ policy plugs in (the trust layer refuses, e.g., unattested nodes announcing sens
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -57,6 +58,16 @@ def policy_announce_check(trust: TrustContext) -> AnnounceCheck:
     return check
 
 
+@contextlib.contextmanager
+def _storage(context: grpc.ServicerContext) -> Iterator[None]:
+    """A failing backend (etcd down) reaches the caller as a retryable UNAVAILABLE; the reason is logged."""
+    try:
+        yield
+    except RegistryError as error:
+        log.warning("registry_storage_failed", error=str(error))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "registry storage unavailable; retry later")
+
+
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def __init__(self, backend: Registry, *, announce_check: AnnounceCheck | None = None) -> None:
         self._backend = backend
@@ -89,17 +100,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             except (PolicyError, TrustError) as error:
                 log.warning("announce refused", node=caller, reason=str(error))
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "announcement refused by policy")
-        expires = self._backend.announce(record, request.ttl_seconds)
+        with _storage(context):
+            expires = self._backend.announce(record, request.ttl_seconds)
         return pb.AnnounceResponse(expires_at_unix=expires)
 
     def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:
         if request.node_id != peer_identity(context):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "a server may withdraw only its own record")
-        self._backend.withdraw(request.node_id)
+        with _storage(context):
+            self._backend.withdraw(request.node_id)
         return pb.WithdrawResponse()
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        return pb.ListResponse(records=self._backend.list(request.model_id))
+        with _storage(context):
+            return pb.ListResponse(records=self._backend.list(request.model_id))
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RegistryEvent]:
         done = threading.Event()
@@ -112,7 +126,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             stop.set()
 
         threading.Thread(target=relay, daemon=True, name="registry-watch-relay").start()
-        yield from self._backend.watch(request.model_id, stop)
+        with _storage(context):
+            yield from self._backend.watch(request.model_id, stop)
 
 
 class RegistryClient:
