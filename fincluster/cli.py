@@ -125,13 +125,17 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
 # services --------------------------------------------------------------------------------------
 def cmd_registry(args: argparse.Namespace) -> int:
     from fincluster.bootstrap import trust_from_settings
+    from fincluster.registry.factory import registry_backend
     from fincluster.registry.server import RegistryServer
 
     overrides: dict[str, Any] = {"registry": {"port": args.port}} if args.port is not None else {}
     settings = _settings(args, **overrides)
     credential = _credential(settings)
     trust = trust_from_settings(settings.trust, credential)
-    server = RegistryServer(credential, host=settings.registry.host, port=settings.registry.port, trust=trust)
+    backend = registry_backend(settings.registry)
+    server = RegistryServer(
+        credential, host=settings.registry.host, port=settings.registry.port, trust=trust, backend=backend
+    )
     address = server.start()
     print(f"registry listening on {address}", flush=True)
     _wait_for_signal(server.stop)

@@ -20,6 +20,7 @@
     │   ├── RefusedError            refused by policy or trust checks (opaque)        PERMISSION_DENIED
     │   └── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
     ├── RegistryError               the registry could not be reached or refused an announcement
+    │   └── RegistryUnavailableError  the registry's store (etcd) answered from none of its endpoints
     ├── TrustError                  attestation / revocation / proof-of-possession failures (``reason``)
     ├── PolicyError                 policy could not be loaded or evaluated (fail closed)
     │   └── PolicyDenied            policy denied a placement; carries the reasons and the decision id
@@ -145,6 +146,10 @@ class UnavailableError(RemoteError):
 
 class RegistryError(FinclusterError):
     """The registry could not be reached or refused a request."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """No endpoint of the registry's store answered in time; retrying later may succeed."""
 
 
 class TrustReason(enum.StrEnum):

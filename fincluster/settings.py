@@ -99,12 +99,32 @@ class ClientSettings(BaseModel):
     max_message_bytes: int = Field(default=64 * 2**20, gt=0)
 
 
+class RegistryBackend(enum.StrEnum):
+    MEMORY = "memory"
+    ETCD = "etcd"
+
+
+class EtcdSettings(BaseModel):
+    """The etcd cluster behind the registry service; only that service holds these credentials."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoints: list[str] = Field(min_length=1, description="host:port of each etcd member")
+    prefix: str = "/fincluster/registry/"
+    ca_cert: Path = Field(description="CA that issued the etcd members' certificates")
+    cert: Path = Field(description="the registry service's etcd client certificate (CN = etcd user)")
+    key: Path
+    timeout_seconds: float = Field(default=2.0, gt=0, description="deadline of each etcd call")
+
+
 class RegistrySettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     address: str | None = Field(default=None, description="host:port of the registry service")
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
+    backend: RegistryBackend = RegistryBackend.MEMORY
+    etcd: EtcdSettings | None = None
 
 
 class LoggingSettings(BaseModel):

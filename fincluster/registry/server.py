@@ -8,7 +8,7 @@ import grpc
 import structlog
 
 from fincluster.errors import ClosedError
-from fincluster.registry.backend import InMemoryRegistry
+from fincluster.registry.backend import InMemoryRegistry, Registry
 from fincluster.registry.service import RegistryServicer
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, load_certificate
@@ -19,7 +19,7 @@ log = structlog.get_logger(__name__)
 
 
 class RegistryServer:
-    """mTLS gRPC registry over an ``InMemoryRegistry``; no socket until ``start()``."""
+    """mTLS gRPC registry over a backend (default: an ``InMemoryRegistry``); no socket until ``start()``."""
 
     def __init__(
         self,
@@ -27,13 +27,13 @@ class RegistryServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        backend: InMemoryRegistry | None = None,
+        backend: Registry | None = None,
         trust: TrustContext | None = None,
     ) -> None:
         self.credential = credential
         self.host = host
         self.port = port
-        self.backend = backend or InMemoryRegistry()
+        self.backend = backend if backend is not None else InMemoryRegistry()
         if trust is None:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust

@@ -8,6 +8,7 @@ sensitive blocks).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -15,7 +16,14 @@ from typing import TypeVar
 import grpc
 import structlog
 
-from fincluster.errors import InvalidRequestError, PolicyError, RefusedError, RegistryError, TrustError
+from fincluster.errors import (
+    InvalidRequestError,
+    PolicyError,
+    RefusedError,
+    RegistryError,
+    TrustError,
+    UnavailableError,
+)
 from fincluster.registry.backend import Registry
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
@@ -28,6 +36,16 @@ log = structlog.get_logger(__name__)
 
 MAX_TTL_SECONDS = 300
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _storage(context: grpc.ServicerContext, method: str) -> Iterator[None]:
+    """A failing backend (etcd down) reaches the caller as a retryable UNAVAILABLE; the reason is logged."""
+    try:
+        yield
+    except RegistryError as error:
+        log.warning("registry_storage_failed", error=str(error))
+        abort_for(context, UnavailableError("registry storage unavailable; retry later"), method=method)
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -65,17 +83,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         except (PolicyError, TrustError) as error:
             log.warning("announce_refused", node=caller, reason=str(error))
             abort_for(context, RefusedError("announcement refused by policy"), method="Announce")
-        expires = self._backend.announce(record, request.ttl_seconds)
+        with _storage(context, "Announce"):
+            expires = self._backend.announce(record, request.ttl_seconds)
         return pb.AnnounceResponse(expires_at_unix=expires)
 
     def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:
         if request.node_id != peer_identity(context):
             abort_for(context, RefusedError("a server may withdraw only its own record"), method="Withdraw")
-        self._backend.withdraw(request.node_id)
+        with _storage(context, "Withdraw"):
+            self._backend.withdraw(request.node_id)
         return pb.WithdrawResponse()
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        return pb.ListResponse(records=self._backend.list(request.model_id))
+        with _storage(context, "List"):
+            return pb.ListResponse(records=self._backend.list(request.model_id))
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RegistryEvent]:
         done = threading.Event()
@@ -88,7 +109,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             stop.set()
 
         threading.Thread(target=relay, daemon=True, name="registry-watch-relay").start()
-        yield from self._backend.watch(request.model_id, stop)
+        with _storage(context, "Watch"):
+            yield from self._backend.watch(request.model_id, stop)
 
 
 class RegistryClient:
