@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -33,7 +32,7 @@ from fincluster.errors import ClosedError, ConfigurationError, UsageError
 from fincluster.serving.local import LocalSpanClient
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
-from fincluster.store.partition import cut_config
+from fincluster.store.partition import cut_config, empty_model
 from fincluster.trust.policy import Classification, ModelRef
 
 
@@ -41,8 +40,7 @@ def _client_modules(
     config: PretrainedConfig, state: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> tuple[torch.nn.Embedding, torch.nn.Module, torch.nn.Linear]:
     """Embeddings, final norm and LM head of the model family, loaded from the store's client part."""
-    with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(cut_config(config, range(0)))
+    skeleton = empty_model(cut_config(config, range(0)), AutoModelForCausalLM.from_config)
     embed, norm, head = skeleton.model.embed_tokens, skeleton.model.norm, skeleton.lm_head
     embed.load_state_dict({"weight": state["embed_tokens.weight"].to(dtype)}, assign=True)
     norm.load_state_dict({"weight": state["norm.weight"].to(dtype)}, assign=True)

@@ -62,7 +62,7 @@ class LocalSpanClient:
             max_length=max_length,
             batch_size=batch_size,
             reserved_bytes=0,
-            cache=self._model.new_cache(),
+            cache=self._model.new_cache(self.span),
             client_id="local",
             last_used=time.monotonic(),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fincluster.errors import OutOfRangeError, SessionError, SessionLengthError, WireError
+from fincluster.errors import SessionError, SessionLengthError, WireError
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import SpanModel
 from fincluster.spans import BlockSpan
@@ -21,10 +21,8 @@ class BlockRunner:
         self.hidden_size: int = model.config.hidden_size
 
     def check_span(self, span: BlockSpan) -> None:
-        if span != self.span:
-            raise OutOfRangeError(
-                f"blocks {span} requested; this server serves blocks {self.span} only", span=span
-            )
+        """Any contiguous part of the loaded span may be asked for."""
+        self.model.check(span)
 
     def validate(self, inputs: SpanInputs, *, batch_size: int | None = None, past_length: int = 0) -> None:
         hidden = expect(
@@ -55,7 +53,7 @@ class BlockRunner:
         self.check_span(span)
         self.validate(inputs)
         inputs = inputs.to(self.model.device)
-        return self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids)
+        return self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids, span=span)
 
     def backward(self, span: BlockSpan, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the input hidden states; the span's weights stay frozen."""
@@ -71,7 +69,7 @@ class BlockRunner:
         inputs = inputs.to(self.model.device)
         with torch.enable_grad():
             hidden = inputs.hidden_states.detach().requires_grad_(True)
-            output = self.model(hidden, inputs.attention_mask, inputs.position_ids)
+            output = self.model(hidden, inputs.attention_mask, inputs.position_ids, span=span)
             (grad,) = torch.autograd.grad(output, hidden, grad_outputs.to(output.device))
         return grad
 
@@ -91,7 +89,11 @@ class BlockRunner:
                 )
             inputs = inputs.to(self.model.device)
             output = self.model(
-                inputs.hidden_states, inputs.attention_mask, inputs.position_ids, session.cache
+                inputs.hidden_states,
+                inputs.attention_mask,
+                inputs.position_ids,
+                session.cache,
+                span=session.span,
             )
             session.position += seq
             return output

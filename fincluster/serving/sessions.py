@@ -82,7 +82,7 @@ class SessionManager:
         self,
         budget: CacheBudget,
         *,
-        new_cache: Callable[[], DynamicCache],
+        new_cache: Callable[[BlockSpan], DynamicCache],
         bytes_per_token: Callable[[BlockSpan], int],
         max_session_length: int,
         idle_timeout_seconds: float,
@@ -132,7 +132,7 @@ class SessionManager:
             max_length=max_length,
             batch_size=batch_size,
             reserved_bytes=nbytes,
-            cache=self._new_cache(),
+            cache=self._new_cache(span),
             client_id=client_id,
             last_used=self._clock(),
         )
@@ -160,7 +160,7 @@ class SessionManager:
             return
         with session.lock:
             session.closed_reason = reason
-            session.cache = self._new_cache()
+            session.cache = DynamicCache()  # drop the cached keys and values now
         self._budget.release(session.reserved_bytes)
 
     def expire_idle(self) -> list[str]:

@@ -5,23 +5,46 @@ from a copy of the model config cut down to the span: its decoder layers, rotary
 sliding-window masks and KV cache are transformers' own, so remote output matches a local run. The
 embedding table is dropped (inputs are hidden states) and the final norm is an identity (the client
 applies it).
+
+Any contiguous sub-span of the loaded span can be run: a *view* is another base-model object whose
+layer list holds the same decoder-layer modules (no weight is copied), built once per sub-span. A
+session's KV cache over a sub-span is an :class:`OffsetCache`, because the shared layers address the
+cache by their index in the whole span.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from transformers import AutoModel, DynamicCache, PretrainedConfig
+from transformers import DynamicCache, PretrainedConfig
 
-from fincluster.errors import StoreError
+from fincluster.errors import OutOfRangeError, StoreError
 from fincluster.spans import BlockSpan
-from fincluster.store.partition import cut_config
+from fincluster.store.partition import cut_config, empty_model
+
+
+class OffsetCache(DynamicCache):
+    """A ``DynamicCache`` for a sub-span that starts ``offset`` layers into the loaded span: decoder
+    layers call ``update`` with their index in the whole span, everything else uses the sub-span's."""
+
+    def __init__(self, *, config: PretrainedConfig, offset: int) -> None:
+        super().__init__(config=config)
+        self.offset = offset
+
+    def update(  # type: ignore[override]
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        result: tuple[torch.Tensor, torch.Tensor] = super().update(
+            key_states, value_states, layer_idx - self.offset, *args, **kwargs
+        )
+        return result
 
 
 class SpanModel(torch.nn.Module):
-    """Blocks ``span`` of a model; forward maps hidden states to hidden states."""
+    """Blocks ``span`` of a model; forward maps hidden states to hidden states over any sub-span."""
 
     def __init__(
         self,
@@ -34,36 +57,70 @@ class SpanModel(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.span = span
+        self.model_config = config
         self.config = cut_config(config, span.blocks)
         self.dtype = dtype
-        with init_empty_weights(include_buffers=False):
-            base = AutoModel.from_config(self.config)
+        base = empty_model(self.config)
         base.embed_tokens = None
         base.norm = torch.nn.Identity()
         state = {
             f"layers.{index - span.start}.{name}": tensor.to(dtype)
-            for index in range(span.start, span.end)
+            for index in span.blocks
             for name, tensor in block_states[index].items()
         }
         missing, unexpected = base.load_state_dict(state, strict=False, assign=True)
         if unexpected:
             raise StoreError(f"unexpected weights for blocks {span}: {sorted(unexpected)[:5]}")
-        still_empty = [name for name, param in base.named_parameters() if param.is_meta]
+        # rotary frequencies are buffers computed from the config, not weights: build them for real
+        base.rotary_emb = type(base.rotary_emb)(config=self.config)
+        still_empty = [
+            name for name, tensor in (*base.named_parameters(), *base.named_buffers()) if tensor.is_meta
+        ]
         if missing or still_empty:
             raise StoreError(
                 f"weights missing for blocks {span}: {sorted(set(missing) | set(still_empty))[:5]}"
             )
         base.requires_grad_(False)
         self.base = base.to(device).eval()
+        self._views: dict[BlockSpan, Any] = {span: self.base}
+        self._views_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
         device: torch.device = next(self.base.parameters()).device
         return device
 
-    def new_cache(self) -> DynamicCache:
-        """An empty KV cache for one inference session over this span."""
-        return DynamicCache(config=self.config)
+    def check(self, span: BlockSpan) -> None:
+        """OutOfRangeError unless ``span`` lies inside the loaded span."""
+        if not self.span.contains(span):
+            raise OutOfRangeError(
+                f"blocks {span} requested; this server serves blocks {self.span} (or any part of them)",
+                span=span,
+            )
+
+    def view(self, span: BlockSpan) -> Any:
+        """A base model over sub-span ``span`` sharing this span's layer modules and rotary embedding."""
+        self.check(span)
+        with self._views_lock:
+            view = self._views.get(span)
+            if view is None:
+                view = empty_model(cut_config(self.model_config, span.blocks))
+                view.embed_tokens = None
+                view.norm = torch.nn.Identity()
+                first = span.start - self.span.start
+                view.layers = torch.nn.ModuleList(list(self.base.layers)[first : first + len(span)])
+                view.rotary_emb = self.base.rotary_emb
+                view.eval()
+                self._views[span] = view
+            return view
+
+    def new_cache(self, span: BlockSpan | None = None) -> DynamicCache:
+        """An empty KV cache for one inference session over ``span`` (default: the whole span)."""
+        span = span or self.span
+        self.check(span)
+        return OffsetCache(
+            config=cut_config(self.model_config, span.blocks), offset=span.start - self.span.start
+        )
 
     def __call__(
         self,
@@ -71,8 +128,10 @@ class SpanModel(torch.nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: DynamicCache | None = None,
+        *,
+        span: BlockSpan | None = None,
     ) -> torch.Tensor:
-        output: torch.Tensor = super().__call__(hidden_states, attention_mask, position_ids, cache)
+        output: torch.Tensor = super().__call__(hidden_states, attention_mask, position_ids, cache, span=span)
         return output
 
     def forward(
@@ -81,9 +140,12 @@ class SpanModel(torch.nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: DynamicCache | None = None,
+        *,
+        span: BlockSpan | None = None,
     ) -> torch.Tensor:
         # hidden_states: [batch, seq, hidden]; attention_mask: [batch, past + seq]; position_ids: [batch, seq]
-        output = self.base(
+        base = self.view(span) if span is not None else self.base
+        output = base(
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,

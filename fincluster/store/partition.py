@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from transformers import PretrainedConfig
+import torch
+from transformers import AutoModel, PretrainedConfig
 
 from fincluster.errors import ConfigurationError, StoreError
 
@@ -80,3 +83,18 @@ def cut_config(config: PretrainedConfig, layers: range) -> PretrainedConfig:
     if layer_types is not None:
         sub.layer_types = list(layer_types[layers.start : layers.stop])
     return sub
+
+
+_SKELETON_LOCK = threading.Lock()
+"""transformers patches ``torch.nn.init`` process-wide while it builds a model; building one model at a
+time keeps two threads from restoring each other's patches."""
+
+
+def empty_model(
+    config: PretrainedConfig, factory: Callable[[PretrainedConfig], Any] = AutoModel.from_config
+) -> Any:
+    """A model of ``config`` (the family's base model by default) with its parameters and buffers on
+    the meta device: no memory, no initialisation, and no process-global patch (``torch.device`` is a
+    thread-local mode), so threads may build models at the same time."""
+    with _SKELETON_LOCK, torch.device("meta"):
+        return factory(config)
