@@ -338,9 +338,9 @@ def run_demo(
             streamer = TimingStreamer(tokenizer)
             with model.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
                 model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
-                verdicts = swarm.last_guard.verdicts if swarm.last_guard is not None else {}
+                tiers = {hop.record.node_id: _tier(verdict) for hop, verdict in swarm.last_route}
                 placement = [
-                    (hop.client.node_id, hop.client.span, _tier(verdicts.get(hop.client.node_id)))
+                    (hop.client.node_id, hop.client.span, tiers.get(hop.client.node_id, "unattested"))
                     for hop in session.hops
                 ]
             _print_report(placement, streamer, input_ids.shape[1])

@@ -18,7 +18,8 @@
     │   │   └── SessionLengthError  max_length outside the server's limit, or exceeded OUT_OF_RANGE
     │   ├── CapacityError           KV-cache budget or other limits exhausted          RESOURCE_EXHAUSTED
     │   ├── RefusedError            refused by policy or trust checks (opaque)        PERMISSION_DENIED
-    │   └── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
+    │   ├── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
+    │   └── InvalidResponseError    a server's answer failed the client's checks (shape, dtype, values)
     ├── RegistryError               the registry could not be reached or refused an announcement
     │   └── RegistryUnavailableError  the registry's store (etcd) answered from none of its endpoints
     ├── TrustError                  attestation / revocation / proof-of-possession failures (``reason``)
@@ -142,6 +143,11 @@ class RefusedError(RemoteError):
 
 class UnavailableError(RemoteError):
     """The server could not be reached, is stopping, did not answer in time, or cannot audit."""
+
+
+class InvalidResponseError(RemoteError):
+    """What a server returned does not decode, or has the wrong shape, dtype or non-finite values; the
+    error names that server (never the next, honest one)."""
 
 
 class RegistryError(FinclusterError):

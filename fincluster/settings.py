@@ -95,8 +95,18 @@ class ServerSettings(BaseModel):
 class ClientSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    request_timeout_seconds: float = Field(default=60.0, gt=0)
+    request_timeout_seconds: float = Field(default=60.0, gt=0, description="deadline of one unary call")
+    step_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="a hop that does not answer a session step within this fails over"
+    )
     max_message_bytes: int = Field(default=64 * 2**20, gt=0)
+    failover_attempts: int = Field(default=3, ge=0, description="replacements tried per failed hop")
+    failover_backoff_seconds: float = Field(default=0.2, ge=0, description="first wait between attempts")
+    failover_backoff_max_seconds: float = Field(default=2.0, ge=0)
+    ban_seconds: float = Field(
+        default=10.0, gt=0, description="a failed node is not routed to for this long (doubling on repeats)"
+    )
+    rtt_refresh_seconds: float = Field(default=30.0, gt=0, description="round trips are measured again after")
 
 
 class RegistryBackend(enum.StrEnum):

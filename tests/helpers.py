@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +21,7 @@ from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.registry.server import RegistryServer
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
 from fincluster.serving.service import Transfer
-from fincluster.settings import ServerSettings
+from fincluster.settings import ClientSettings, ServerSettings
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore, import_from_model
 from fincluster.trust.enforcement import TrustContext
@@ -88,13 +92,21 @@ class Cluster:
         assert self.registry.address is not None
         return self.registry.address
 
-    def swarm(self, client: str = "analyst", *, trust: TrustContext | None = None, audit=None) -> Swarm:
+    def swarm(
+        self,
+        client: str = "analyst",
+        *,
+        trust: TrustContext | None = None,
+        audit=None,
+        settings: ClientSettings | None = None,
+    ) -> Swarm:
         """A client connection; audit goes to ``audit`` (an in-memory recorder when not given)."""
         return Swarm(
             registry=self.registry_address,
             credential=self.pki.credential(Role.CLIENT, client),
             trust=trust,
             audit=AuditRecorder() if audit is None else audit,
+            settings=settings,
         )
 
     def model(self, swarm: Swarm, classification: str = "public") -> DistributedModelForCausalLM:
@@ -250,3 +262,78 @@ class TrustKit:
             now=now or datetime.now(UTC),
             lifetime=lifetime,
         )
+
+
+@dataclass
+class ServerProcess:
+    """A real ``fincluster serve`` process (so a test can SIGKILL or SIGSTOP it)."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    node_id: str
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+    def pause(self) -> None:
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.popen.send_signal(signal.SIGCONT)
+
+
+def spawn_server(
+    pki: Pki,
+    store: ModelStore,
+    name: str,
+    blocks: str,
+    registry_address: str,
+    *,
+    extra_args: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+    ttl_seconds: int = 2,
+) -> ServerProcess:
+    """Start ``fincluster serve`` for ``blocks`` as server ``name``; returns once it is serving."""
+    credential = pki.credential(Role.SERVER, name)
+    env = {
+        **os.environ,
+        "FINCLUSTER_SERVER__ANNOUNCE_TTL_SECONDS": str(ttl_seconds),
+        "FINCLUSTER_SERVER__SHUTDOWN_GRACE_SECONDS": "0.5",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        **(extra_env or {}),
+    }
+    log = open(os.environ.get("FINCLUSTER_TEST_SERVER_LOG", os.devnull), "a")  # noqa: SIM115
+    popen = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fincluster",
+            "serve",
+            "--store",
+            str(store.path),
+            "--blocks",
+            blocks,
+            "--registry",
+            registry_address,
+            "--ca-cert",
+            str(credential.ca_cert_path),
+            "--cert",
+            str(credential.cert_path),
+            "--key",
+            str(credential.key_path),
+            *extra_args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
+    process = ServerProcess(name, popen, credential.spiffe_id)
+    assert popen.stdout is not None
+    line = popen.stdout.readline()
+    if not line.startswith("serving blocks"):
+        process.kill()
+        raise RuntimeError(f"server {name} did not start: {line!r}")
+    return process

@@ -116,7 +116,7 @@ class ClientAuditTrail:
 
     def judged(self, guard: PlacementGuard, session_id: str) -> None:
         """Denials and attestation failures the router met while placing this request."""
-        for node_id, error in guard.attestation_failures:
+        for node_id, error in guard.attestation_failures.items():
             self._record(
                 AttestationFailureEvent(
                     time=self._clock(),
@@ -126,8 +126,8 @@ class ClientAuditTrail:
                     reason=short_reason(str(error)),
                 )
             )
-        for verdict in guard.verdicts.values():
-            if verdict.allowed or verdict.reasons == (ATTESTATION_REJECTED,):
+        for verdict in guard.denials:
+            if verdict.reasons == (ATTESTATION_REJECTED,):
                 continue
             record = verdict.record
             self._record(
@@ -138,7 +138,7 @@ class ClientAuditTrail:
                     session_id=session_id,
                     client_id=self.client_id,
                     node_id=record.node_id,
-                    block_span=BlockSpan(record.span.start, record.span.end),
+                    block_span=verdict.span,
                     classification=guard.request.classification.value,
                     reasons=tuple(short_reason(r) for r in verdict.reasons[:16]),
                     policy_decision_id=verdict.decision.decision_id if verdict.decision is not None else None,

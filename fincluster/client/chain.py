@@ -1,29 +1,122 @@
-"""Running hidden states through a chain of spans: autograd-aware forward, and inference sessions."""
+"""Running hidden states through a chain of spans, with automatic failover.
+
+Two ways through the chain:
+
+* :func:`chain_forward` — a stateless, autograd-aware pass (training, scoring): each hop is a node of
+  the autograd graph whose backward asks the servers for d(output)/d(input).
+* :class:`InferenceSession` — KV-cached, step by step (generation); every hop keeps the inputs it
+  received so that a replacement node can rebuild its cache.
+
+When a hop fails (see :func:`~fincluster.client.failover.is_node_failure`), the :class:`HopPlanner`
+bans the node and routes its blocks again — under the same policy and pins, possibly split
+differently — and the inputs the failed hop had received are replayed through the replacements
+before the work goes on. It happens inside ``step`` / ``forward`` / ``backward``; callers see the
+same outputs as without the failure, or, after ``attempts`` tries, the last error.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import structlog
 import torch
 
+from fincluster.client.failover import Backoff, is_node_failure
 from fincluster.client.transport import SpanClient, SpanSessionClient
-from fincluster.errors import ClosedError, FinclusterError, UsageError
+from fincluster.errors import (
+    ClosedError,
+    FinclusterError,
+    RemoteError,
+    RoutingError,
+    TrustError,
+    UsageError,
+)
+from fincluster.spans import BlockSpan
 from fincluster.wire.codec import SpanInputs
 
-ChainPlan = Callable[[str], Sequence[SpanClient]]
-"""Span clients covering every block, for the session id given."""
+log = structlog.get_logger(__name__)
+
+
+class HopPlanner(Protocol):
+    """Where a chain's hops come from: the whole chain, and replacements for one failed hop."""
+
+    def plan(self, session_id: str) -> Sequence[SpanClient]:
+        """Span clients covering every block, for ``session_id``."""
+        ...
+
+    def replace(
+        self, span: BlockSpan, *, session_id: str, failed: SpanClient, error: BaseException
+    ) -> Sequence[SpanClient]:
+        """Ban ``failed`` and return span clients that cover ``span`` under the same policy."""
+        ...
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """How many replacements to try for one failed hop, and how long to wait between tries."""
+
+    attempts: int = 3
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.2, 2.0))
+    sleep: Callable[[float], None] = time.sleep
+
+
+FailoverListener = Callable[[str, BlockSpan, str, Sequence[SpanClient], BaseException, int], None]
+"""(session id, failed span, failed node id, replacements, error, replayed steps)."""
+
+
+def _replacements(
+    planner: HopPlanner,
+    policy: FailoverPolicy,
+    span: BlockSpan,
+    *,
+    session_id: str,
+    failed: SpanClient,
+    error: BaseException,
+    rebuild: Callable[[Sequence[SpanClient]], None],
+) -> Sequence[SpanClient]:
+    """Replacements for ``failed`` on which ``rebuild`` succeeded, trying again (with backoff) when a
+    replacement fails too; raises the last error once the attempts are used up."""
+    for attempt in range(policy.attempts):
+        log.warning("hop_failed", node=failed.node_id, blocks=str(span), session=session_id, error=str(error))
+        if attempt:
+            policy.sleep(policy.backoff.seconds(attempt - 1))
+        try:
+            clients = planner.replace(span, session_id=session_id, failed=failed, error=error)
+        except RoutingError as no_route:
+            raise RoutingError(
+                f"{failed.node_id} failed on blocks {span} ({error}) and no allowed node can take them "
+                f"over: {no_route}",
+                missing_blocks=no_route.missing_blocks,
+            ) from error
+        try:
+            rebuild(clients)
+        except FinclusterError as again:
+            if not is_node_failure(again):
+                raise
+            node = again.node_id if isinstance(again, RemoteError | TrustError) else None
+            failed = next((c for c in clients if c.node_id == node), clients[0])
+            error = again
+            continue
+        return clients
+    raise error
+
+
+# -- stateless passes ---------------------------------------------------------------------------------
 
 
 @dataclass
 class _Pass:
-    """Session ids shared by every hop of one stateless pass: the forward's, and the backward's (a
-    pass of its own) once it runs."""
+    """What every hop of one stateless pass shares: its session id, the backward's (a pass of its own),
+    and how to replace a failed hop."""
 
     session_id: str
+    planner: HopPlanner | None
+    policy: FailoverPolicy
     backward_session_id: str | None = None
 
     def backward_id(self) -> str:
@@ -32,8 +125,96 @@ class _Pass:
         return self.backward_session_id
 
 
+@dataclass
+class _Part:
+    """One client of a hop group and the inputs it was given in the forward pass."""
+
+    client: SpanClient
+    inputs: SpanInputs | None = None
+
+
+class _HopGroup:
+    """The clients that cover one planned hop's blocks: one, or several after a split failover."""
+
+    def __init__(self, client: SpanClient, one_pass: _Pass) -> None:
+        self.span = client.span
+        self.parts = [_Part(client)]
+        self.one_pass = one_pass
+
+    def _replace(self, index: int, error: FinclusterError, session_id: str) -> list[_Part]:
+        """Replace part ``index`` (whose call raised ``error``); the first new part inherits its inputs."""
+        part = self.parts[index]
+        if self.one_pass.planner is None or not is_node_failure(error):
+            raise error
+        new_parts: list[_Part] = []
+
+        def rebuild(clients: Sequence[SpanClient]) -> None:
+            new_parts.clear()
+            new_parts.extend(_Part(c) for c in clients)
+
+        _replacements(
+            self.one_pass.planner,
+            self.one_pass.policy,
+            part.client.span,
+            session_id=session_id,
+            failed=part.client,
+            error=error,
+            rebuild=rebuild,
+        )
+        new_parts[0].inputs = part.inputs
+        self.parts[index : index + 1] = new_parts
+        return new_parts
+
+    def forward(self, inputs: SpanInputs) -> torch.Tensor:
+        index = 0
+        hidden = inputs.hidden_states
+        while index < len(self.parts):
+            part = self.parts[index]
+            part.inputs = SpanInputs(hidden, inputs.attention_mask, inputs.position_ids)
+            try:
+                hidden = part.client.forward(part.inputs, session_id=self.one_pass.session_id)
+            except FinclusterError as error:
+                self._replace(index, error, self.one_pass.session_id)
+                continue  # the first replacement takes the same inputs
+            index += 1
+        return hidden
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        session_id = self.one_pass.backward_id()
+        index = len(self.parts) - 1
+        while index >= 0:
+            part = self.parts[index]
+            # a replacement from a failed backward: run the forward of what comes before it first
+            inputs = part.inputs if part.inputs is not None else self._refill(index)
+            try:
+                grad = part.client.backward(inputs, grad, session_id=session_id)
+            except FinclusterError as error:
+                new_parts = self._replace(index, error, session_id)
+                new_parts[0].inputs = inputs
+                index += len(new_parts) - 1
+                continue
+            index -= 1
+        return grad
+
+    def _refill(self, index: int) -> SpanInputs:
+        """Inputs of replacement part ``index``: forward from the nearest part before it whose inputs are
+        known (the first part of a replacement inherits the failed part's)."""
+        start = max(i for i in range(index + 1) if self.parts[i].inputs is not None)
+        known = self.parts[start].inputs
+        if known is None:  # pragma: no cover - start was chosen for its inputs
+            raise UsageError("no inputs to rebuild a replaced hop from")
+        hidden = known.hidden_states
+        for i in range(start, index):
+            inputs = SpanInputs(hidden, known.attention_mask, known.position_ids)
+            self.parts[i].inputs = inputs
+            hidden = self.parts[i].client.forward(inputs, session_id=self.one_pass.backward_id())
+        inputs = SpanInputs(hidden, known.attention_mask, known.position_ids)
+        self.parts[index].inputs = inputs
+        return inputs
+
+
 class _RemoteSpanFunction(torch.autograd.Function):
-    """One hop as an autograd node: backward asks the span for d(output)/d(input)."""
+    """One planned hop as an autograd node: backward asks its servers for d(output)/d(input)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -41,18 +222,18 @@ class _RemoteSpanFunction(torch.autograd.Function):
         hidden: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
-        client: SpanClient,
-        one_pass: _Pass,
+        group: _HopGroup,
     ) -> torch.Tensor:
-        inputs = SpanInputs(hidden.detach(), mask, positions)
-        ctx.client, ctx.inputs, ctx.one_pass = client, inputs, one_pass
-        return client.forward(inputs, session_id=one_pass.session_id).to(hidden.device)
+        ctx.group = group
+        return group.forward(SpanInputs(hidden.detach(), mask, positions)).to(hidden.device)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
-        grad_output = grad_output.contiguous().to(ctx.inputs.hidden_states.dtype)
-        grad = ctx.client.backward(ctx.inputs, grad_output, session_id=ctx.one_pass.backward_id())
-        return grad.to(grad_output.device), None, None, None, None
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        group: _HopGroup = ctx.group
+        first = group.parts[0].inputs
+        dtype = first.hidden_states.dtype if first is not None else grad_output.dtype
+        grad = group.backward(grad_output.contiguous().to(dtype))
+        return grad.to(grad_output.device), None, None, None
 
 
 def chain_forward(
@@ -62,12 +243,18 @@ def chain_forward(
     positions: torch.Tensor,
     *,
     session_id: str,
+    planner: HopPlanner | None = None,
+    policy: FailoverPolicy | None = None,
 ) -> torch.Tensor:
-    """Stateless pass through every hop; differentiable w.r.t. ``hidden``."""
-    one_pass = _Pass(session_id)
+    """Stateless pass through every hop; differentiable w.r.t. ``hidden``. With a ``planner``, failed
+    hops (in the forward or the backward) are replaced and their work redone."""
+    one_pass = _Pass(session_id, planner, policy or FailoverPolicy())
     for client in clients:
-        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, client, one_pass)  # type: ignore[no-untyped-call]
+        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, _HopGroup(client, one_pass))  # type: ignore[no-untyped-call]
     return hidden
+
+
+# -- inference sessions -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -77,24 +264,28 @@ class _HopState:
     # Inputs this hop has received, kept so a replacement node can rebuild its KV cache (failover).
     history: list[SpanInputs] = field(default_factory=list)
 
-
-FailoverListener = Callable[[str, SpanClient, SpanClient, int], None]
+    def opened(self) -> SpanSessionClient:
+        if self.session is None:  # pragma: no cover - sessions open before anything is sent
+            raise ClosedError(f"the session on {self.client.node_id} is not open")
+        return self.session
 
 
 class InferenceSession:
     """A KV-cached session across every hop of a chain, for step-by-step generation.
 
     Every hop's server session carries the same ``session_id``. Hop sessions open lazily at the first
-    step (when the batch size is known). ``position`` counts the tokens every hop holds. ``close()``
-    ends all hop sessions; using a closed session raises ClosedError.
+    step (when the batch size is known). ``position`` counts the tokens every hop holds. A hop that
+    fails is replaced (see the module docstring) inside :meth:`step`. ``close()`` ends all hop
+    sessions; using a closed session raises ClosedError.
     """
 
     def __init__(
         self,
-        plan: ChainPlan,
+        planner: HopPlanner,
         *,
         max_length: int,
         session_id: str | None = None,
+        policy: FailoverPolicy | None = None,
         on_failover: FailoverListener | None = None,
     ) -> None:
         if max_length < 1:
@@ -103,9 +294,11 @@ class InferenceSession:
         self.session_id = session_id or uuid.uuid4().hex
         self.position = 0
         self.token_history: torch.Tensor | None = None
-        self._plan = plan
+        self._planner = planner
+        self._policy = policy or FailoverPolicy()
         self._on_failover = on_failover
         self._hops: list[_HopState] | None = None
+        self._batch_size = 1
         self._closed = False
         self.failed = False
 
@@ -149,46 +342,99 @@ class InferenceSession:
             raise UsageError(
                 f"session max_length {self.max_length} reached: {self.position} tokens held, {seq} more given"
             )
-        if self._hops is None:
-            self._hops = [_HopState(client) for client in self._plan(self.session_id)]
+        self._batch_size = hidden.shape[0]
         try:
-            for hop in self._hops:
-                if hop.session is None:
-                    hop.session = hop.client.open_session(
-                        max_length=self.max_length, batch_size=hidden.shape[0], session_id=self.session_id
-                    )
+            if self._hops is None:
+                self._hops = [_HopState(client) for client in self._planner.plan(self.session_id)]
+            index = 0
+            while index < len(self._hops):
+                hop = self._hops[index]
                 inputs = SpanInputs(hidden, mask, positions)
-                hidden = hop.session.step(inputs)
+                try:
+                    if hop.session is None:
+                        hop.session = hop.client.open_session(
+                            max_length=self.max_length,
+                            batch_size=self._batch_size,
+                            session_id=self.session_id,
+                        )
+                    hidden = hop.session.step(inputs)
+                except FinclusterError as error:
+                    if not is_node_failure(error):
+                        raise
+                    self._fail_over(index, error)
+                    continue  # the replacements take this step's inputs
                 hop.history.append(inputs)
+                index += 1
         except Exception:
             self.failed = True
             raise
         self.position += seq
         return hidden
 
-    def replace_hop(self, index: int, replacement: SpanClient, *, batch_size: int) -> int:
-        """Move hop ``index`` to ``replacement``: open a session there and replay every input the old
-        node received, so its KV cache is rebuilt; the replays are transfers like any other.
+    def _fail_over(self, index: int, error: BaseException) -> None:
+        """Replace hop ``index`` by nodes routing allows for its blocks, replaying what it received."""
+        if self._hops is None:  # pragma: no cover - only open hops fail
+            raise ClosedError("no open session to fail over")
+        hop = self._hops[index]
+        with contextlib.suppress(FinclusterError):  # the old node may be gone; its cache goes with it
+            if hop.session is not None:
+                hop.session.close()
+        new_hops: list[_HopState] = []
 
-        Returns the number of replayed steps. The caller chooses ``replacement`` (still under policy).
+        def rebuild(clients: Sequence[SpanClient]) -> None:
+            new_hops.clear()
+            new_hops.extend(self._rebuilt(clients, hop.history))
+
+        clients = _replacements(
+            self._planner,
+            self._policy,
+            hop.client.span,
+            session_id=self.session_id,
+            failed=hop.client,
+            error=error,
+            rebuild=rebuild,
+        )
+        self._hops[index : index + 1] = new_hops
+        if self._on_failover is not None:
+            self._on_failover(
+                self.session_id, hop.client.span, hop.client.node_id, clients, error, len(hop.history)
+            )
+
+    def _rebuilt(self, clients: Sequence[SpanClient], history: Sequence[SpanInputs]) -> list[_HopState]:
+        """Open sessions on ``clients`` and replay ``history`` through them in order (the outputs of one
+        are the inputs of the next), so their KV caches hold what the failed hop's did."""
+        hops = [_HopState(client) for client in clients]
+        for hop in hops:
+            hop.session = hop.client.open_session(
+                max_length=self.max_length, batch_size=self._batch_size, session_id=self.session_id
+            )
+        for inputs in history:
+            hidden = inputs.hidden_states
+            for hop in hops:
+                step_inputs = SpanInputs(hidden, inputs.attention_mask, inputs.position_ids)
+                hidden = hop.opened().step(step_inputs, replay=True)
+                hop.history.append(step_inputs)
+        return hops
+
+    def replace_hop(self, index: int, replacements: Sequence[SpanClient]) -> int:
+        """Move hop ``index`` to ``replacements`` (which must cover exactly its blocks), replaying every
+        input the old node received so the new ones rebuild its KV cache. Returns the replayed steps.
+
+        The caller chooses the replacements (still under policy): ``DistributedModelForCausalLM.move_hop``.
         """
         if self._closed or self._hops is None:
             raise ClosedError("no open session to move")
         hop = self._hops[index]
-        if replacement.span != hop.client.span:
-            raise UsageError(f"replacement serves {replacement.span}, the hop is {hop.client.span}")
-        session = replacement.open_session(
-            max_length=self.max_length, batch_size=batch_size, session_id=self.session_id
-        )
-        for inputs in hop.history:
-            session.step(inputs, replay=True)
-        previous = hop.client
-        if hop.session is not None:
-            with contextlib.suppress(FinclusterError):  # the old node may be gone; its cache goes with it
+        if (
+            not replacements
+            or BlockSpan(replacements[0].span.start, replacements[-1].span.end) != hop.client.span
+        ):
+            raise UsageError(f"replacements do not cover exactly blocks {hop.client.span}")
+        new_hops = self._rebuilt(replacements, hop.history)
+        with contextlib.suppress(FinclusterError):
+            if hop.session is not None:
                 hop.session.close()
-        hop.client, hop.session = replacement, session
-        if self._on_failover is not None:
-            self._on_failover(self.session_id, previous, replacement, len(hop.history))
+        self._hops[index : index + 1] = new_hops
         return len(hop.history)
 
     def close(self) -> None:
@@ -197,7 +443,8 @@ class InferenceSession:
         self._closed = True
         for hop in self._hops or []:
             if hop.session is not None:
-                hop.session.close()
+                with contextlib.suppress(FinclusterError):
+                    hop.session.close()
 
     def __enter__(self) -> InferenceSession:
         return self

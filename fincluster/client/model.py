@@ -201,7 +201,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             raise ConfigurationError("an inference session is already active on this model")
         request = self._placement_request()
         trail = self.swarm.trail
-        session = InferenceSession(self.plan, max_length=max_length, on_failover=self._record_failover)
+        session = InferenceSession(
+            self, max_length=max_length, policy=self.swarm.failover, on_failover=self._record_failover
+        )
         if trail is not None:
             trail.session_open(session.session_id, request)
         self._session = session
@@ -215,36 +217,56 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             if trail is not None:
                 trail.session_close(session.session_id, ok=ok)
 
+    def replace(
+        self, span: BlockSpan, *, session_id: str, failed: SpanClient, error: BaseException
+    ) -> Sequence[SpanClient]:
+        """``HopPlanner``: span clients for ``span`` without ``failed``'s node (which the swarm bans),
+        judged by the same policy and pins as the first routing."""
+        return self.swarm.replace_hops(
+            self._placement_request(), span, session_id=session_id, failed=failed, error=error
+        )
+
     def move_hop(self, index: int, node_id: str) -> int:
-        """Move hop ``index`` of the active session to server ``node_id`` (same span), replaying the
+        """Move hop ``index`` of the active session to server ``node_id`` (same blocks), replaying the
         inputs the old node received so the new one rebuilds the KV cache. The new node must pass the
         same attestation and policy checks as at routing; replays are audited as transfers.
 
-        Returns the number of replayed steps. This is the mechanism failover uses.
+        Returns the number of replayed steps. Failover does the same automatically.
         """
         session = self._session
         if session is None or not session.hops:
-            raise ConfigurationError("no active inference session with open hops")
+            raise UsageError("no active inference session with open hops")
         hop = session.hops[index]
         if not isinstance(self.swarm, Swarm):
-            raise ConfigurationError("moving a hop needs a swarm with a registry")
-        replacement = self.swarm.replacement(
-            self._placement_request(), hop.client.span, node_id, session.session_id
+            raise UsageError("moving a hop needs a swarm with a registry")
+        replacement = self.swarm.pinned_hop(
+            self._placement_request(), hop.client.span, node_id, session_id=session.session_id
         )
-        batch_size = hop.history[0].hidden_states.shape[0] if hop.history else 1
-        return session.replace_hop(index, replacement, batch_size=batch_size)
+        replayed = session.replace_hop(index, [replacement])
+        self._record_failover(
+            session.session_id,
+            hop.client.span,
+            hop.client.node_id,
+            [replacement],
+            "hop moved by the client",
+            replayed,
+        )
+        return replayed
 
     def _record_failover(
-        self, session_id: str, failed: SpanClient, replacement: SpanClient, replayed: int
+        self,
+        session_id: str,
+        span: BlockSpan,
+        failed: str,
+        replacements: Sequence[SpanClient],
+        reason: BaseException | str,
+        replayed: int,
     ) -> None:
-        if self.swarm.trail is not None:
+        if self.swarm.trail is None:
+            return
+        for replacement in replacements:
             self.swarm.trail.failover(
-                session_id,
-                failed.span,
-                failed.node_id,
-                replacement.node_id,
-                "hop moved by the client",
-                replayed,
+                session_id, replacement.span, failed, replacement.node_id, str(reason), replayed
             )
 
     # forward ------------------------------------------------------------------------------------
@@ -312,7 +334,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
                 hidden = session.step(hidden, mask, positions)
             else:
                 session_id = uuid.uuid4().hex
-                hidden = chain_forward(self.plan(session_id), hidden, mask, positions, session_id=session_id)
+                hidden = chain_forward(
+                    self.plan(session_id),
+                    hidden,
+                    mask,
+                    positions,
+                    session_id=session_id,
+                    planner=self,
+                    policy=self.swarm.failover,
+                )
         logits = self.lm_head(self.norm(hidden)).float()
         loss = None
         if labels is not None:

@@ -37,9 +37,10 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Why a node may (decision) or may not (reasons) receive a span."""
+    """Why a node may (decision) or may not (reasons) receive ``span``."""
 
     record: pb.ServerRecord
+    span: BlockSpan
     claims: VerifiedClaims | None
     decision: Decision | None
     reasons: tuple[str, ...] = ()
@@ -50,21 +51,46 @@ class Verdict:
 
 
 class PlacementGuard:
-    """Judges records for one request; keeps every verdict (the audit trail reads them)."""
+    """Judges candidate hops for one request and keeps every verdict (the audit trail reads them).
+
+    Routing asks about many candidate parts of each server's span. A part inside a span the guard
+    already allowed for that node is *assumed* allowed while planning; :meth:`confirm` then judges
+    every hop of the chosen chain exactly, so no hop is ever used without its own decision.
+    """
 
     def __init__(self, trust: TrustContext, client_id: str, request: PlacementRequest) -> None:
         self.trust = trust
         self.client_id = client_id
         self.request = request
-        self.verdicts: dict[str, Verdict] = {}
-        self.attestation_failures: list[tuple[str, TrustError]] = []
+        self.verdicts: dict[tuple[str, BlockSpan], Verdict] = {}
+        self.attestation_failures: dict[str, TrustError] = {}
 
     def allows(self, record: pb.ServerRecord, span: BlockSpan) -> bool:
-        verdict = self._judge(record, span)
-        self.verdicts[record.node_id] = verdict
-        return verdict.allowed
+        verdict = self.verdicts.get((record.node_id, span))
+        if verdict is not None:
+            return verdict.allowed
+        if any(
+            node == record.node_id and v.allowed and v.span.contains(span)
+            for (node, _), v in self.verdicts.items()
+        ):
+            return True  # assumed; confirm() decides the hops actually chosen
+        return self.judge(record, span).allowed
+
+    def judge(self, record: pb.ServerRecord, span: BlockSpan) -> Verdict:
+        """The exact verdict on ``span`` of ``record``'s node (computed once, then kept)."""
+        verdict = self.verdicts.get((record.node_id, span))
+        if verdict is None:
+            verdict = self._judge(record, span)
+            self.verdicts[(record.node_id, span)] = verdict
+        return verdict
+
+    def confirm(self, hops: Sequence[tuple[pb.ServerRecord, BlockSpan]]) -> list[Verdict]:
+        """Exact verdicts on the chosen hops; the denied ones are returned (routing plans again)."""
+        return [v for v in (self.judge(record, span) for record, span in hops) if not v.allowed]
 
     def _judge(self, record: pb.ServerRecord, span: BlockSpan) -> Verdict:
+        if record.node_id in self.attestation_failures:
+            return Verdict(record, span, None, None, (ATTESTATION_REJECTED,))
         try:
             claims, decision = self.trust.decide_route(
                 record,
@@ -74,12 +100,13 @@ class PlacementGuard:
                 model=self.request.model,
             )
         except TrustError as error:
-            self.attestation_failures.append((record.node_id, error))
+            self.attestation_failures[record.node_id] = error
             log.warning("attestation_rejected", node=record.node_id, reason=str(error))
-            return Verdict(record, None, None, (ATTESTATION_REJECTED,))
-        return self._pinned(Verdict(record, claims, decision, decision.reasons), span)
+            return Verdict(record, span, None, None, (ATTESTATION_REJECTED,))
+        return self._pinned(Verdict(record, span, claims, decision, decision.reasons))
 
-    def _pinned(self, verdict: Verdict, span: BlockSpan) -> Verdict:
+    def _pinned(self, verdict: Verdict) -> Verdict:
+        span = verdict.span
         for blocks, allowed in self.request.pins.items():
             if not (blocks.start < span.end and span.start < blocks.stop):
                 continue
@@ -88,20 +115,25 @@ class PlacementGuard:
                 if tier != allowed:
                     reason = f"blocks {blocks.start}:{blocks.stop} are pinned to tier {allowed!r}"
                     return Verdict(
-                        verdict.record, verdict.claims, verdict.decision, (*verdict.reasons, reason)
+                        verdict.record, span, verdict.claims, verdict.decision, (*verdict.reasons, reason)
                     )
             elif verdict.record.node_id not in allowed:
                 reason = f"blocks {blocks.start}:{blocks.stop} are pinned to {', '.join(allowed)}"
-                return Verdict(verdict.record, verdict.claims, verdict.decision, (*verdict.reasons, reason))
+                return Verdict(
+                    verdict.record, span, verdict.claims, verdict.decision, (*verdict.reasons, reason)
+                )
         return verdict
 
+    @property
+    def denials(self) -> list[Verdict]:
+        return [v for v in self.verdicts.values() if not v.allowed]
+
     def explain(self, blocks: Sequence[int]) -> str:
-        """The denials of nodes that hold any of ``blocks``, for the error message."""
+        """The denials of nodes that hold any of ``blocks``, for the error message (one per node)."""
         wanted = set(blocks)
-        lines = [
-            f"{verdict.record.node_id} ({verdict.record.span.start}:{verdict.record.span.end}): "
-            + "; ".join(verdict.reasons)
-            for verdict in self.verdicts.values()
-            if not verdict.allowed and wanted & set(range(verdict.record.span.start, verdict.record.span.end))
-        ]
+        by_node: dict[str, Verdict] = {}
+        for verdict in self.denials:
+            if wanted & set(range(verdict.record.span.start, verdict.record.span.end)):
+                by_node.setdefault(verdict.record.node_id, verdict)
+        lines = [f"{node} (blocks {v.span}): " + "; ".join(v.reasons) for node, v in sorted(by_node.items())]
         return " | ".join(lines) if lines else "no server announces them"

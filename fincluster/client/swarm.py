@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import grpc
+import structlog
 
 from fincluster.audit import AuditLog, AuditSettings, AuditSink
 from fincluster.audit.node import open_node_audit_log
 from fincluster.client.audit_trail import ClientAuditTrail
+from fincluster.client.chain import FailoverPolicy
+from fincluster.client.failover import Backoff, Bans
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
 from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
-from fincluster.errors import ClosedError, RemoteError, RoutingError
+from fincluster.errors import CapacityError, ClosedError, RefusedError, RemoteError, RoutingError
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.settings import ClientSettings
@@ -30,10 +33,13 @@ from fincluster.trust.tls import channel_credentials, expected_server_identity
 from fincluster.wire import fincluster_pb2 as pb
 
 DEFAULT_AUDIT_DIRECTORY = Path("fincluster-audit")
+MAX_REPLANS = 8
+log = structlog.get_logger(__name__)
 
 
 class ChainPlanner(Protocol):
-    """What a model needs from a swarm: span clients that cover ``blocks`` of ``model_id``."""
+    """What a model needs from a swarm: span clients that cover ``blocks``, and replacements for one
+    that failed."""
 
     @property
     def audit(self) -> AuditSink | None: ...
@@ -41,8 +47,21 @@ class ChainPlanner(Protocol):
     @property
     def trail(self) -> ClientAuditTrail | None: ...
 
+    @property
+    def failover(self) -> FailoverPolicy: ...
+
     def plan_chain(
         self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
+    ) -> Sequence[SpanClient]: ...
+
+    def replace_hops(
+        self,
+        request: PlacementRequest,
+        blocks: BlockSpan,
+        *,
+        session_id: str,
+        failed: SpanClient,
+        error: BaseException,
     ) -> Sequence[SpanClient]: ...
 
 
@@ -51,9 +70,21 @@ class LocalSwarm:
 
     audit: AuditSink | None = None  # nothing leaves the process
     trail: ClientAuditTrail | None = None
+    failover = FailoverPolicy(attempts=0)
 
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
+
+    def replace_hops(
+        self,
+        request: PlacementRequest,
+        blocks: BlockSpan,
+        *,
+        session_id: str,
+        failed: SpanClient,
+        error: BaseException,
+    ) -> Sequence[SpanClient]:
+        raise RoutingError(f"in-process spans have no replacement for blocks {blocks}: {error}")
 
     def plan_chain(
         self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
@@ -104,9 +135,17 @@ class Swarm:
         self.audit: AuditSink | None = audit
         self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
         self.last_guard: PlacementGuard | None = None
+        self.last_route: list[tuple[Hop, Verdict]] = []
+        self.bans = Bans(self.settings.ban_seconds)
+        self.failover = FailoverPolicy(
+            attempts=self.settings.failover_attempts,
+            backoff=Backoff(
+                self.settings.failover_backoff_seconds, self.settings.failover_backoff_max_seconds
+            ),
+        )
         self._credentials = channel_credentials(credential)
         self._channels: dict[str, grpc.Channel] = {}
-        self._rtt: dict[str, float] = {}
+        self._rtt: dict[str, tuple[float, float]] = {}  # address -> (measured at, seconds)
         self._lock = threading.Lock()
         self._closed = False
         if isinstance(registry, str):
@@ -142,55 +181,85 @@ class Swarm:
         classification: str = "public",
         binding: NodeBinding | None = None,
         observer: CallObserver | None = None,
+        span: BlockSpan | None = None,
     ) -> GrpcSpanClient:
         return GrpcSpanClient(
             record,
             self._channel(record.address, record.node_id),
             timeout_seconds=self.settings.request_timeout_seconds,
+            step_timeout_seconds=self.settings.step_timeout_seconds,
             client_id=self.client_id,
             classification=classification,
             binding=binding or NodeBinding(record.node_id, None, None),
             certificates=self.trust.certificates,
             observer=observer,
+            span=span,
         )
 
     def rtt(self, record: pb.ServerRecord) -> float:
-        """Measured round trip of an Info call to ``record``'s server (cached per address)."""
-        if record.address not in self._rtt:
+        """Measured round trip of an Info call to ``record``'s server (cached per address for
+        ``rtt_refresh_seconds``); infinite (never routed to) for a banned or unreachable node."""
+        if self.bans.is_banned(record.node_id):
+            return math.inf
+        now = time.monotonic()
+        cached = self._rtt.get(record.address)
+        if cached is None or now - cached[0] > self.settings.rtt_refresh_seconds:
             client = self.span_client(record)
             started = time.perf_counter()
             try:
                 client.info()
             except RemoteError:
                 return math.inf  # unreachable now: not routed to, and measured again next time
-            self._rtt[record.address] = time.perf_counter() - started
-        return self._rtt[record.address]
+            cached = (now, time.perf_counter() - started)
+            self._rtt[record.address] = cached
+        return cached[1]
 
     def route(
-        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
+        self,
+        request: PlacementRequest,
+        blocks: BlockSpan,
+        *,
+        session_id: str,
+        exclude: frozenset[str] = frozenset(),
     ) -> list[tuple[Hop, Verdict]]:
         """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow.
 
         The decision (or the denials that made it impossible) goes to the audit trail.
         """
-        records = self.registry.list(request.model.id)
+        listed = self.registry.list(request.model.id)
+        records = [r for r in listed if r.node_id not in exclude]
+        banned = sorted(r.node_id for r in records if self.bans.is_banned(r.node_id))
         guard = PlacementGuard(self.trust, self.client_id, request)
         self.last_guard = guard
         try:
-            hops = plan_route(records, blocks, rtt=self.rtt, allow=guard.allows)
+            for _ in range(MAX_REPLANS):
+                hops = plan_route(records, blocks, rtt=self.rtt, allow=guard.allows)
+                if not guard.confirm([(hop.record, hop.span) for hop in hops]):
+                    break
+            else:
+                raise RoutingError(f"cannot route blocks {blocks}: policy kept refusing the planned hops")
         except RoutingError as error:
             self.trail.judged(guard, session_id)
+            avoided = "".join(
+                f"; not used: {node} failed ({self.bans.reason(node)})" for node in banned
+            ) + "".join(f"; not used for this request: {node}" for node in sorted(exclude))
             raise RoutingError(
-                f"{error}; refused: {guard.explain(error.missing_blocks)}",
+                f"{error}; refused: {guard.explain(error.missing_blocks)}{avoided}",
                 missing_blocks=error.missing_blocks,
             ) from None
-        chosen = [(hop, guard.verdicts[hop.record.node_id]) for hop in hops]
+        chosen = [(hop, guard.judge(hop.record, hop.span)) for hop in hops]
+        self.last_route = chosen
         self.trail.judged(guard, session_id)
         self.trail.routing(session_id, [(hop.span, verdict) for hop, verdict in chosen])
         return chosen
 
     def plan_chain(
-        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
+        self,
+        request: PlacementRequest,
+        blocks: BlockSpan,
+        *,
+        session_id: str,
+        exclude: frozenset[str] = frozenset(),
     ) -> list[SpanClient]:
         observer = partial(self.trail.transfer, request)
         return [
@@ -199,30 +268,48 @@ class Swarm:
                 classification=request.classification.value,
                 binding=NodeBinding(hop.record.node_id, verdict.claims, verdict.decision),
                 observer=observer,
+                span=hop.span,
             )
-            for hop, verdict in self.route(request, blocks, session_id=session_id)
+            for hop, verdict in self.route(request, blocks, session_id=session_id, exclude=exclude)
         ]
 
-    def replacement(
-        self, request: PlacementRequest, span: BlockSpan, node_id: str, session_id: str
+    def replace_hops(
+        self,
+        request: PlacementRequest,
+        blocks: BlockSpan,
+        *,
+        session_id: str,
+        failed: SpanClient,
+        error: BaseException,
+    ) -> list[SpanClient]:
+        """Route ``blocks`` again (same policy, pins and audit) without ``failed``'s node. A node that is
+        unhealthy (unreachable, too slow, lost the session, misbehaved) is also banned for a while; one
+        that refused this request (policy, full) is only left out of this replacement."""
+        if not isinstance(error, RefusedError | CapacityError):
+            seconds = self.bans.ban(failed.node_id, str(error))
+            log.warning(
+                "node_banned", node=failed.node_id, seconds=seconds, blocks=str(blocks), reason=str(error)
+            )
+        return self.plan_chain(request, blocks, session_id=session_id, exclude=frozenset({failed.node_id}))
+
+    def pinned_hop(
+        self, request: PlacementRequest, span: BlockSpan, node_id: str, *, session_id: str
     ) -> GrpcSpanClient:
-        """A span client for ``node_id`` serving exactly ``span``, judged like any routed node."""
+        """A span client for ``node_id`` computing ``span``, judged like any routed hop."""
         records = [r for r in self.registry.list(request.model.id) if r.node_id == node_id]
-        if not records or (records[0].span.start, records[0].span.end) != (span.start, span.end):
+        if not records or not BlockSpan(records[0].span.start, records[0].span.end).contains(span):
             raise RoutingError(f"{node_id} does not announce blocks {span}")
         guard = PlacementGuard(self.trust, self.client_id, request)
-        allowed = guard.allows(records[0], span)
+        verdict = guard.judge(records[0], span)
         self.trail.judged(guard, session_id)
-        if not allowed:
-            raise RoutingError(
-                f"cannot move blocks {span} to {node_id}: {guard.explain(range(span.start, span.end))}"
-            )
-        verdict = guard.verdicts[node_id]
+        if not verdict.allowed:
+            raise RoutingError(f"cannot move blocks {span} to {node_id}: {guard.explain(span.blocks)}")
         return self.span_client(
             records[0],
             classification=request.classification.value,
             binding=NodeBinding(node_id, verdict.claims, verdict.decision),
             observer=partial(self.trail.transfer, request),
+            span=span,
         )
 
     def close(self) -> None:

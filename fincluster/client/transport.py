@@ -9,9 +9,10 @@ and tensors. Every call a gRPC span client completes is reported to its observer
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
@@ -19,7 +20,15 @@ from cryptography import x509
 
 from fincluster.audit import verify_receipt
 from fincluster.audit.signing import PublicKey
-from fincluster.errors import AuditIntegrityError, RemoteError, TrustError, TrustReason
+from fincluster.errors import (
+    AuditIntegrityError,
+    InvalidResponseError,
+    RemoteError,
+    TrustError,
+    TrustReason,
+    UnavailableError,
+    WireError,
+)
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims, new_nonce
 from fincluster.trust.enforcement import CertificateCheck, check_possession
@@ -86,14 +95,19 @@ CallObserver = Callable[[CallRecord], None]
 
 
 class GrpcSpanSession:
-    """One inference stream: open (with a possession challenge) → steps → close, answered in order."""
+    """One inference stream: open (with a possession challenge) → steps → close, answered in order.
+
+    Responses are read by a small reader thread, so that every exchange can wait at most
+    ``step_timeout_seconds``: a server that hangs is treated like one that is gone.
+    """
 
     def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int, session_id: str) -> None:
         self._client = client
         self._requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
-        self._responses: Iterator[pb.InferenceResponse] = client.stub.Inference(
-            iter(self._requests.get, None)
-        )
+        self._responses: queue.Queue[pb.InferenceResponse | grpc.RpcError | None] = queue.Queue()
+        self._call = client.stub.Inference(iter(self._requests.get, None))
+        self._ended: RemoteError | None = None  # set once the stream has failed or been abandoned
+        threading.Thread(target=self._read, name="span-session-reader", daemon=True).start()
         self.session_id = session_id
         self.steps = 0
         nonce = new_nonce()
@@ -118,21 +132,43 @@ class GrpcSpanSession:
             self.close()
             raise
 
-    def _exchange(self, request: pb.InferenceRequest, expected: str) -> pb.InferenceResponse:
-        self._requests.put(request)
+    def _read(self) -> None:
         try:
-            response = next(self._responses)
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(None)
         except grpc.RpcError as error:
-            self._requests.put(None)
-            raise self._client.error_of(error, session_id=self.session_id) from None
-        if response.WhichOneof("kind") != expected:
-            raise RemoteError(
-                f"server answered {response.WhichOneof('kind')!r} to {expected!r}",
-                node_id=self._client.node_id,
-                span=self._client.span,
-                session_id=self.session_id,
+            self._responses.put(error)
+
+    def _exchange(self, request: pb.InferenceRequest, expected: str) -> pb.InferenceResponse:
+        if self._ended is not None:
+            raise self._ended
+        self._requests.put(request)
+        timeout = self._client.step_timeout_seconds
+        try:
+            response = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            raise self._abandon(
+                UnavailableError(f"no answer within {timeout:g} s", **self._context())
+            ) from None
+        if isinstance(response, grpc.RpcError):
+            raise self._abandon(self._client.error_of(response, session_id=self.session_id)) from None
+        if response is None or response.WhichOneof("kind") != expected:
+            got = "end of stream" if response is None else repr(response.WhichOneof("kind"))
+            raise self._abandon(
+                InvalidResponseError(f"server answered {got} to {expected!r}", **self._context())
             )
         return response
+
+    def _context(self) -> dict[str, Any]:
+        return {"node_id": self._client.node_id, "span": self._client.span, "session_id": self.session_id}
+
+    def _abandon(self, error: RemoteError) -> RemoteError:
+        """End the stream for good: later exchanges fail at once with ``error``."""
+        self._ended = error
+        self._requests.put(None)
+        self._call.cancel()
+        return error
 
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
         """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
@@ -148,15 +184,20 @@ class GrpcSpanSession:
             result.receipt,
         )
         self.steps += 1
-        return decode(result.hidden_states, name="hidden_states")
+        return self._client.received(
+            result.hidden_states, like=inputs.hidden_states, name="hidden_states", session_id=self.session_id
+        )
 
     def close(self) -> None:
+        if self._ended is not None:
+            return  # the stream is gone, and the server's session with it
         try:
             self._exchange(pb.InferenceRequest(close=pb.CloseSession(session_id=self.session_id)), "closed")
         except RemoteError:
-            pass  # the server already dropped the session; nothing is left to free
-        finally:
-            self._requests.put(None)
+            pass  # the server already dropped the session (or is gone); nothing is left to free
+        else:
+            self._ended = RemoteError("session closed", **self._context())
+            self._requests.put(None)  # end of the request stream; the server ends the call
 
 
 class GrpcSpanClient:
@@ -179,10 +220,14 @@ class GrpcSpanClient:
         binding: NodeBinding,
         certificates: CertificateCheck,
         observer: CallObserver | None = None,
+        span: BlockSpan | None = None,
+        step_timeout_seconds: float = 30.0,
     ) -> None:
+        """``span``: the blocks this hop asks for (default: the whole announced span)."""
         self.node_id = record.node_id
         self.address = record.address
-        self.span = BlockSpan(record.span.start, record.span.end)
+        self.span = span if span is not None else BlockSpan(record.span.start, record.span.end)
+        self.step_timeout_seconds = step_timeout_seconds
         self.stub = pb_grpc.BlockServiceStub(channel)
         self.client_id = client_id
         self.classification = classification
@@ -191,6 +236,26 @@ class GrpcSpanClient:
         self.certificate: x509.Certificate | None = None
         self._observer = observer
         self._timeout = timeout_seconds
+
+    def received(self, message: pb.Tensor, *, like: torch.Tensor, name: str, session_id: str) -> torch.Tensor:
+        """Decode a tensor this node returned and check it before anyone else sees it: the shape and
+        dtype of what was sent, and finite values. A failure names this node."""
+        try:
+            tensor = decode(message, name=name)
+        except WireError as error:
+            raise InvalidResponseError(
+                str(error), node_id=self.node_id, span=self.span, session_id=session_id
+            ) from None
+        problem = None
+        if tensor.dtype != like.dtype:
+            problem = f"{name}: dtype {tensor.dtype} returned, {like.dtype} sent"
+        elif tuple(tensor.shape) != tuple(like.shape):
+            problem = f"{name}: shape {tuple(tensor.shape)} returned, {tuple(like.shape)} sent"
+        elif not bool(torch.isfinite(tensor).all()):
+            problem = f"{name}: non-finite values returned"
+        if problem is not None:
+            raise InvalidResponseError(problem, node_id=self.node_id, span=self.span, session_id=session_id)
+        return tensor
 
     def error_of(self, error: grpc.RpcError, *, session_id: str | None = None) -> RemoteError:
         """The fincluster error for a failed call to this node, with its context."""
@@ -312,7 +377,9 @@ class GrpcSpanClient:
             lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
         )
         self.observe("forward", session_id, 0, wire_inputs, response.hidden_states, response.receipt)
-        return decode(response.hidden_states, name="hidden_states")
+        return self.received(
+            response.hidden_states, like=inputs.hidden_states, name="hidden_states", session_id=session_id
+        )
 
     def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str) -> torch.Tensor:
         self._ensure_proven()
@@ -328,7 +395,9 @@ class GrpcSpanClient:
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )
         self.observe("backward", session_id, 0, wire_inputs, response.grad_inputs, response.receipt)
-        return decode(response.grad_inputs, name="grad_inputs")
+        return self.received(
+            response.grad_inputs, like=inputs.hidden_states, name="grad_inputs", session_id=session_id
+        )
 
     def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> GrpcSpanSession:
         return GrpcSpanSession(self, max_length=max_length, batch_size=batch_size, session_id=session_id)

@@ -1,0 +1,99 @@
+"""When a hop fails: which errors move its blocks to another node, how long the failed node is avoided,
+and how long to wait between attempts.
+
+A node that cannot be reached, does not answer in time, lost the session, is full, is now refused by
+policy, or sent something that does not verify is *failed*: the client bans it for a while and asks
+routing, under the same policy and pins, for other nodes to take its blocks. Errors that say the
+request itself is wrong (a malformed request, a session past its length) are not node failures and
+are raised to the caller.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from fincluster.errors import (
+    CapacityError,
+    InvalidRequestError,
+    InvalidResponseError,
+    OutOfRangeError,
+    RefusedError,
+    RemoteError,
+    SessionError,
+    SessionLengthError,
+    TrustError,
+    UnavailableError,
+)
+
+
+def is_node_failure(error: BaseException) -> bool:
+    """Whether ``error`` from a hop means "use another node for these blocks"."""
+    if isinstance(error, SessionLengthError | InvalidRequestError | OutOfRangeError):
+        return False
+    if isinstance(error, RefusedError) and error.status is grpc.StatusCode.UNAUTHENTICATED:
+        return False  # this client's own certificate is refused: no other node will take it
+    return isinstance(
+        error,
+        UnavailableError | SessionError | CapacityError | RefusedError | TrustError | InvalidResponseError,
+    ) or (isinstance(error, RemoteError) and error.status is not None)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits that double from ``base_seconds`` up to ``max_seconds``, with up to 50 % random jitter."""
+
+    base_seconds: float
+    max_seconds: float
+    jitter: Callable[[], float] = random.random
+
+    def seconds(self, attempt: int) -> float:
+        wait: float = min(self.base_seconds * 2**attempt, self.max_seconds)
+        return wait * (0.5 + 0.5 * self.jitter())
+
+
+class Bans:
+    """Nodes the client does not route to for a while; each new failure doubles the time (up to 8x)."""
+
+    def __init__(self, ban_seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ban_seconds = ban_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}
+        self._strikes: dict[str, int] = {}
+        self._reasons: dict[str, str] = {}
+
+    def ban(self, node_id: str, reason: str) -> float:
+        """Ban ``node_id`` for ``reason``; returns the seconds it stays banned."""
+        with self._lock:
+            self._reasons[node_id] = reason
+            strikes = self._strikes.get(node_id, 0) + 1
+            self._strikes[node_id] = strikes
+            seconds: float = self._ban_seconds * min(2 ** (strikes - 1), 8)
+            self._until[node_id] = self._clock() + seconds
+            return seconds
+
+    def is_banned(self, node_id: str) -> bool:
+        with self._lock:
+            until = self._until.get(node_id)
+            if until is None:
+                return False
+            if self._clock() >= until:
+                del self._until[node_id]
+                return False
+            return True
+
+    def reason(self, node_id: str) -> str:
+        with self._lock:
+            return self._reasons.get(node_id, "")
+
+    def forgive(self, node_id: str) -> None:
+        """A node that served again after its ban starts over with one strike less."""
+        with self._lock:
+            if node_id in self._strikes and node_id not in self._until:
+                self._strikes[node_id] = max(self._strikes[node_id] - 1, 0)
