@@ -19,6 +19,7 @@
     │   ├── CapacityError           KV-cache budget or other limits exhausted          RESOURCE_EXHAUSTED
     │   ├── RefusedError            refused by policy or trust checks (opaque)        PERMISSION_DENIED
     │   ├── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
+    │   ├── IdleError               a stream that sent nothing for too long is ended   DEADLINE_EXCEEDED
     │   └── InvalidResponseError    a server's answer failed the client's checks (shape, dtype, values)
     ├── RegistryError               the registry could not be reached or refused an announcement
     │   └── RegistryUnavailableError  the registry's store (etcd) answered from none of its endpoints
@@ -143,6 +144,10 @@ class RefusedError(RemoteError):
 
 class UnavailableError(RemoteError):
     """The server could not be reached, is stopping, did not answer in time, or cannot audit."""
+
+
+class IdleError(RemoteError):
+    """A stream sent no message for too long (its first, or the next step of an idle session)."""
 
 
 class InvalidResponseError(RemoteError):

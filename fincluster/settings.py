@@ -67,6 +67,16 @@ class TrustSettings(BaseModel):
     )
 
 
+class DepartmentQuota(BaseModel):
+    """What one department may use of one server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session_share: float = Field(default=1.0, gt=0, le=1, description="share of the server's streams")
+    tokens_per_minute: int | None = Field(default=None, gt=0, description="tokens computed per minute")
+    weight: float = Field(default=1.0, gt=0, description="share of the compute worker when it is busy")
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -82,7 +92,18 @@ class ServerSettings(BaseModel):
     max_session_length: int = Field(default=4096, gt=0)
     session_idle_timeout_seconds: float = Field(default=300.0, gt=0)
     max_message_bytes: int = Field(default=64 * 2**20, gt=0)
-    max_workers: int = Field(default=16, gt=0)
+    max_streams: int = Field(default=256, gt=0, description="inference streams open at once, all clients")
+    max_streams_per_client: int = Field(
+        default=8, gt=0, description="inference streams open at once, one client"
+    )
+    max_calls_per_client: int = Field(default=8, gt=0, description="unary calls one client runs at once")
+    first_message_seconds: float = Field(
+        default=10.0, gt=0, description="a new stream must open a session within"
+    )
+    departments: dict[str, str] = Field(default_factory=dict, description="client SPIFFE id -> department")
+    quotas: dict[str, DepartmentQuota] = Field(
+        default_factory=dict, description="department -> its share of this server's streams, tokens, compute"
+    )
     announce_ttl_seconds: int = Field(default=15, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 

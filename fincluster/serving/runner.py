@@ -15,10 +15,14 @@ from fincluster.wire.tensors import expect
 class BlockRunner:
     """Runs forward, backward and session steps of one span, validating every input first."""
 
-    def __init__(self, model: SpanModel) -> None:
+    def __init__(self, model: SpanModel, *, max_stateless_tokens: int = 4096) -> None:
+        """``max_stateless_tokens``: the longest sequence a stateless forward/backward may carry (a
+        session's length is bounded by its max_length instead)."""
         self.model = model
         self.span = model.span
         self.hidden_size: int = model.config.hidden_size
+        self.max_positions: int = int(getattr(model.config, "max_position_embeddings", 2**31 - 1))
+        self.max_stateless_tokens = max_stateless_tokens
 
     def check_span(self, span: BlockSpan) -> None:
         """Any contiguous part of the loaded span may be asked for."""
@@ -45,20 +49,33 @@ class BlockRunner:
         expect(inputs.position_ids, name="position_ids", dtype=torch.int64, rank=2, sizes=(batch, seq))
         if not bool(((inputs.attention_mask == 0) | (inputs.attention_mask == 1)).all()):
             raise WireError("attention_mask: values must be 0 or 1")
-        if bool((inputs.position_ids < 0).any()):
-            raise WireError("position_ids: negative position")
+        if bool((inputs.position_ids < 0).any()) or bool((inputs.position_ids >= self.max_positions).any()):
+            raise WireError(
+                f"position_ids: positions must lie within 0..{self.max_positions - 1} (the model's range)"
+            )
+        if not bool(torch.isfinite(hidden).all()):
+            raise WireError("hidden_states: NaN or infinite values")
+
+    def validate_stateless(self, inputs: SpanInputs) -> None:
+        self.validate(inputs)
+        seq = inputs.hidden_states.shape[1]
+        if seq > self.max_stateless_tokens:
+            raise WireError(
+                f"hidden_states: {seq} tokens in one stateless call; this server takes at most "
+                f"{self.max_stateless_tokens} (use an inference session, or shorter sequences)"
+            )
 
     @torch.no_grad()
     def forward(self, span: BlockSpan, inputs: SpanInputs) -> torch.Tensor:
         self.check_span(span)
-        self.validate(inputs)
+        self.validate_stateless(inputs)
         inputs = inputs.to(self.model.device)
         return self.model(inputs.hidden_states, inputs.attention_mask, inputs.position_ids, span=span)
 
     def backward(self, span: BlockSpan, inputs: SpanInputs, grad_outputs: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the input hidden states; the span's weights stay frozen."""
         self.check_span(span)
-        self.validate(inputs)
+        self.validate_stateless(inputs)
         expect(
             grad_outputs,
             name="grad_outputs",
@@ -66,6 +83,8 @@ class BlockRunner:
             rank=3,
             sizes=inputs.hidden_states.shape,
         )
+        if not bool(torch.isfinite(grad_outputs).all()):
+            raise WireError("grad_outputs: NaN or infinite values")
         inputs = inputs.to(self.model.device)
         with torch.enable_grad():
             hidden = inputs.hidden_states.detach().requires_grad_(True)

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 
-import grpc
 import structlog
 import torch
 
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError, TrustReason
 from fincluster.registry.backend import Registry
+from fincluster.rpc import AioServerThread
+from fincluster.serving.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
-from fincluster.serving.service import BlockServicer, Transfer, TransferHook
+from fincluster.serving.scheduler import ComputeQueue
+from fincluster.serving.service import AuditWriter, BlockServicer, StreamLimits, Transfer, TransferHook
 from fincluster.serving.sessions import CacheBudget, SessionManager
 from fincluster.serving.span_model import SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
@@ -32,7 +33,7 @@ from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE, VerifiedClaim
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.policy import ModelRef
-from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
+from fincluster.trust.tls import server_credentials
 from fincluster.values import TensorDType
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
@@ -137,8 +138,19 @@ class BlockServer:
             wait_seconds=settings.cache_wait_seconds,
         )
         self.throughput = 0.0
+        self.admission = Admission(
+            Limits(
+                max_streams=settings.max_streams,
+                max_streams_per_client=settings.max_streams_per_client,
+                max_calls_per_client=settings.max_calls_per_client,
+            ),
+            department_of=lambda client: settings.departments.get(client, DEFAULT_DEPARTMENT),
+            quotas=settings.quotas,
+        )
+        self.compute = ComputeQueue(weight_of=self.admission.weight_of)
         self.address: str | None = None
-        self._grpc: grpc.Server | None = None
+        self._grpc: AioServerThread | None = None
+        self._audit_writer: AuditWriter | None = None
         self._stopping = threading.Event()
         self._background: threading.Thread | None = None
         self._closed = False
@@ -179,23 +191,32 @@ class BlockServer:
             raise ClosedError("this server was stopped; create a new one")
         self.throughput = measure_throughput(self.model)
         limit = self.settings.max_message_bytes
-        interceptors = []
-        if self.trust.revocations is not None:
-            interceptors.append(PeerCheckInterceptor(self.trust.revocations))
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.settings.max_workers, thread_name_prefix="block-rpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            interceptors=interceptors,
-        )
+        settings = self.settings
+        self.compute.start()
+        self._audit_writer = AuditWriter(self._observe)
         servicer = BlockServicer(
-            BlockRunner(self.model), self.sessions, self.guard, self.info, on_transfer=self._observe
+            BlockRunner(self.model, max_stateless_tokens=settings.max_session_length),
+            self.sessions,
+            self.guard,
+            self.info,
+            compute=self.compute,
+            admission=self.admission,
+            limits=StreamLimits(
+                first_message_seconds=settings.first_message_seconds,
+                idle_seconds=settings.session_idle_timeout_seconds,
+            ),
+            revocations=self.trust.revocations,
+            audit=self._audit_writer,
+            clock=self.trust.clock,
         )
-        pb_grpc.add_BlockServiceServicer_to_server(servicer, server)
-        port = server.add_secure_port(
-            f"{self.settings.host}:{self.settings.port}", server_credentials(self.credential)
+        self._grpc = AioServerThread(
+            lambda server: pb_grpc.add_BlockServiceServicer_to_server(servicer, server),  # type: ignore[no-untyped-call]
+            address=f"{settings.host}:{settings.port}",
+            credentials=server_credentials(self.credential),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            name="block-rpc",
         )
-        server.start()
-        self._grpc = server
+        port = self._grpc.start()
         self.address = self.settings.public_address or f"{self.settings.host}:{port}"
         self._background = threading.Thread(target=self._maintain, name="server-maintenance", daemon=True)
         self._background.start()
@@ -240,13 +261,16 @@ class BlockServer:
                 log.warning("withdraw_failed", error=str(error), note="the record expires with its TTL")
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+            self._grpc.stop(grace)
+        self.compute.stop()
+        if self._audit_writer is not None:
+            self._audit_writer.close()
         self.sessions.close_all()
         log.info("server_stopped", node=self.node_id)
 
     def wait(self) -> None:
         if self._grpc is not None:
-            self._grpc.wait_for_termination()
+            self._grpc.wait()
 
     def __enter__(self) -> BlockServer:
         self.start()

@@ -1,38 +1,61 @@
-"""gRPC transport of a block server: decode, authorise, call the runner, sign a receipt, encode.
+"""gRPC transport of a block server (``grpc.aio``): authenticate, admit, authorise, queue, answer.
 
-Errors reach the caller with the status that ``fincluster.wire.status`` maps them to, and a message
-saying what was wrong. Policy and trust refusals are one opaque ``PERMISSION_DENIED`` carrying only the
-decision id; their reasons go to the local log and the audit trail. Anything unexpected is logged here
-and the caller gets an opaque ``INTERNAL``.
+Every handler is a coroutine, so an idle stream holds no thread. A call first passes
+:class:`~fincluster.serving.admission.Admission` (per-client and per-department limits), then the
+serve policy (again during sessions), then waits for its turn on the
+:class:`~fincluster.serving.scheduler.ComputeQueue`, where the computation, its encoding, digests and
+receipt are made. The server's audit record is written by :class:`AuditWriter` off the response path;
+if it fails, the server refuses every further call (nothing is served unrecorded).
+
+Errors reach the caller with the status ``fincluster.wire.status`` maps them to. Policy and trust
+refusals are one opaque ``PERMISSION_DENIED`` carrying only the decision id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import TypeVar
 
 import grpc
 import structlog
-import torch
+from cryptography import x509
 
-from fincluster.errors import InvalidRequestError, SessionError, UnavailableError, WireError
+from fincluster.errors import (
+    CertificateError,
+    IdleError,
+    InvalidRequestError,
+    SessionError,
+    TrustError,
+    UnavailableError,
+    WireError,
+)
+from fincluster.serving.admission import Admission
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
+from fincluster.serving.scheduler import ComputeQueue, Priority
 from fincluster.serving.sessions import Session, SessionManager
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import MIN_NONCE_BYTES
-from fincluster.trust.tls import peer_identity
+from fincluster.trust.pki import RevocationList, spiffe_id_of
+from fincluster.trust.tls import peer_certificate
+from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
-from fincluster.wire.status import abort_for
+from fincluster.wire.status import answer_for
 from fincluster.wire.tensors import decode, digest, encode
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 TransferHook = Callable[["Transfer"], None]
+REAUTHORIZE_SECONDS = 5.0
+"""How long a session step may rely on the last serve decision before policy is asked again."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +75,56 @@ class Transfer:
     receipt: pb.Receipt
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    first_message_seconds: float
+    idle_seconds: float
+
+
 def checked_id(value: str, *, name: str = "session_id") -> str:
     """Session ids name receipts and audit records: 1 to 256 printable ASCII, no spaces."""
     if not 1 <= len(value) <= 256 or not all(33 <= ord(char) <= 126 for char in value):
         raise WireError(f"{name}: 1 to 256 printable ASCII characters without spaces are required")
     return value
+
+
+class AuditWriter:
+    """Writes the server's transfer records in order on one thread, after the responses are sent."""
+
+    def __init__(self, hook: TransferHook | None) -> None:
+        self._hook = hook
+        self._queue: queue.Queue[Transfer | None] = queue.Queue()
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._write, name="audit-writer", daemon=True)
+        if hook is not None:
+            self._thread.start()
+
+    def record(self, transfer: Transfer) -> None:
+        if self._hook is not None:
+            self._queue.put(transfer)
+
+    def _write(self) -> None:
+        while (transfer := self._queue.get()) is not None:
+            try:
+                if self._hook is not None:
+                    self._hook(transfer)
+            except Exception as error:  # fail closed: the servicer refuses every further call
+                self.failure = str(error)
+                log.exception("audit_write_failed", session=transfer.session_id)
+
+    def close(self) -> None:
+        """Write what is queued, then stop."""
+        if self._hook is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+
+class _Refused(Exception):
+    """Carries the status and message a handler answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
@@ -69,22 +137,64 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         guard: ServeGuard,
         info: Callable[[], pb.ServerInfo],
         *,
-        on_transfer: TransferHook | None = None,
+        compute: ComputeQueue,
+        admission: Admission,
+        limits: StreamLimits,
+        revocations: RevocationList | None = None,
+        audit: AuditWriter | None = None,
+        clock: Clock = utc_now,
     ) -> None:
         self._runner = runner
         self._sessions = sessions
         self._guard = guard
         self._info = info
-        self._on_transfer = on_transfer
-        self._audit_failure: str | None = None
+        self._compute = compute
+        self._admission = admission
+        self._limits = limits
+        self._revocations = revocations
+        self._audit = audit or AuditWriter(None)
+        self._clock = clock
 
-    def _call(self, context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
+    # -- the steps of every call ---------------------------------------------------------------
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, x509.Certificate]:
+        """The caller's SPIFFE id and certificate, refused if revoked or expired since the handshake."""
         try:
-            if self._audit_failure is not None:  # fail closed: no record, no service
-                raise UnavailableError("server audit log unavailable")
-            return work()
-        except Exception as error:  # mapped to a status; unexpected errors are logged with a traceback
-            abort_for(context, error, method=method)
+            certificate = peer_certificate(context)  # type: ignore[arg-type]
+            self._check_peer(certificate)
+            return spiffe_id_of(certificate), certificate
+        except (CertificateError, TrustError) as error:
+            log.warning("peer_rejected", peer=context.peer(), reason=str(error))
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted") from None
+
+    def _check_peer(self, certificate: x509.Certificate) -> None:
+        now = self._clock()
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise CertificateError("peer certificate outside its validity period")
+        if self._revocations is not None and self._revocations.is_revoked(certificate, now=now):
+            raise CertificateError(f"peer certificate (serial {certificate.serial_number:x}) is revoked")
+
+    def _ready(self) -> None:
+        if self._audit.failure is not None:  # fail closed: no record, no service
+            raise UnavailableError("server audit log unavailable")
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str, work: Awaitable[T]) -> T:
+        """Await ``work``, mapping any error to the status the caller gets."""
+        try:
+            return await work
+        except _Refused as refused:
+            await context.abort(refused.code, refused.message)
+        except Exception as error:
+            await context.abort(*answer_for(error, method=method))
+        raise AssertionError("context.abort returned")  # pragma: no cover - grpc always raises
+
+    def _authorized_span(
+        self, message: pb.BlockSpan, *, client_id: str, classification: str, session_id: str | None
+    ) -> BlockSpan:
+        span = span_from_wire(message)
+        self._runner.check_span(span)
+        self._guard.authorize(client_id, classification, span, session_id=session_id)
+        return span
 
     def _transfer(
         self,
@@ -120,198 +230,268 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             receipt=receipt,
         )
 
-    def _record(self, transfer: Transfer) -> None:
-        """Write the server's record of a transfer once its response is on the way (off the critical
-        path). If that fails, the server stops serving until restarted: no call goes unrecorded."""
-        if self._on_transfer is None:
-            return
-        try:
-            self._on_transfer(transfer)
-        except Exception as error:
-            self._audit_failure = str(error)
-            log.exception("audit_write_failed", session=transfer.session_id)
+    # -- unary calls ---------------------------------------------------------------------------
 
-    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
-        return self._info()
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        async def work() -> pb.ServerInfo:
+            client_id, _ = self._authenticate(context)
+            with self._admission.call(client_id):
+                return self._info()
 
-    def ProvePossession(
-        self, request: pb.PossessionChallenge, context: grpc.ServicerContext
+        return await self._answer(context, "Info", work())
+
+    async def ProvePossession(
+        self, request: pb.PossessionChallenge, context: grpc.aio.ServicerContext
     ) -> pb.PossessionProof:
-        client_id = peer_identity(context)
-        return self._call(
-            context,
-            "ProvePossession",
-            lambda: self._guard.prove(
-                nonce=request.nonce, session_id=request.session_id, client_id=client_id
-            ),
-        )
+        async def work() -> pb.PossessionProof:
+            client_id, _ = self._authenticate(context)
+            with self._admission.call(client_id):
+                return self._guard.prove(
+                    nonce=request.nonce, session_id=request.session_id, client_id=client_id
+                )
 
-    def _authorized_span(
-        self, message: pb.BlockSpan, *, client_id: str, classification: str, session_id: str | None
-    ) -> BlockSpan:
-        span = span_from_wire(message)
-        self._runner.check_span(span)
-        self._guard.authorize(client_id, classification, span, session_id=session_id)
-        return span
+        return await self._answer(context, "ProvePossession", work())
 
-    def _stateless(
+    async def _stateless(
         self,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         request: pb.ForwardRequest | pb.BackwardRequest,
         operation: str,
-        compute: Callable[[BlockSpan], torch.Tensor],
+        compute: Callable[[BlockSpan], pb.Tensor],
     ) -> tuple[pb.Tensor, pb.Receipt]:
-        """One forward or backward call: authorise, compute, sign; the record is written once the
-        response is on its way."""
-        client_id = peer_identity(context)
+        """One forward or backward call: authorise, queue, compute and sign; record after answering."""
 
-        def work() -> tuple[pb.Tensor, pb.Receipt]:
-            session_id = checked_id(request.session_id)
-            span = self._authorized_span(
-                request.span,
-                client_id=client_id,
-                classification=request.classification,
-                session_id=session_id,
-            )
-            output = encode(compute(span))
-            transfer = self._transfer(
-                session_id=session_id,
-                step=0,
-                operation=operation,
-                span=span,
-                client_id=client_id,
-                classification=request.classification,
-                inputs=request.inputs,
-                output=output,
-            )
-            context.add_callback(partial(self._record, transfer))
-            return output, transfer.receipt
+        async def work() -> tuple[pb.Tensor, pb.Receipt]:
+            client_id, _ = self._authenticate(context)
+            self._ready()
+            with self._admission.call(client_id):
+                session_id = checked_id(request.session_id)
+                span = self._authorized_span(
+                    request.span,
+                    client_id=client_id,
+                    classification=request.classification,
+                    session_id=session_id,
+                )
+                tokens = wire_tokens(request.inputs)
+                self._admission.charge(client_id, tokens * len(span))
 
-        return self._call(context, operation, work)
+                def job() -> tuple[pb.Tensor, Transfer]:
+                    output = compute(span)
+                    transfer = self._transfer(
+                        session_id=session_id,
+                        step=0,
+                        operation=operation,
+                        span=span,
+                        client_id=client_id,
+                        classification=request.classification,
+                        inputs=request.inputs,
+                        output=output,
+                    )
+                    return output, transfer
 
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        output, receipt = self._stateless(
+                output, transfer = await self._compute.run(
+                    job, client=client_id, tokens=tokens, priority=Priority.BATCH
+                )
+                self._audit.record(transfer)
+                return output, transfer.receipt
+
+        return await self._answer(context, operation, work())
+
+    async def Forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForwardResponse:
+        output, receipt = await self._stateless(
             context,
             request,
             "forward",
-            lambda span: self._runner.forward(span, inputs_from_wire(request.inputs)),
+            lambda span: encode(self._runner.forward(span, inputs_from_wire(request.inputs))),
         )
         return pb.ForwardResponse(hidden_states=output, receipt=receipt)
 
-    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
-        output, receipt = self._stateless(
+    async def Backward(
+        self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BackwardResponse:
+        output, receipt = await self._stateless(
             context,
             request,
             "backward",
-            lambda span: self._runner.backward(
-                span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
+            lambda span: encode(
+                self._runner.backward(
+                    span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
+                )
             ),
         )
         return pb.BackwardResponse(grad_inputs=output, receipt=receipt)
 
-    def Inference(
-        self, request_iterator: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.InferenceResponse]:
-        client_id = peer_identity(context)
-        session: Session | None = None
-        classification = ""
+    # -- inference streams ---------------------------------------------------------------------
+
+    async def Inference(
+        self, request_iterator: AsyncIterator[pb.InferenceRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InferenceResponse]:
+        with contextlib.ExitStack() as held:
+            try:
+                client_id, certificate = self._authenticate(context)
+                held.enter_context(self._admission.stream(client_id))
+            except _Refused as refused:
+                await context.abort(refused.code, refused.message)
+            except Exception as error:
+                await context.abort(*answer_for(error, method="Inference"))
+            stream = _Stream(self, context, client_id, certificate)
+            try:
+                async for response in stream.run(request_iterator):
+                    yield response
+            finally:
+                stream.end()
+
+
+class _Stream:
+    """One inference stream: open, then steps, then close, each message read with a deadline."""
+
+    def __init__(
+        self,
+        servicer: BlockServicer,
+        context: grpc.aio.ServicerContext,
+        client_id: str,
+        certificate: x509.Certificate,
+    ) -> None:
+        self.servicer = servicer
+        self.context = context
+        self.client_id = client_id
+        self.certificate = certificate
+        self.session: Session | None = None
+        self.classification = ""
+        self.authorized_until = 0.0
+
+    async def _next(self, iterator: AsyncIterator[pb.InferenceRequest]) -> pb.InferenceRequest | None:
+        limits = self.servicer._limits
+        first = self.session is None
+        timeout = limits.first_message_seconds if first else limits.idle_seconds
         try:
-            for request in request_iterator:
+            return await asyncio.wait_for(anext(iterator), timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if first:
+                raise IdleError(f"no request within {timeout:g} s of opening the stream") from None
+            raise SessionError(f"session expired after {timeout:g} s idle") from None
+
+    async def run(self, iterator: AsyncIterator[pb.InferenceRequest]) -> AsyncIterator[pb.InferenceResponse]:
+        servicer = self.servicer
+        while True:
+            kind: str | None = "read"
+            try:
+                request = await self._next(iterator)
+                if request is None:
+                    return
                 kind = request.WhichOneof("kind")
+                servicer._ready()
                 if kind == "open":
-                    if session is not None:
-                        abort_for(
-                            context,
-                            InvalidRequestError("a session is already open on this stream"),
-                            method="Inference.open",
-                        )
-                    session = self._call(
-                        context, "Inference.open", partial(self._open, request.open, client_id)
-                    )
-                    classification = request.open.classification
-                    proof = self._call(
-                        context,
-                        "Inference.open",
-                        partial(
-                            self._guard.prove,
-                            nonce=request.open.nonce,
-                            session_id=session.session_id,
-                            client_id=client_id,
-                        ),
-                    )
-                    opened = pb.SessionOpened(
-                        session_id=session.session_id, max_length=session.max_length, proof=proof
-                    )
-                    yield pb.InferenceResponse(opened=opened)
+                    response = await self._open(request.open)
                 elif kind == "step":
-                    current = self._stream_session(context, session, request.step.session_id)
-                    output = self._call(
-                        context, "Inference.step", partial(self._step, current, request.step.inputs)
-                    )
-                    encoded = encode(output)
-                    transfer = self._call(
-                        context,
-                        "Inference.step",
-                        partial(
-                            self._transfer,
-                            session_id=current.session_id,
-                            step=request.step.step,
-                            operation="inference_step",
-                            span=current.span,
-                            client_id=client_id,
-                            classification=classification,
-                            inputs=request.step.inputs,
-                            output=encoded,
-                        ),
-                    )
-                    try:
-                        yield pb.InferenceResponse(
-                            step=pb.StepResult(
-                                hidden_states=encoded, position=current.position, receipt=transfer.receipt
-                            )
-                        )
-                    finally:
-                        self._record(transfer)
+                    response, transfer = await self._step(request.step)
+                    yield response
+                    servicer._audit.record(transfer)
+                    continue
                 elif kind == "close":
-                    current = self._stream_session(context, session, request.close.session_id)
-                    self._sessions.close(current.session_id)
-                    session = None
-                    yield pb.InferenceResponse(closed=pb.SessionClosed(session_id=current.session_id))
+                    response = self._close(request.close)
                 else:
-                    abort_for(context, InvalidRequestError("empty inference request"), method="Inference")
-        finally:
-            if session is not None:
-                self._sessions.close(session.session_id, reason="closed: stream ended")
+                    raise InvalidRequestError("empty inference request")
+            except _Refused as refused:
+                await self.context.abort(refused.code, refused.message)
+            except Exception as error:
+                await self.context.abort(*answer_for(error, method=f"Inference.{kind}"))
+            yield response
 
-    def _step(self, session: Session, inputs: pb.SpanInputs) -> torch.Tensor:
-        return self._runner.step(session, inputs_from_wire(inputs))
-
-    def _open(self, request: pb.OpenSession, client_id: str) -> Session:
+    async def _open(self, request: pb.OpenSession) -> pb.InferenceResponse:
+        servicer = self.servicer
+        if self.session is not None:
+            raise InvalidRequestError("a session is already open on this stream")
         # the client chooses the id (one id on every hop); without one the server picks it
         session_id = checked_id(request.session_id) if request.session_id else None
-        span = self._authorized_span(
-            request.span, client_id=client_id, classification=request.classification, session_id=session_id
+        span = servicer._authorized_span(
+            request.span,
+            client_id=self.client_id,
+            classification=request.classification,
+            session_id=session_id,
         )
         if len(request.nonce) < MIN_NONCE_BYTES:
             raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
-        session = self._sessions.open(
+        session = await asyncio.to_thread(
+            servicer._sessions.open,
             span,
             max_length=request.max_length,
             batch_size=request.batch_size,
-            client_id=client_id,
+            client_id=self.client_id,
             session_id=session_id,
         )
-        log.info("session_opened", session=session.session_id, client=client_id, blocks=str(span))
-        return session
+        self.session, self.classification = session, request.classification
+        self.authorized_until = time.monotonic() + REAUTHORIZE_SECONDS
+        log.info("session_opened", session=session.session_id, client=self.client_id, blocks=str(span))
+        proof = servicer._guard.prove(
+            nonce=request.nonce, session_id=session.session_id, client_id=self.client_id
+        )
+        return pb.InferenceResponse(
+            opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length, proof=proof)
+        )
 
-    def _stream_session(
-        self, context: grpc.ServicerContext, session: Session | None, session_id: str
-    ) -> Session:
-        def current() -> Session:
-            if session is None or session.session_id != session_id:
-                raise SessionError(f"unknown or closed session {session_id!r} on this stream")
-            if session.closed_reason is not None:
-                raise SessionError(f"session {session.closed_reason}", session_id=session_id)
-            return self._sessions.get(session_id)
+    def _current(self, session_id: str) -> Session:
+        session = self.session
+        if session is None or session.session_id != session_id:
+            raise SessionError(f"unknown or closed session {session_id!r} on this stream")
+        if session.closed_reason is not None:
+            raise SessionError(f"session {session.closed_reason}", session_id=session_id)
+        return self.servicer._sessions.get(session_id)
 
-        return self._call(context, "Inference", current)
+    def _reauthorize(self, session: Session) -> None:
+        """Authorisation holds for every step: the peer's certificate (revocation, expiry) each time,
+        and the serve decision again once the last one is a few seconds old."""
+        try:
+            self.servicer._check_peer(self.certificate)
+        except CertificateError as error:
+            log.warning("peer_rejected", session=session.session_id, reason=str(error))
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted") from None
+        if time.monotonic() >= self.authorized_until:
+            self.servicer._guard.authorize(
+                self.client_id, self.classification, session.span, session_id=session.session_id
+            )
+            self.authorized_until = time.monotonic() + REAUTHORIZE_SECONDS
+
+    async def _step(self, request: pb.SessionStep) -> tuple[pb.InferenceResponse, Transfer]:
+        servicer = self.servicer
+        session = self._current(request.session_id)
+        self._reauthorize(session)
+        tokens = wire_tokens(request.inputs)
+        servicer._admission.charge(self.client_id, tokens * len(session.span))
+
+        def job() -> tuple[pb.Tensor, int, Transfer]:
+            output = encode(servicer._runner.step(session, inputs_from_wire(request.inputs)))
+            transfer = servicer._transfer(
+                session_id=session.session_id,
+                step=request.step,
+                operation="inference_step",
+                span=session.span,
+                client_id=self.client_id,
+                classification=self.classification,
+                inputs=request.inputs,
+                output=output,
+            )
+            return output, session.position, transfer
+
+        output, position, transfer = await servicer._compute.run(
+            job, client=self.client_id, tokens=tokens, priority=Priority.INTERACTIVE
+        )
+        response = pb.InferenceResponse(
+            step=pb.StepResult(hidden_states=output, position=position, receipt=transfer.receipt)
+        )
+        return response, transfer
+
+    def _close(self, request: pb.CloseSession) -> pb.InferenceResponse:
+        session = self._current(request.session_id)
+        self.servicer._sessions.close(session.session_id)
+        self.session = None
+        return pb.InferenceResponse(closed=pb.SessionClosed(session_id=session.session_id))
+
+    def end(self) -> None:
+        if self.session is not None:
+            self.servicer._sessions.close(self.session.session_id, reason="closed: stream ended")
+            self.session = None

@@ -30,7 +30,14 @@ from fincluster.trust.attestation import (
     sign_possession_proof,
     verify_possession_proof,
 )
-from fincluster.trust.pki import RevocationList, SigningKey, load_certificate, spiffe_id_of
+from fincluster.trust.pki import (
+    RevocationList,
+    Role,
+    SigningKey,
+    load_certificate,
+    parse_spiffe_id,
+    spiffe_id_of,
+)
 from fincluster.trust.policy import (
     Classification,
     ClientIdentity,
@@ -162,14 +169,25 @@ class TrustContext:
         node_id: str,
         claims: VerifiedClaims | None,
     ) -> Decision:
-        """May this server (``node_id``, with its own verified ``claims``) serve this call?"""
+        """May this server (``node_id``, with its own verified ``claims``) serve this call?
+
+        Claims past their expiry count as none (the node is unattested from that moment), so a server
+        stops serving classified data when its attestation expires, also inside open sessions (servers
+        decide again during sessions). Without a policy engine, only client workloads get public data.
+        """
         try:
             level = Classification(classification)
         except ValueError:
             return _local_decision(
                 DecisionKind.SERVE, allow=False, reasons=(f"unknown classification {classification[:64]!r}",)
             )
+        if claims is not None and claims.expires_at <= self.clock():
+            claims = None
         if self.policy is None:
+            if not _is_client(client_id):
+                return _local_decision(
+                    DecisionKind.SERVE, allow=False, reasons=("caller is not a client workload",)
+                )
             return _public_only(DecisionKind.SERVE, level)
         return self.policy.decide(
             DecisionKind.SERVE,
@@ -204,6 +222,13 @@ class TrustContext:
                 node=NodeRef(id=record.node_id, claims=claims),
             ),
         )
+
+
+def _is_client(identity: str) -> bool:
+    try:
+        return parse_spiffe_id(identity)[1] is Role.CLIENT
+    except TrustError:
+        return False
 
 
 def _local_decision(kind: DecisionKind, *, allow: bool, reasons: tuple[str, ...]) -> Decision:

@@ -15,6 +15,7 @@ import structlog
 from fincluster.errors import (
     CapacityError,
     FinclusterError,
+    IdleError,
     InvalidRequestError,
     OutOfRangeError,
     PolicyDenied,
@@ -51,6 +52,7 @@ STATUS_TABLE: tuple[tuple[type[FinclusterError], grpc.StatusCode], ...] = (
     (TrustError, grpc.StatusCode.PERMISSION_DENIED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (IdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 _STATUS_OF: dict[type[FinclusterError], grpc.StatusCode] = {}
@@ -85,6 +87,22 @@ def remote_error(
     return cls(message, node_id=node_id, span=span, session_id=session_id, status=code)
 
 
+def answer_for(error: BaseException, *, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a server answers ``error`` with: opaque (only the decision id) for
+    policy and trust refusals, an opaque INTERNAL (and a logged traceback) for errors outside the
+    table, the error's own message otherwise."""
+    code = status_of(error)
+    if code is None:
+        log.error("request_failed", method=method, exc_info=error)
+        return grpc.StatusCode.INTERNAL, "internal error"
+    if isinstance(error, PolicyError | TrustError):
+        decision = error.decision_id if isinstance(error, PolicyDenied) else None
+        if not isinstance(error, PolicyDenied):  # denials were logged with their context already
+            log.warning("request_refused", method=method, reason=str(error))
+        return code, f"{REFUSED} (decision {decision})" if decision else REFUSED
+    return code, error.reason if isinstance(error, RemoteError) else str(error)
+
+
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     """End the RPC with ``code``; ``context.abort`` raises, the line after it only makes that explicit."""
     context.abort(code, message)
@@ -92,15 +110,5 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) ->
 
 
 def abort_for(context: grpc.ServicerContext, error: Exception, *, method: str) -> NoReturn:
-    """End the RPC with the status ``error`` maps to: opaque (only the decision id) for policy and
-    trust refusals, an opaque INTERNAL (and a logged traceback) for errors outside the table."""
-    code = status_of(error)
-    if code is None:
-        log.exception("request_failed", method=method)
-        abort(context, grpc.StatusCode.INTERNAL, "internal error")
-    if isinstance(error, PolicyError | TrustError):
-        decision = error.decision_id if isinstance(error, PolicyDenied) else None
-        if not isinstance(error, PolicyDenied):  # denials were logged with their context already
-            log.warning("request_refused", method=method, reason=str(error))
-        abort(context, code, f"{REFUSED} (decision {decision})" if decision else REFUSED)
-    abort(context, code, error.reason if isinstance(error, RemoteError) else str(error))
+    """End a synchronous server's RPC with the answer for ``error`` (see :func:`answer_for`)."""
+    abort(context, *answer_for(error, method=method))
