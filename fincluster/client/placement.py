@@ -11,16 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import structlog
-
 from fincluster.errors import TrustError
+from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import ATTESTATION_REJECTED, VerifiedClaims
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.policy import Classification, Decision, ModelRef
 from fincluster.wire import fincluster_pb2 as pb
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Blocks → allowed node ids, or a tier name such as "trusted".
 Pins = Mapping[range, Sequence[str] | str]

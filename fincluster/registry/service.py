@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
-import structlog
 
 from fincluster.errors import InvalidRequestError, PolicyError, RefusedError, RegistryError, TrustError
+from fincluster.logs import get_logger
 from fincluster.registry.backend import Registry
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
@@ -24,7 +24,7 @@ from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.status import abort_for
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_TTL_SECONDS = 300
 T = TypeVar("T")

@@ -13,11 +13,11 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-import structlog
 import torch
 
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError, TrustReason
+from fincluster.logs import get_logger
 from fincluster.registry.backend import Registry
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard
@@ -39,7 +39,7 @@ from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import span_to_wire
 from fincluster.wire.tensors import wire_dtype
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def load_span_model(store: ModelStore, span: BlockSpan, *, dtype: TensorDType, device: str) -> SpanModel:

@@ -14,10 +14,10 @@ from functools import partial
 from typing import TypeVar
 
 import grpc
-import structlog
 import torch
 
 from fincluster.errors import InvalidRequestError, SessionError, UnavailableError, WireError
+from fincluster.logs import get_logger
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.sessions import Session, SessionManager
@@ -30,7 +30,7 @@ from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
 from fincluster.wire.status import abort_for
 from fincluster.wire.tensors import decode, digest, encode
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 TransferHook = Callable[["Transfer"], None]
 

@@ -10,7 +10,6 @@ from enum import StrEnum
 from pathlib import Path
 
 import safetensors.torch
-import structlog
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -21,6 +20,7 @@ from transformers import (
 )
 
 from fincluster.errors import ConfigurationError
+from fincluster.logs import get_logger
 from fincluster.store.aliases import STORE_ALIASES
 from fincluster.store.checkpoint import SafetensorsCheckpoint, load_checkpoint_config, tokenizer_files
 from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, TOKENIZER_DIR, block_file
@@ -30,7 +30,7 @@ from fincluster.store.staging import StagedStore, check_destination
 from fincluster.store.store import ModelStore
 from fincluster.values import TensorDType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
 TokenizerWriter = Callable[[Path], None]

@@ -14,17 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import safetensors.torch
-import structlog
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from fincluster.errors import StoreError, StoreIntegrityError
+from fincluster.logs import get_logger
 from fincluster.store.digest import sha256_file
 from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, MANIFEST_FILE, TOKENIZER_DIR, block_file
 from fincluster.store.manifest import Manifest
 from fincluster.values import sha256_hex
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class ModelStore:
