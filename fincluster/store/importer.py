@@ -23,7 +23,7 @@ from fincluster.errors import ConfigurationError
 from fincluster.logs import get_logger
 from fincluster.store.aliases import STORE_ALIASES
 from fincluster.store.checkpoint import SafetensorsCheckpoint, load_checkpoint_config, tokenizer_files
-from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, TOKENIZER_DIR, block_file
+from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, block_file
 from fincluster.store.manifest import Manifest
 from fincluster.store.partition import plan_store
 from fincluster.store.staging import StagedStore, check_destination
@@ -133,7 +133,6 @@ def _import_checkpoint(
     files = tokenizer_files(directory)
 
     def copy_tokenizer(target: Path) -> None:
-        target.mkdir()
         for file in files:
             shutil.copyfile(file, target / file.name)
 
@@ -174,9 +173,9 @@ def _write_store(
         for index, block in enumerate(plan.blocks):
             staged.write_bytes(block_file(index), _serialize(block, get_tensor, dtype.torch_dtype))
             report(ImportStage.BLOCKS, index + 1, num_blocks)
+        if write_tokenizer is not None:  # beside config.json, where AutoTokenizer looks for it
+            write_tokenizer(staged.root)
         staged.write_bytes(CONFIG_FILE, _config_json(config, dtype))
-        if write_tokenizer is not None:
-            write_tokenizer(staged.root / TOKENIZER_DIR)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model_id=model_id,
