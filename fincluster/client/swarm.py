@@ -19,7 +19,7 @@ from fincluster.client.audit_trail import ClientAuditTrail
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
 from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
-from fincluster.errors import ClosedError, RemoteError, RoutingError
+from fincluster.errors import ClosedError, RegistryError, RemoteError, RoutingError
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.settings import ClientSettings
@@ -41,6 +41,14 @@ class ChainPlanner(Protocol):
     @property
     def trail(self) -> ClientAuditTrail | None: ...
 
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def verifies_attestations(self) -> bool:
+        """Whether node tiers can be known (attestations are verified): tier pins need it."""
+        ...
+
     def plan_chain(
         self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
     ) -> Sequence[SpanClient]: ...
@@ -51,6 +59,8 @@ class LocalSwarm:
 
     audit: AuditSink | None = None  # nothing leaves the process
     trail: ClientAuditTrail | None = None
+    closed = False
+    verifies_attestations = False  # in-process spans carry no attestation
 
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
@@ -110,11 +120,27 @@ class Swarm:
         self._lock = threading.Lock()
         self._closed = False
         if isinstance(registry, str):
-            self.registry: Registry = RegistryClient(
-                self._channel(registry), timeout_seconds=self.settings.request_timeout_seconds
+            client = RegistryClient(
+                self._channel(registry),
+                timeout_seconds=self.settings.request_timeout_seconds,
+                address=registry,
             )
+            try:
+                client.check()  # a wrong address or CA is told now, in words, not at the first generate
+            except RegistryError:
+                self.close()
+                raise
+            self.registry: Registry = client
         else:
             self.registry = registry
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def verifies_attestations(self) -> bool:
+        return self.trust.verifies_attestations
 
     def _channel(self, address: str, identity: str | None = None) -> grpc.Channel:
         """Channel to ``address``; with ``identity``, the TLS handshake must prove that server identity."""
