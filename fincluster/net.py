@@ -67,12 +67,23 @@ def _host_matches(host: str, names: tuple[str, ...]) -> bool:
     return any(name == str(ip) for name in names)
 
 
+def advertised_host(public_address: str | None, bind_host: str) -> str:
+    """The host peers will dial: that of ``public_address``, else the bind host."""
+    return split_host_port(public_address)[0] if public_address else bind_host
+
+
 def check_advertised(
-    public_address: str | None, bind_host: str, certificate: x509.Certificate, *, flag: str
+    public_address: str | None,
+    bind_host: str,
+    certificate: x509.Certificate,
+    *,
+    flag: str,
+    registry_address: str | None = None,
 ) -> None:
-    """Refuse to advertise an address peers could not verify against ``certificate``: the host of
-    ``public_address``, or the bind host when none is given, must be one of its DNS/IP SANs."""
-    host = split_host_port(public_address)[0] if public_address else bind_host
+    """Refuse to advertise an address peers could not verify against ``certificate`` (the host of
+    ``public_address``, or the bind host when none is given, must be one of its DNS/IP SANs), or could
+    not reach (loopback, announced to a registry at ``registry_address`` that is not on loopback)."""
+    host = advertised_host(public_address, bind_host)
     if host in WILDCARD_HOSTS:
         raise ConfigurationError(
             f"binding {bind_host or 'every interface'} needs {flag} HOST:PORT: the address peers dial "
@@ -87,15 +98,16 @@ def check_advertised(
             f"Re-issue the certificate with `fincluster certs issue ... --host {host}`, or set {flag} "
             "to one of those names"
         )
+    if registry_address is not None:
+        check_reachable_from(host, registry_address, flag=flag)
 
 
-def check_reachable_from(address: str, registry_address: str, *, flag: str) -> None:
-    """Refuse to announce a loopback ``address`` to a registry that is not on loopback."""
-    host, _ = split_host_port(address)
+def check_reachable_from(host: str, registry_address: str, *, flag: str) -> None:
+    """Refuse to announce a loopback ``host`` to a registry that is not on loopback."""
     registry_host, _ = split_host_port(registry_address)
     if is_loopback(host) and not is_loopback(registry_host):
         raise ConfigurationError(
-            f"refusing to announce the loopback address {address} to the registry at {registry_address}: "
+            f"refusing to announce the loopback address {host} to the registry at {registry_address}: "
             f"clients on other hosts could not reach it; set {flag} to this host's name or IP"
         )
 

@@ -56,12 +56,12 @@ def test_a_wildcard_bind_address_needs_a_public_address(pki: Pki) -> None:
 
 
 def test_a_loopback_address_is_not_announced_to_a_registry_elsewhere() -> None:
-    check_reachable_from("127.0.0.1:7001", "localhost:7000", flag="--public-address")
-    check_reachable_from("gpu-a.bank.example:7001", "reg1.bank.example:7000", flag="--public-address")
+    check_reachable_from("127.0.0.1", "localhost:7000", flag="--public-address")
+    check_reachable_from("gpu-a.bank.example", "reg1.bank.example:7000", flag="--public-address")
     with pytest.raises(ConfigurationError) as caught:
-        check_reachable_from("127.0.0.1:7001", "reg1.bank.example:7000", flag="--public-address")
+        check_reachable_from("127.0.0.1", "reg1.bank.example:7000", flag="--public-address")
     assert str(caught.value) == (
-        "refusing to announce the loopback address 127.0.0.1:7001 to the registry at "
+        "refusing to announce the loopback address 127.0.0.1 to the registry at "
         "reg1.bank.example:7000: clients on other hosts could not reach it; set --public-address to "
         "this host's name or IP"
     )
@@ -192,3 +192,26 @@ def test_the_registry_logs_listings_and_expiries(monkeypatch: pytest.MonkeyPatch
         ("server_expired", "n"),
     ]
     assert logs[0]["address"] == "gpu-a:7001" and logs[0]["blocks"] == "0:2"
+
+
+@pytest.mark.e2e
+def test_a_server_refuses_to_announce_loopback_to_a_registry_on_another_host(
+    pki: Pki, tiny_llama_store: ModelStore
+) -> None:
+    from fincluster.serving.server import BlockServer, ServedModel, load_span_model
+    from fincluster.settings import ServerSettings
+    from fincluster.spans import BlockSpan
+    from fincluster.values import TensorDType
+
+    model = load_span_model(tiny_llama_store, BlockSpan(0, 2), dtype=TensorDType.FLOAT32, device="cpu")
+    server = BlockServer(
+        model,
+        ServedModel.of(tiny_llama_store),
+        ServerSettings(host="127.0.0.1"),
+        pki.credential(Role.SERVER, "loopback-only"),
+        registry=InMemoryRegistry(),
+        registry_address="reg1.bank.example:7000",
+    )
+    with pytest.raises(ConfigurationError, match=r"refusing to announce the loopback address 127\.0\.0\.1"):
+        server.start()
+    assert server.address is None  # nothing was bound

@@ -34,7 +34,7 @@ class Announcer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
-        self.registry_address = registry_address or "the registry"
+        self.registry_address = registry_address
         self.ttl_seconds = ttl_seconds
         self._record = record
         self._backoff = backoff or Backoff(initial=1.0, maximum=30.0)
@@ -47,12 +47,12 @@ class Announcer:
     @property
     def status(self) -> str:
         """One line for operators: announced, or not and why."""
+        registry = self.registry_address or "the registry"
         if self.announced:
-            return f"announced to {self.registry_address}"
+            return f"announced to {registry}"
         if self.last_error is None:
-            return f"not yet announced to {self.registry_address}"
-        failed = f"{self.attempts_failed} failed attempts"
-        return f"NOT announced to {self.registry_address} ({failed}): {self.last_error}"
+            return f"not yet announced to {registry}"
+        return f"NOT announced to {registry} ({self.attempts_failed} failed attempts): {self.last_error}"
 
     def tick(self) -> None:
         """Announce now if it is due (refresh or retry)."""

@@ -219,6 +219,7 @@ class BlockServer:
             self.settings.host,
             load_certificate(cert_pem),
             flag="--public-address (server.public_address)",
+            registry_address=self.announcer.registry_address if self.announcer is not None else None,
         )
         self.throughput = measure_throughput(self.model)
         limit = self.settings.max_message_bytes
