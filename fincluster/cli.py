@@ -258,7 +258,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default when it has one of its own (settings-backed flags say theirs)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if hidden or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -54,9 +54,7 @@ def run_generate(
             audit=audit,
         ) as swarm,
     ):
-        model = DistributedModelForCausalLM.from_pretrained(
-            store, swarm=swarm, classification=classification
-        )
+        model = DistributedModelForCausalLM.from_pretrained(store, swarm=swarm, classification=classification)
         output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
         verdicts = swarm.last_guard.verdicts if swarm.last_guard is not None else {}
         answer = str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))

@@ -116,7 +116,7 @@ def test_every_operator_flag_has_help_and_shows_its_default() -> None:
             if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
-            if action.default not in (None, False):
+            if action.default is not None and action.default is not False:
                 assert f"(default: {action.default})" in text, f"{name} {action.option_strings}: no default"
     serve = " ".join(parsers["serve"].format_help().split())
     assert (

@@ -226,10 +226,9 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ob
             "tokenizer": tokenizer,
         }
     finally:
-        for step in running:
+        for step in reversed(running):  # servers first, so they can withdraw from the registry
             if step.popen.poll() is None:
                 os.killpg(step.popen.pid, 15)
-        for step in running:
             try:
                 step.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
