@@ -144,11 +144,17 @@ def free_port() -> int:
 
 
 @pytest.mark.e2e
-def test_a_wrong_registry_address_is_noticed_when_the_swarm_opens(pki: Pki) -> None:
+def test_a_wrong_registry_address_is_noticed_when_the_swarm_opens(
+    pki: Pki, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where the default audit log would go
     port = free_port()
     with pytest.raises(RegistryError) as caught:
-        Swarm(registry=f"127.0.0.1:{port}", credential=pki.credential(Role.CLIENT, "analyst"), audit=None)
-    assert f"no registry at 127.0.0.1:{port} (connection refused)" in str(caught.value)
+        Swarm(registry=f"127.0.0.1:{port}", credential=pki.credential(Role.CLIENT, "analyst"))
+    assert str(caught.value) == (
+        f"registry check failed: no registry at 127.0.0.1:{port} (connection refused) [UNAVAILABLE]"
+    )
+    assert list(tmp_path.iterdir()) == []  # a swarm that did not open left no audit log behind
 
 
 @pytest.mark.e2e

@@ -130,7 +130,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
         config = store.load_config()
         level = parse_classification(classification)
-        check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)
+        check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)  # before loading weights
         if not 0 <= local_blocks <= config.num_hidden_layers:
             raise ConfigurationError(
                 f"local_blocks must be within 0..{config.num_hidden_layers}, not {local_blocks}"

@@ -106,13 +106,6 @@ class Swarm:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
         self._owned_log: AuditLog | None = None
-        if audit == "default":
-            self._owned_log = open_node_audit_log(
-                AuditSettings(directory=DEFAULT_AUDIT_DIRECTORY), credential
-            )
-            audit = self._owned_log
-        self.audit: AuditSink | None = audit
-        self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
         self.last_guard: PlacementGuard | None = None
         self._credentials = channel_credentials(credential)
         self._channels: dict[str, grpc.Channel] = {}
@@ -133,6 +126,13 @@ class Swarm:
             self.registry: Registry = client
         else:
             self.registry = registry
+        if audit == "default":
+            self._owned_log = open_node_audit_log(
+                AuditSettings(directory=DEFAULT_AUDIT_DIRECTORY), credential
+            )
+            audit = self._owned_log
+        self.audit: AuditSink | None = audit
+        self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
 
     @property
     def closed(self) -> bool:

@@ -36,6 +36,8 @@ def generation_length(
         return prompt_length + int(config.max_new_tokens)
     if config.max_length is not None:
         return int(config.max_length)
+    # transformers' own table of defaults (private API of the pinned version; the tests compare the
+    # outcome with transformers' generate)
     default_new = int(GenerationConfig._get_default_generation_params()["max_length"])
     length = prompt_length + default_new
     return min(length, max_position_embeddings) if max_position_embeddings else length
