@@ -63,7 +63,10 @@ def run_generate(
         for node_id, span in model.last_chain:
             verdict = verdicts.get(node_id)
             claims = verdict.claims if verdict is not None else None
-            tier = claims.tier.value if claims is not None else "unattested"
+            if not trust.verifies_attestations:
+                tier = "unverified"  # no authority key: this client cannot know any node's tier
+            else:
+                tier = claims.tier.value if claims is not None else "unattested"
             address = verdict.record.address if verdict is not None else "in this process"
             print(f"  blocks {span!s:>7}  {tier:<10}  {node_id}  {address}", file=out)
         print(f"audit log: {audit.path}", file=out)
