@@ -9,9 +9,9 @@ from __future__ import annotations
 from fincluster.errors import ConfigurationError
 from fincluster.settings import TrustSettings
 from fincluster.trust.attestation import AuthorityKeys
+from fincluster.trust.clearances import Clearances, parse_clearances
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, RevocationList, load_certificate
-from fincluster.trust.policy import Classification
 from fincluster.trust.verifiers import SignedSoftwareVerifier, VerifierSet
 
 
@@ -40,10 +40,9 @@ def trust_from_settings(settings: TrustSettings, credential: Credential) -> Trus
         if settings.authority_keys
         else []
     )
-    try:
-        clearances = {identity: Classification(level) for identity, level in settings.clearances.items()}
-    except ValueError as error:
-        raise ConfigurationError(f"trust.clearances: {error}") from None
+    clearances = Clearances(
+        parse_clearances(settings.clearances, source="trust.clearances"), settings.clearances_file
+    )
     return TrustContext(
         ca_certificate=ca_certificate,
         policy=policy,

@@ -1,6 +1,10 @@
-"""``fincluster`` command line: model import, certificates, attestations, registry, serve, audit, demo.
+"""``fincluster``: the command line of a private LLM swarm.
 
-Entry point only: it reads settings (arguments > environment > TOML) and hands typed objects down.
+Commands: ``model`` (import, verify), ``certs`` (the swarm CA), ``attest`` (the attestation
+authority), ``registry`` and ``serve`` (the services), ``generate`` (an operator's smoke test),
+``audit`` (verify, report, export, reconcile, prune) and ``demo`` (a whole swarm on this machine).
+Settings come from arguments, then ``FINCLUSTER_*`` environment variables, then a TOML file
+(``--config`` or ``FINCLUSTER_CONFIG``); each flag's help names its other forms.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ValidationError
+
 from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
+from fincluster.settings import ClientSettings, RegistrySettings, ServerSettings
 from fincluster.trust.commands import register as register_attest
 from fincluster.values import TensorDType
 
@@ -37,7 +44,7 @@ def _tls_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _trust_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given: dict[str, Any] = {}
-    for name in ("policy_dir", "attestation", "crl"):
+    for name in ("policy_dir", "attestation", "crl", "clearances_file"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
     if getattr(args, "authority_key", None):
@@ -123,21 +130,33 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
 
 
 # services --------------------------------------------------------------------------------------
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among ``names`` that were given (the rest comes from the environment, TOML, defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     from fincluster.bootstrap import trust_from_settings
+    from fincluster.net import check_advertised
     from fincluster.registry.factory import registry_backend
     from fincluster.registry.server import RegistryServer
+    from fincluster.trust.pki import load_certificate
 
-    overrides: dict[str, Any] = {"registry": {"port": args.port}} if args.port is not None else {}
-    settings = _settings(args, **overrides)
+    settings = _settings(args, registry=_given(args, "host", "port", "public_address"))
     credential = _credential(settings)
-    trust = trust_from_settings(settings.trust, credential)
-    backend = registry_backend(settings.registry)
-    server = RegistryServer(
-        credential, host=settings.registry.host, port=settings.registry.port, trust=trust, backend=backend
+    registry = settings.registry
+    check_advertised(
+        registry.public_address,
+        registry.host,
+        load_certificate(credential.read()[1]),
+        flag="--public-address (registry.public_address)",
     )
+    trust = trust_from_settings(settings.trust, credential)
+    backend = registry_backend(registry)
+    server = RegistryServer(credential, host=registry.host, port=registry.port, trust=trust, backend=backend)
     address = server.start()
-    print(f"registry listening on {address}", flush=True)
+    reached = f" (servers and clients dial {registry.public_address})" if registry.public_address else ""
+    print(f"registry listening on {address}{reached}", flush=True)
     _wait_for_signal(server.stop)
     return 0
 
@@ -151,17 +170,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fincluster.store import ModelStore
     from fincluster.trust.tls import channel_credentials
 
-    server_overrides = {
-        key: value
-        for key, value in (
-            ("store", args.store),
-            ("blocks", args.blocks),
-            ("port", args.port),
-            ("dtype", args.dtype),
-        )
-        if value is not None
+    overrides: dict[str, Any] = {
+        "server": _given(args, "store", "blocks", "host", "port", "public_address", "dtype", "device")
     }
-    overrides: dict[str, Any] = {"server": server_overrides}
     if args.registry:
         overrides["registry"] = {"address": args.registry}
     if args.audit_dir:
@@ -172,31 +183,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     credential = _credential(settings)
     store = ModelStore.open(settings.server.store)
     span = settings.server.blocks
-    model = load_span_model(store, span, dtype=settings.server.dtype, device=settings.server.device)
+    model = load_span_model(
+        store,
+        span,
+        dtype=settings.server.dtype,
+        device=settings.server.device,
+        progress=lambda done, total: _progress(f"loading blocks {span} of {store.model_id}", done, total),
+    )
     trust = trust_from_settings(settings.trust, credential)
     attestation = settings.trust.attestation.read_text().strip() if settings.trust.attestation else None
+    registry_address = settings.registry.address
     registry = None
-    if settings.registry.address:
-        channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
-        registry = RegistryClient(channel)
-    audit_log = open_node_audit_log(settings.audit, credential)
-    server = BlockServer(
-        model,
-        ServedModel.of(store),
-        settings.server,
-        credential,
-        registry=registry,
-        trust=trust,
-        attestation=attestation,
-        audit=audit_log,
-    )
-    address = server.start()
-    print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
-    try:
+    if registry_address:
+        channel = grpc.secure_channel(registry_address, channel_credentials(credential))
+        registry = RegistryClient(channel, address=registry_address)
+    with open_node_audit_log(settings.audit, credential) as audit_log:
+        server = BlockServer(
+            model,
+            ServedModel.of(store),
+            settings.server,
+            credential,
+            registry=registry,
+            registry_address=registry_address,
+            trust=trust,
+            attestation=attestation,
+            audit=audit_log,
+        )
+        address = server.start()
+        print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
+        if registry_address is None:
+            print("no registry configured: clients must be given this address", flush=True)
         _wait_for_signal(server.stop)
-    finally:
-        audit_log.close()
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fincluster.smoke import run_generate
+
+    overrides: dict[str, Any] = {}
+    if args.registry:
+        overrides["registry"] = {"address": args.registry}
+    if args.store:
+        overrides["client"] = {"store": args.store}
+    if args.audit_dir:
+        overrides["audit"] = {"directory": args.audit_dir}
+    settings = _settings(args, **overrides)
+    return run_generate(
+        settings,
+        _credential(settings),
+        prompt=args.prompt,
+        classification=args.classification,
+        max_new_tokens=args.max_new_tokens,
+        raw=args.raw,
+        out=sys.stdout,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -216,81 +256,189 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # parser ----------------------------------------------------------------------------------------
-def _add_tls(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ca-cert", type=Path, help="swarm CA certificate (PEM)")
-    parser.add_argument("--cert", type=Path, help="this node's certificate (PEM)")
-    parser.add_argument("--key", type=Path, help="this node's private key (PEM)")
-    parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--policy-dir", type=Path, help="Rego policies (enables policy enforcement)")
-    parser.add_argument(
-        "--authority-key", type=Path, action="append", help="attestation authority public key"
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default when it has one of its own (settings-backed flags say theirs)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if hidden or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _setting(model: type[BaseModel], section: str, field: str, what: str | None = None) -> str:
+    """Help for a flag that overrides setting ``section.field``: its default and its other forms."""
+    info = model.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    shown = "none" if default is None else str(getattr(default, "value", default))
+    text = what or info.description or field
+    env = f"FINCLUSTER_{section.upper()}__{field.upper()}"
+    return f"{text} (default: {shown}; env {env}, TOML [{section}] {field})"
+
+
+def _command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help_text, description=help_text, formatter_class=_HelpFormatter
     )
-    parser.add_argument("--attestation", type=Path, help="this node's attestation token file")
-    parser.add_argument("--crl", type=Path, help="the swarm CA's revocation list")
+    return parser
+
+
+def _add_node_options(parser: argparse.ArgumentParser, *, attestation: bool = False) -> None:
+    """This node's TLS material and trust settings (each also a setting: env or TOML)."""
+    tls = parser.add_argument_group("identity and trust (each also FINCLUSTER_TLS__* / FINCLUSTER_TRUST__*)")
+    tls.add_argument("--config", type=Path, help="TOML settings file (or FINCLUSTER_CONFIG)")
+    tls.add_argument("--ca-cert", type=Path, help="swarm CA certificate, PEM (tls.ca_cert)")
+    tls.add_argument("--cert", type=Path, help="this node's certificate, PEM (tls.cert)")
+    tls.add_argument("--key", type=Path, help="this node's private key, PEM (tls.key)")
+    tls.add_argument(
+        "--policy-dir", type=Path, help="Rego policies; without it only public data (trust.policy_dir)"
+    )
+    tls.add_argument(
+        "--authority-key",
+        type=Path,
+        action="append",
+        help="attestation authority public key, repeatable (trust.authority_keys)",
+    )
+    if attestation:
+        tls.add_argument(
+            "--attestation", type=Path, help="this server's attestation token (trust.attestation)"
+        )
+    tls.add_argument("--crl", type=Path, help="the swarm CA's revocation list, crl.pem (trust.crl)")
+    tls.add_argument(
+        "--clearances-file",
+        type=Path,
+        help="shared JSON/TOML file: client SPIFFE id -> classification (trust.clearances_file)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fincluster", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="fincluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_attest(commands)
     register_audit(commands)
 
-    model = commands.add_parser("model", help="model stores").add_subparsers(
+    model = _command(commands, "model", "model stores: import, verify").add_subparsers(
         dest="model_command", required=True
     )
-    imp = model.add_parser("import", help="import a transformers directory, a GGUF file or a known alias")
+    imp = _command(model, "import", "import a transformers directory, a GGUF file or a known alias")
     imp.add_argument("source", help="directory, .gguf file, or alias such as smollm2-135m-instruct")
     imp.add_argument("--out", required=True, type=Path, help="store directory to create")
-    imp.add_argument("--model-id", help="model id recorded in the manifest")
+    imp.add_argument("--model-id", help="model id recorded in the manifest (default: the source's name)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing store")
     imp.set_defaults(handler=cmd_model_import)
-    ver = model.add_parser("verify", help="check every store file against the manifest")
-    ver.add_argument("store", type=Path)
+    ver = _command(model, "verify", "check every store file against the manifest")
+    ver.add_argument("store", type=Path, help="store directory")
     ver.set_defaults(handler=cmd_model_verify)
 
-    certs = commands.add_parser("certs", help="swarm PKI").add_subparsers(dest="certs_command", required=True)
-    init = certs.add_parser("init-ca", help="create the swarm CA")
-    init.add_argument("--dir", type=Path, default=Path("certs"))
-    init.add_argument("--trust-domain", required=True)
-    init.add_argument("--ttl", default="365d")
+    certs = _command(commands, "certs", "the swarm CA: create it, issue and revoke node certificates")
+    group = certs.add_subparsers(dest="certs_command", required=True)
+    init = _command(group, "init-ca", "create the swarm CA")
+    init.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory to create")
+    init.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. bank.example")
+    init.add_argument("--ttl", default="365d", help="CA lifetime, e.g. 365d")
     init.set_defaults(handler=cmd_certs_init_ca)
-    issue = certs.add_parser("issue", help="issue (or renew) a node certificate")
-    issue.add_argument("--dir", type=Path, default=Path("certs"))
-    issue.add_argument("--role", required=True, choices=["server", "client", "registry"])
-    issue.add_argument("--name", required=True)
-    issue.add_argument("--ttl", default="24h")
-    issue.add_argument("--host", action="append", help="DNS name or IP the node is reached at (repeatable)")
+    issue = _command(group, "issue", "issue (or renew) a node certificate")
+    issue.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory")
+    issue.add_argument("--role", required=True, choices=["server", "client", "registry"], help="node role")
+    issue.add_argument("--name", required=True, help="node name: the last part of its SPIFFE id")
+    issue.add_argument("--ttl", default="24h", help="certificate lifetime, e.g. 24h or 7d")
+    issue.add_argument(
+        "--host",
+        action="append",
+        help="DNS name or IP the node is dialled at, repeatable (servers and registry; "
+        "default: localhost and 127.0.0.1)",
+    )
     issue.set_defaults(handler=cmd_certs_issue)
-    revoke = certs.add_parser("revoke", help="revoke a certificate and update the CRL")
+    revoke = _command(group, "revoke", "revoke a certificate and update the CRL")
     revoke.add_argument("cert", help="certificate file to revoke")
-    revoke.add_argument("--dir", type=Path, default=Path("certs"))
+    revoke.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory")
     revoke.set_defaults(handler=cmd_certs_revoke)
 
-    registry = commands.add_parser("registry", help="run the embedded registry service")
-    _add_tls(registry)
-    registry.add_argument("--port", type=int)
+    registry = _command(commands, "registry", "run the embedded registry service")
+    registry.add_argument("--host", help=_setting(RegistrySettings, "registry", "host"))
+    registry.add_argument("--port", type=int, help=_setting(RegistrySettings, "registry", "port"))
+    registry.add_argument("--public-address", help=_setting(RegistrySettings, "registry", "public_address"))
+    _add_node_options(registry)
     registry.set_defaults(handler=cmd_registry)
 
-    serve = commands.add_parser("serve", help="serve a span of blocks")
-    _add_tls(serve)
-    serve.add_argument("--store", type=Path)
-    serve.add_argument("--blocks", help="START:END")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--dtype", choices=[dtype.value for dtype in TensorDType])
-    serve.add_argument("--registry", help="registry host:port")
-    serve.add_argument("--audit-dir", type=Path, help="directory of this server's audit log")
+    serve = _command(commands, "serve", "serve a span of blocks")
+    serve.add_argument("--store", type=Path, help=_setting(ServerSettings, "server", "store"))
+    serve.add_argument("--blocks", help=_setting(ServerSettings, "server", "blocks"))
+    serve.add_argument("--host", help=_setting(ServerSettings, "server", "host"))
+    serve.add_argument("--port", type=int, help=_setting(ServerSettings, "server", "port"))
+    serve.add_argument("--public-address", help=_setting(ServerSettings, "server", "public_address"))
+    serve.add_argument(
+        "--registry",
+        help=_setting(RegistrySettings, "registry", "address", "HOST:PORT of the registry to announce to"),
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=[dtype.value for dtype in TensorDType],
+        help=_setting(ServerSettings, "server", "dtype", "dtype of the weights and activations"),
+    )
+    serve.add_argument(
+        "--device", help=_setting(ServerSettings, "server", "device", "torch device, e.g. cpu or cuda:0")
+    )
+    serve.add_argument(
+        "--audit-dir",
+        type=Path,
+        help="directory of this server's audit log (default: fincluster-audit; env "
+        "FINCLUSTER_AUDIT__DIRECTORY, TOML [audit] directory)",
+    )
+    _add_node_options(serve, attestation=True)
     serve.set_defaults(handler=cmd_serve)
 
-    demo = commands.add_parser(
-        "demo", help="import the demo model, start a registry and 4 block servers, answer a question"
+    generate = _command(
+        commands, "generate", "smoke test: send a prompt through the swarm, print the text and the placement"
     )
-    demo.add_argument("--workdir", type=Path, default=Path("var/demo"))
-    demo.add_argument("--prompt", default=None)
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("prompt", help="the prompt (a chat template is applied when the model has one)")
+    generate.add_argument(
+        "--registry", help=_setting(RegistrySettings, "registry", "address", "HOST:PORT of the registry")
+    )
+    generate.add_argument("--store", type=Path, help=_setting(ClientSettings, "client", "store"))
+    generate.add_argument(
+        "--classification",
+        default="internal",
+        choices=["public", "internal", "confidential", "restricted"],
+        help="data classification of the prompt",
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
+    generate.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    generate.add_argument(
+        "--audit-dir",
+        type=Path,
+        help="directory of this client's audit log (default: fincluster-audit; env "
+        "FINCLUSTER_AUDIT__DIRECTORY, TOML [audit] directory)",
+    )
+    _add_node_options(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    demo = _command(
+        commands, "demo", "import the demo model, start a registry and 4 block servers, answer a question"
+    )
+    demo.add_argument("--workdir", type=Path, default=Path("var/demo"), help="store, certificates, logs")
+    demo.add_argument("--prompt", default=None, help="the question (default: one about bonds)")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
     demo.add_argument("--keep-running", action="store_true", help="keep the swarm up after the answer")
-    demo.add_argument("--registry-port", type=int, default=0, help="registry port (default: any free port)")
+    demo.add_argument("--registry-port", type=int, default=0, help="registry port (0: any free port)")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def settings_error(error: ValidationError) -> str:
+    """One line for invalid settings, naming each setting as flag users and TOML users know it."""
+    problems = []
+    for issue in error.errors(include_url=False):
+        location = ".".join(str(part) for part in issue["loc"])
+        env = "FINCLUSTER_" + "__".join(str(part).upper() for part in issue["loc"])
+        value = issue.get("input")
+        shown = "" if isinstance(value, dict) or issue["type"] == "missing" else f"={value!r}"
+        problems.append(f"{location}{shown}: {issue['msg']} ({env})")
+    return "invalid setting " + "; ".join(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except FinclusterError as error:
         print(f"fincluster: error: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        print(f"fincluster: error: {settings_error(error)}", file=sys.stderr)
         return 2
 
 

@@ -65,6 +65,10 @@ class TrustSettings(BaseModel):
     clearances: dict[str, str] = Field(
         default_factory=dict, description="client SPIFFE id -> highest classification it may send"
     )
+    clearances_file: Path | None = Field(
+        default=None,
+        description="shared JSON/TOML file of client SPIFFE id -> classification, re-read when it changes",
+    )
 
 
 class DepartmentQuota(BaseModel):
@@ -80,11 +84,14 @@ class DepartmentQuota(BaseModel):
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store: Path | None = None
+    store: Path | None = Field(default=None, description="model store directory")
     blocks: BlockSpan | None = Field(default=None, description="block span START:END this server hosts")
-    host: str = "127.0.0.1"
-    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
-    public_address: str | None = Field(default=None, description="address announced; default host:port")
+    host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0: every interface)")
+    port: int = Field(default=0, ge=0, le=65535, description="port to bind; 0 picks a free port")
+    public_address: str | None = Field(
+        default=None,
+        description="HOST:PORT announced to the registry, a SAN of the certificate (none: host:port)",
+    )
     dtype: TensorDType = TensorDType.FLOAT32
     device: str = "cpu"
     cache_budget_bytes: int = Field(default=512 * 2**20, gt=0)
@@ -129,6 +136,8 @@ class ClientSettings(BaseModel):
     )
     rtt_refresh_seconds: float = Field(default=30.0, gt=0, description="round trips are measured again after")
 
+    store: Path | None = Field(default=None, description="model store with the client part (generate)")
+
 
 class RegistryBackend(enum.StrEnum):
     MEMORY = "memory"
@@ -151,9 +160,16 @@ class EtcdSettings(BaseModel):
 class RegistrySettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    address: str | None = Field(default=None, description="host:port of the registry service")
-    host: str = "127.0.0.1"
-    port: int = Field(default=0, ge=0, le=65535)
+    address: str | None = Field(
+        default=None, description="HOST:PORT of the registry, for servers and clients"
+    )
+    host: str = Field(
+        default="127.0.0.1", description="address the registry binds (0.0.0.0: every interface)"
+    )
+    port: int = Field(default=0, ge=0, le=65535, description="port the registry binds; 0 picks a free port")
+    public_address: str | None = Field(
+        default=None, description="HOST:PORT that servers and clients dial (checked against its certificate)"
+    )
     backend: RegistryBackend = RegistryBackend.MEMORY
     etcd: EtcdSettings | None = None
 

@@ -144,7 +144,8 @@ class Cluster:
             ServedModel.of(self.store),
             ServerSettings(**options),
             credential,
-            registry=RegistryClient(channel),
+            registry=RegistryClient(channel, address=self.registry_address),
+            registry_address=self.registry_address,
             trust=trust,
             attestation=attestation,
             audit=audit,
@@ -188,6 +189,32 @@ def running_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+class RecordingLogger:
+    """Stands in for a module's ``log`` (``monkeypatch.setattr(module, "log", RecordingLogger())``):
+    records every event at every level, whatever the test session's logging level."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def _record(self, level: str, event: str, **fields: object) -> None:
+        self.events.append({"level": level, "event": event, **fields})
+
+    def debug(self, event: str, **fields: object) -> None:
+        self._record("debug", event, **fields)
+
+    def info(self, event: str, **fields: object) -> None:
+        self._record("info", event, **fields)
+
+    def warning(self, event: str, **fields: object) -> None:
+        self._record("warning", event, **fields)
+
+    def error(self, event: str, **fields: object) -> None:
+        self._record("error", event, **fields)
+
+    def exception(self, event: str, **fields: object) -> None:
+        self._record("error", event, **fields)
 
 
 def store_of(model: torch.nn.Module, directory: Path, model_id: str) -> ModelStore:

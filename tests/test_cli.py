@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from fincluster.cli import main
+from fincluster.cli import build_parser, main
 from fincluster.store import ModelStore
 from tests.helpers import tiny_model
 
@@ -77,3 +82,160 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 2
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def operator_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The commands an operator runs: certs *, registry, serve, generate, demo."""
+    top = subcommands(build_parser())
+    found = {f"certs {name}": sub for name, sub in subcommands(top["certs"]).items()}
+    found.update({name: top[name] for name in ("registry", "serve", "generate", "demo")})
+    return found
+
+
+def test_every_operator_flag_has_help_and_shows_its_default() -> None:
+    parsers = operator_parsers()
+    assert sorted(parsers) == [
+        "certs init-ca",
+        "certs issue",
+        "certs revoke",
+        "demo",
+        "generate",
+        "registry",
+        "serve",
+    ]
+    for name, parser in parsers.items():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if action.default is not None and action.default is not False:
+                assert f"(default: {action.default})" in text, f"{name} {action.option_strings}: no default"
+    serve = " ".join(parsers["serve"].format_help().split())
+    assert (
+        "--port PORT port to bind; 0 picks a free port (default: 0; env FINCLUSTER_SERVER__PORT, "
+        "TOML [server] port)" in serve
+    )
+    assert "--host HOST address to bind (0.0.0.0: every interface) (default: 127.0.0.1;" in serve
+    assert "FINCLUSTER_SERVER__PUBLIC_ADDRESS, TOML [server] public_address" in serve
+    registry = " ".join(parsers["registry"].format_help().split())
+    assert "env FINCLUSTER_REGISTRY__PUBLIC_ADDRESS, TOML [registry] public_address" in registry
+    assert "4 block servers" in subcommands(build_parser())["demo"].description
+
+
+def test_top_level_help_lists_exactly_the_commands_that_exist(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    listed = re.findall(r"^    (\w+) ", text, re.MULTILINE)
+    assert listed == ["attest", "audit", "model", "certs", "registry", "serve", "generate", "demo"]
+    assert sorted(subcommands(build_parser())) == sorted(listed)
+    mentioned = set(re.findall(r"``([a-z]+)``", text.split("positional arguments")[0])) - {"fincluster"}
+    assert mentioned == set(listed)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (
+            ["serve", "--port", "70000"],
+            {},
+            "fincluster: error: invalid setting server.port=70000: Input should be less than or equal to "
+            "65535 (FINCLUSTER_SERVER__PORT)",
+        ),
+        (
+            ["serve"],
+            {"FINCLUSTER_SERVER__CACHE_BUDGET_BYTES": "lots"},
+            "fincluster: error: invalid setting server.cache_budget_bytes='lots': Input should be a valid "
+            "integer, unable to parse string as an integer (FINCLUSTER_SERVER__CACHE_BUDGET_BYTES)",
+        ),
+        (
+            ["registry", "--host", "0.0.0.0"],
+            {"FINCLUSTER_REGISTRY__PROT": "7000"},
+            "fincluster: error: invalid setting registry.prot='7000': Extra inputs are not permitted "
+            "(FINCLUSTER_REGISTRY__PROT)",
+        ),
+    ],
+    ids=["flag", "environment", "unknown-key"],
+)
+def test_a_bad_setting_is_one_error_line(argv: list[str], env: dict[str, str], expected: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fincluster", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [expected]
+
+
+def test_a_bad_setting_in_the_toml_file_is_one_error_line(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nblocks = "ten:twenty"\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "fincluster: error: invalid setting server.blocks='ten:twenty'"
+    )
+
+
+def test_certs_attest_and_audit_commands_never_import_torch(tmp_path: Path, tiny_llama_store) -> None:
+    """They start in well under a second because the CLI's import path holds no torch/transformers."""
+    code = f"""
+import sys
+from pathlib import Path
+from fincluster.cli import main
+d = Path({str(tmp_path)!r})
+assert main(["certs", "init-ca", "--dir", str(d / "ca"), "--trust-domain", "bank.example"]) == 0
+assert main(["certs", "issue", "--dir", str(d / "ca"), "--role", "server", "--name", "a"]) == 0
+assert main(["attest", "keygen", "--private", str(d / "k"), "--public", str(d / "k.pub")]) == 0
+assert main(["attest", "issue", "--authority-key", str(d / "k"), "--cert", str(d / "ca/nodes/server-a.pem"),
+             "--tier", "trusted", "--zone", "eu-fra", "--hardware", "cpu", "--software-version", "1",
+             "--manifest", {str(tiny_llama_store.path / "manifest.json")!r}, "--out", str(d / "a.jwt")]) == 0
+for argv in (["--help"], ["audit", "verify", "--help"], ["serve", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(name for name in ("torch", "transformers", "safetensors") if name in sys.modules)
+assert not heavy, heavy
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"manifest sha256 {tiny_llama_store.manifest_digest}" in result.stdout
+
+
+def test_attest_issue_from_the_manifest_alone_binds_the_store_digest(
+    tmp_path: Path, tiny_llama_store, capsys
+) -> None:
+    from fincluster.trust.attestation import AuthorityKeys, verify_attestation
+
+    certs = tmp_path / "certs"
+    assert main(["certs", "init-ca", "--dir", str(certs), "--trust-domain", "bank.example"]) == 0
+    assert main(["certs", "issue", "--dir", str(certs), "--role", "server", "--name", "gpu-a"]) == 0
+    offline = tmp_path / "offline"  # the security machine: a certificate and a manifest, no store
+    offline.mkdir()
+    shutil.copy(tiny_llama_store.path / "manifest.json", offline / "manifest.json")
+    keys = ["--private", str(offline / "authority.key"), "--public", str(offline / "authority.pub")]
+    assert main(["attest", "keygen", *keys]) == 0
+    argv = ["attest", "issue", "--authority-key", str(offline / "authority.key")]
+    argv += ["--cert", str(certs / "nodes" / "server-gpu-a.pem"), "--tier", "trusted", "--zone", "eu-fra"]
+    argv += ["--hardware", "h100", "--software-version", "0.1.0", "--out", str(offline / "a.jwt")]
+    assert main([*argv, "--manifest", str(offline / "manifest.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"model   tiny-llama, manifest sha256 {tiny_llama_store.manifest_digest}" in out
+    token = (offline / "a.jwt").read_text().strip()
+    keys_ = AuthorityKeys.from_files([offline / "authority.pub"])
+    claims = verify_attestation(token, authority_keys=keys_, now=datetime.now(UTC))
+    assert claims.model_manifest_sha256 == tiny_llama_store.manifest_digest
+    (offline / "manifest.json").write_text("{}")
+    assert main([*argv, "--manifest", str(offline / "manifest.json")]) == 2
+    assert "is not a valid store manifest" in capsys.readouterr().err

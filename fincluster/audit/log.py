@@ -25,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
-import structlog
 from pydantic import Field, ValidationError
 
 from fincluster.audit.canonical import canonical_json
@@ -41,9 +40,10 @@ from fincluster.audit.merkle import Frontier, consistency_proof, inclusion_proof
 from fincluster.audit.signing import PrivateKey, key_id, public_key_of, sign
 from fincluster.audit.store import SqliteStore, StoredRecord
 from fincluster.errors import AuditError, AuditIntegrityError, ClosedError
+from fincluster.logs import get_logger
 from fincluster.values import Clock, FrozenModel, utc_now
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class AuditSettings(FrozenModel):

@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-import structlog
 from pydantic import ValidationError
 
 from fincluster.audit.canonical import canonical_json
@@ -40,9 +39,10 @@ from fincluster.audit.merkle import Frontier, leaf_hash
 from fincluster.audit.signing import PublicKey, signature_is_valid, trusted_keys
 from fincluster.audit.store import SqliteStore, StoredRecord
 from fincluster.errors import AuditIntegrityError
+from fincluster.logs import get_logger
 from fincluster.values import FrozenModel
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ProblemCode = Literal[
     "bad_meta",

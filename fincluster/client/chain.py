@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import structlog
 import torch
 
 from fincluster.client.failover import Backoff, is_node_failure
@@ -36,10 +35,11 @@ from fincluster.errors import (
     TrustError,
     UsageError,
 )
+from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 from fincluster.wire.codec import SpanInputs
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class HopPlanner(Protocol):
@@ -89,8 +89,8 @@ def _replacements(
             clients = planner.replace(span, session_id=session_id, failed=failed, error=error)
         except RoutingError as no_route:
             raise RoutingError(
-                f"{failed.node_id} failed on blocks {span} ({error}) and no allowed node can take them "
-                f"over: {no_route}",
+                f"{failed.node_id} failed on blocks {span} ({error}); no other allowed server can take them "
+                f"over ({no_route})",
                 missing_blocks=no_route.missing_blocks,
             ) from error
         try:

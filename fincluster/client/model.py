@@ -28,6 +28,13 @@ from fincluster.client.chain import InferenceSession, chain_forward
 from fincluster.client.placement import Pins, PlacementRequest
 from fincluster.client.swarm import ChainPlanner, Swarm
 from fincluster.client.transport import SpanClient
+from fincluster.client.usage import (
+    check_dtype_change,
+    check_fits_session,
+    check_pins,
+    generation_length,
+    requested_dtype,
+)
 from fincluster.errors import ClosedError, ConfigurationError, UsageError
 from fincluster.serving.local import LocalSpanClient
 from fincluster.spans import BlockSpan
@@ -60,7 +67,11 @@ def parse_classification(value: str) -> Classification:
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ignore[misc]
-    """Causal LM whose transformer blocks run on the swarm (see module docstring)."""
+    """Causal LM whose transformer blocks run on the swarm (see module docstring).
+
+    ``repr(model)`` shows where the blocks run (and the chain of the last call); the modules it lists
+    (and :meth:`num_parameters`) are only the client part held in this process.
+    """
 
     config_class = PretrainedConfig
     base_model_prefix = "fincluster"
@@ -79,6 +90,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         local: LocalSpanClient | None = None,
         pin: Pins | None = None,
     ) -> None:
+        check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)
         super().__init__(config)
         self.store = store
         self.swarm = swarm
@@ -91,6 +103,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         self.requires_grad_(False)
         self._session: InferenceSession | None = None
         self._closed = False
+        self.last_chain: tuple[tuple[str, BlockSpan], ...] = ()
+        """(node id, blocks) of each hop of the last planned chain (local blocks included)."""
         self.generation_config = GenerationConfig.from_model_config(config)
 
     @classmethod
@@ -114,6 +128,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
         config = store.load_config()
         level = parse_classification(classification)
+        check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)  # before loading weights
         if not 0 <= local_blocks <= config.num_hidden_layers:
             raise ConfigurationError(
                 f"local_blocks must be within 0..{config.num_hidden_layers}, not {local_blocks}"
@@ -160,9 +175,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             if start < total
             else []
         )
-        return [self.local, *remote] if self.local is not None else list(remote)
+        chain = [self.local, *remote] if self.local is not None else list(remote)
+        self.last_chain = tuple((client.node_id, client.span) for client in chain)
+        return chain
 
     def _placement_request(self) -> PlacementRequest:
+        if self.swarm.closed:
+            raise ClosedError(
+                "the swarm connection of this model is closed (its `with Swarm(...)` block ended): "
+                "open a new Swarm and load the model with it"
+            )
         classification = self._call_classification or self.classification
         if (
             classification is not Classification.PUBLIC
@@ -358,18 +380,76 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             return self._generate(inputs, **kwargs)
 
     def _generate(self, inputs: torch.Tensor | None, **kwargs: Any) -> Any:
-        if self._session is not None:
-            return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is None:
             raise UsageError("generate needs input_ids (or inputs_embeds)")
-        config = kwargs.get("generation_config") or self.generation_config
-        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        max_length = (
-            prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        total_length = generation_length(
+            self.generation_config,
+            prompt.shape[1],
+            kwargs,
+            max_position_embeddings=getattr(self.config, "max_position_embeddings", None),
         )
-        with self.inference_session(max_length=max_length):
+        session = self._session
+        if session is not None:
+            check_fits_session(
+                total_length=total_length,
+                prompt_length=prompt.shape[1],
+                continues_session=session.position == 0
+                or kwargs.get("attention_mask") is not None
+                or (not prompt.is_floating_point() and session.holds_prefix_of(prompt)),
+                position=session.position,
+                max_length=session.max_length,
+            )
             return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
+        with self.inference_session(max_length=total_length):
+            return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
+
+    # the client part in this process ----------------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
+        """Move the client part to a device; its dtype is fixed at loading (the servers check it)."""
+        check_dtype_change(self.dtype, requested_dtype(args, kwargs))
+        moved: DistributedModelForCausalLM = super().to(*args, **kwargs)
+        return moved
+
+    def half(self, *args: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
+        return self.to(torch.float16)
+
+    def bfloat16(self, *args: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
+        return self.to(torch.bfloat16)
+
+    def float(self, *args: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
+        return self.to(torch.float32)
+
+    def double(self, *args: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
+        return self.to(torch.float64)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the client part held in this process: embeddings, final norm and LM head.
+
+        Blocks that run on servers are not counted, nor local blocks (``local_blocks=k``, run by a
+        span runner beside the model); ``repr(model)`` shows where every block runs.
+        """
+        count: int = super().num_parameters(
+            only_trainable=only_trainable, exclude_embeddings=exclude_embeddings
+        )
+        return count
+
+    def extra_repr(self) -> str:
+        total = self.config.num_hidden_layers
+        start = self.local.span.end if self.local is not None else 0
+        lines = [
+            f"model_id={self.model_id!r}, blocks={total}, classification={self.classification.value}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}"
+        ]
+        if self.local is not None:
+            lines.append(f"blocks {self.local.span} run in this process (local_blocks={start})")
+        if start < total:
+            remote = BlockSpan(start, total)
+            hops = [f"{span} {node}" for node, span in self.last_chain if span.start >= start]
+            chain = f"last chain: {', '.join(hops)}" if hops else "no call routed yet"
+            lines.append(f"blocks {remote} run on the swarm, routed per call ({chain})")
+        lines.append("client part below (num_parameters counts only it):")
+        return "\n".join(lines)
 
     def close(self) -> None:
         self._closed = True

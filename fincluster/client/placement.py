@@ -11,16 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import structlog
-
 from fincluster.errors import TrustError
+from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import ATTESTATION_REJECTED, VerifiedClaims
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.policy import Classification, Decision, ModelRef
 from fincluster.wire import fincluster_pb2 as pb
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Blocks → allowed node ids, or a tier name such as "trusted".
 Pins = Mapping[range, Sequence[str] | str]
@@ -136,4 +135,4 @@ class PlacementGuard:
             if wanted & set(range(verdict.record.span.start, verdict.record.span.end)):
                 by_node.setdefault(verdict.record.node_id, verdict)
         lines = [f"{node} (blocks {v.span}): " + "; ".join(v.reasons) for node, v in sorted(by_node.items())]
-        return " | ".join(lines) if lines else "no server announces them"
+        return " | ".join(lines)

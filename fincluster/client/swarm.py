@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import grpc
-import structlog
 
 from fincluster.audit import AuditLog, AuditSettings, AuditSink
 from fincluster.audit.node import open_node_audit_log
@@ -22,7 +21,15 @@ from fincluster.client.failover import Backoff, Bans
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
 from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
-from fincluster.errors import CapacityError, ClosedError, RefusedError, RemoteError, RoutingError
+from fincluster.errors import (
+    CapacityError,
+    ClosedError,
+    RefusedError,
+    RegistryError,
+    RemoteError,
+    RoutingError,
+)
+from fincluster.logs import get_logger
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.settings import ClientSettings
@@ -34,7 +41,7 @@ from fincluster.wire import fincluster_pb2 as pb
 
 DEFAULT_AUDIT_DIRECTORY = Path("fincluster-audit")
 MAX_REPLANS = 8
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class ChainPlanner(Protocol):
@@ -49,6 +56,14 @@ class ChainPlanner(Protocol):
 
     @property
     def failover(self) -> FailoverPolicy: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def verifies_attestations(self) -> bool:
+        """Whether node tiers can be known (attestations are verified): tier pins need it."""
+        ...
 
     def plan_chain(
         self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
@@ -71,6 +86,8 @@ class LocalSwarm:
     audit: AuditSink | None = None  # nothing leaves the process
     trail: ClientAuditTrail | None = None
     failover = FailoverPolicy(attempts=0)
+    closed = False
+    verifies_attestations = False  # in-process spans carry no attestation
 
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
@@ -127,13 +144,6 @@ class Swarm:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
         self._owned_log: AuditLog | None = None
-        if audit == "default":
-            self._owned_log = open_node_audit_log(
-                AuditSettings(directory=DEFAULT_AUDIT_DIRECTORY), credential
-            )
-            audit = self._owned_log
-        self.audit: AuditSink | None = audit
-        self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
         self.last_guard: PlacementGuard | None = None
         self.last_route: list[tuple[Hop, Verdict]] = []
         self.bans = Bans(self.settings.ban_seconds)
@@ -149,11 +159,34 @@ class Swarm:
         self._lock = threading.Lock()
         self._closed = False
         if isinstance(registry, str):
-            self.registry: Registry = RegistryClient(
-                self._channel(registry), timeout_seconds=self.settings.request_timeout_seconds
+            client = RegistryClient(
+                self._channel(registry),
+                timeout_seconds=self.settings.request_timeout_seconds,
+                address=registry,
             )
+            try:
+                client.check()  # a wrong address or CA is told now, in words, not at the first generate
+            except RegistryError:
+                self.close()
+                raise
+            self.registry: Registry = client
         else:
             self.registry = registry
+        if audit == "default":
+            self._owned_log = open_node_audit_log(
+                AuditSettings(directory=DEFAULT_AUDIT_DIRECTORY), credential
+            )
+            audit = self._owned_log
+        self.audit: AuditSink | None = audit
+        self.trail = ClientAuditTrail(self.audit, client_id=self.client_id)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def verifies_attestations(self) -> bool:
+        return self.trust.verifies_attestations
 
     def _channel(self, address: str, identity: str | None = None) -> grpc.Channel:
         """Channel to ``address``; with ``identity``, the TLS handshake must prove that server identity."""
@@ -243,8 +276,9 @@ class Swarm:
             avoided = "".join(
                 f"; not used: {node} failed ({self.bans.reason(node)})" for node in banned
             ) + "".join(f"; not used for this request: {node}" for node in sorted(exclude))
+            refused = guard.explain(error.missing_blocks)
             raise RoutingError(
-                f"{error}; refused: {guard.explain(error.missing_blocks)}{avoided}",
+                f"{error}{f'; refused: {refused}' if refused else ''}{avoided}",
                 missing_blocks=error.missing_blocks,
             ) from None
         chosen = [(hop, guard.judge(hop.record, hop.span)) for hop in hops]

@@ -29,6 +29,7 @@ from fincluster.errors import (
     UnavailableError,
     WireError,
 )
+from fincluster.net import explain_connection_failure
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims, new_nonce
 from fincluster.trust.enforcement import CertificateCheck, check_possession
@@ -260,9 +261,10 @@ class GrpcSpanClient:
     def error_of(self, error: grpc.RpcError, *, session_id: str | None = None) -> RemoteError:
         """The fincluster error for a failed call to this node, with its context."""
         code = error.code()
-        return remote_error(
-            code, error.details() or code.name, node_id=self.node_id, span=self.span, session_id=session_id
-        )
+        details = error.details() or code.name
+        if code is grpc.StatusCode.UNAVAILABLE:
+            details = explain_connection_failure(details, peer="server", address=self.address) or details
+        return remote_error(code, details, node_id=self.node_id, span=self.span, session_id=session_id)
 
     def _call(self, call: Callable[[], T], *, session_id: str | None = None) -> T:
         try:

@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from fincluster.logs import get_logger
 from fincluster.wire import fincluster_pb2 as pb
+
+log = get_logger(__name__)
 
 
 class Registry(Protocol):
@@ -59,6 +62,13 @@ class InMemoryRegistry:
             self._entries[record.node_id] = _Entry(record=record, expires_at=expires_at)
             if previous is None or previous.record != record:
                 self._publish_locked(pb.RegistryEvent.PUT, record)
+                log.info(
+                    "server_listed" if previous is None else "server_record_changed",
+                    node=record.node_id,
+                    address=record.address,
+                    blocks=f"{record.span.start}:{record.span.end}",
+                    ttl_s=ttl_seconds,
+                )
         return expires_at
 
     def withdraw(self, node_id: str) -> None:
@@ -66,6 +76,7 @@ class InMemoryRegistry:
             entry = self._entries.pop(node_id, None)
             if entry is not None:
                 self._publish_locked(pb.RegistryEvent.REMOVED, entry.record)
+                log.info("server_withdrawn", node=node_id)
 
     def list(self, model_id: str) -> list[pb.ServerRecord]:
         with self._changed:
@@ -97,6 +108,7 @@ class InMemoryRegistry:
         now = self._clock()
         for node_id in [n for n, e in self._entries.items() if e.expires_at <= now]:
             self._publish_locked(pb.RegistryEvent.REMOVED, self._entries.pop(node_id).record)
+            log.warning("server_expired", node=node_id, note="no announcement within its TTL")
 
     def _publish_locked(self, kind: pb.RegistryEvent.Kind.ValueType, record: pb.ServerRecord) -> None:
         self._events.append(pb.RegistryEvent(kind=kind, record=record))

@@ -33,16 +33,16 @@ from pathlib import Path
 from urllib.parse import quote
 
 import grpc
-import structlog
 from google.protobuf.message import DecodeError
 
 from fincluster.errors import ConfigurationError, RegistryError, RegistryUnavailableError
+from fincluster.logs import get_logger
 from fincluster.registry.etcd_api import kv_pb2 as mvcc
 from fincluster.registry.etcd_api import rpc_pb2 as etcd
 from fincluster.registry.etcd_connection import EtcdConnection, WatchStream
 from fincluster.wire import fincluster_pb2 as pb
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_PREFIX = "/fincluster/registry/"
 _RETRY_FIRST_SECONDS = 0.1

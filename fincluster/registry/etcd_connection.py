@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import grpc
-import structlog
 
 from fincluster.errors import ClosedError, ConfigurationError, RegistryError, RegistryUnavailableError
+from fincluster.logs import get_logger
 from fincluster.registry.etcd_api import rpc_pb2 as etcd
 from fincluster.registry.etcd_api import rpc_pb2_grpc as etcd_grpc
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 

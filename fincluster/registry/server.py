@@ -5,9 +5,9 @@ from __future__ import annotations
 from concurrent import futures
 
 import grpc
-import structlog
 
 from fincluster.errors import ClosedError
+from fincluster.logs import get_logger
 from fincluster.registry.backend import InMemoryRegistry, Registry
 from fincluster.registry.service import RegistryServicer
 from fincluster.trust.enforcement import TrustContext
@@ -15,7 +15,7 @@ from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class RegistryServer:

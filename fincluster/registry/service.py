@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
-import structlog
 
 from fincluster.errors import (
     InvalidRequestError,
@@ -24,6 +23,8 @@ from fincluster.errors import (
     TrustError,
     UnavailableError,
 )
+from fincluster.logs import get_logger
+from fincluster.net import explain_connection_failure
 from fincluster.registry.backend import Registry
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
@@ -32,7 +33,7 @@ from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.status import abort_for
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_TTL_SECONDS = 300
 T = TypeVar("T")
@@ -116,15 +117,28 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 class RegistryClient:
     """``Registry`` over gRPC, for servers and clients."""
 
-    def __init__(self, channel: grpc.Channel, *, timeout_seconds: float = 10.0) -> None:
+    def __init__(
+        self, channel: grpc.Channel, *, timeout_seconds: float = 10.0, address: str | None = None
+    ) -> None:
+        """``address`` (the channel's target) names the registry in connection errors."""
         self._stub = pb_grpc.RegistryServiceStub(channel)
         self._timeout = timeout_seconds
+        self.address = address
 
     def _rpc(self, name: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except grpc.RpcError as error:
-            raise RegistryError(f"registry {name} failed: {error.code().name}: {error.details()}") from None
+            code, details = error.code(), error.details() or ""
+            plain = explain_connection_failure(details, peer="registry", address=self.address or "?")
+            if code is grpc.StatusCode.UNAVAILABLE and plain is not None and self.address is not None:
+                raise RegistryError(f"registry {name} failed: {plain} [{code.name}]") from None
+            raise RegistryError(f"registry {name} failed: {code.name}: {details}") from None
+
+    def check(self, timeout_seconds: float = 10.0) -> None:
+        """Fail now, with the reason in words, when the registry cannot be reached (a cheap List)."""
+        timeout = min(timeout_seconds, self._timeout)
+        self._rpc("check", lambda: self._stub.List(pb.ListRequest(model_id=""), timeout=timeout))
 
     def announce(self, record: pb.ServerRecord, ttl_seconds: int) -> float:
         request = pb.AnnounceRequest(record=record, ttl_seconds=ttl_seconds)

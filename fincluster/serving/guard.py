@@ -7,10 +7,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
-
 from fincluster.audit import sign_receipt
 from fincluster.errors import PolicyDenied
+from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.enforcement import TrustContext, prove_possession
@@ -19,7 +18,7 @@ from fincluster.trust.policy import Decision, ModelRef
 from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DenialListener = Callable[["Denial"], None]
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
 import torch
 
 from fincluster.audit import AuditSink
-from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError, TrustReason
+from fincluster.errors import ClosedError, ConfigurationError, TrustError, TrustReason
+from fincluster.logs import get_logger
+from fincluster.net import check_advertised, join_host_port
 from fincluster.registry.backend import Registry
 from fincluster.rpc import AioServerThread
 from fincluster.serving.admission import DEFAULT_DEPARTMENT, Admission, Limits
+from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
@@ -40,13 +43,25 @@ from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import span_to_wire
 from fincluster.wire.tensors import wire_dtype
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
-def load_span_model(store: ModelStore, span: BlockSpan, *, dtype: TensorDType, device: str) -> SpanModel:
-    """Load only ``span``'s weights from ``store`` (each file checked against the manifest)."""
+def load_span_model(
+    store: ModelStore,
+    span: BlockSpan,
+    *,
+    dtype: TensorDType,
+    device: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> SpanModel:
+    """Load only ``span``'s weights from ``store`` (each file checked against the manifest);
+    ``progress(done, total)`` is called after each block."""
     config = store.load_config()
-    blocks = {index: store.load_block_state(index) for index in span.blocks}
+    blocks = {}
+    for done, index in enumerate(span.blocks, start=1):
+        blocks[index] = store.load_block_state(index)
+        if progress is not None:
+            progress(done, len(span))
     return SpanModel(config, span, blocks, dtype=TensorDType(dtype).torch_dtype, device=device)
 
 
@@ -97,6 +112,7 @@ class BlockServer:
         credential: Credential,
         *,
         registry: Registry | None = None,
+        registry_address: str | None = None,
         trust: TrustContext | None = None,
         attestation: str | None = None,
         audit: AuditSink | None = None,
@@ -104,13 +120,24 @@ class BlockServer:
     ) -> None:
         """``trust`` is what the server enforces (default: public data only, no revocation list);
         ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
-        ``AuditLog``); ``on_transfer`` is an extra observer (tests)."""
+        ``AuditLog``); ``on_transfer`` is an extra observer (tests). ``registry_address`` names the
+        registry in logs and :attr:`announce_status`."""
         self.model = model
         self.served = served
         self.settings = settings
         self.credential = credential
         self.node_id = credential.spiffe_id
         self.registry = registry
+        self.announcer = (
+            Announcer(
+                registry,
+                self.record,
+                ttl_seconds=settings.announce_ttl_seconds,
+                registry_address=registry_address,
+            )
+            if registry is not None
+            else None
+        )
         if trust is None:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
@@ -155,6 +182,15 @@ class BlockServer:
         self._background: threading.Thread | None = None
         self._closed = False
 
+    @property
+    def announced(self) -> bool:
+        """Whether the registry holds this server's current record (its last announce succeeded)."""
+        return self.announcer is not None and self.announcer.announced
+
+    @property
+    def announce_status(self) -> str:
+        return self.announcer.status if self.announcer is not None else "no registry configured"
+
     def info(self) -> pb.ServerInfo:
         return pb.ServerInfo(
             node_id=self.node_id,
@@ -189,6 +225,14 @@ class BlockServer:
         """Bind, serve, announce; returns the address clients should dial."""
         if self._closed:
             raise ClosedError("this server was stopped; create a new one")
+        _, cert_pem, _ = self.credential.read()
+        check_advertised(
+            self.settings.public_address,
+            self.settings.host,
+            load_certificate(cert_pem),
+            flag="--public-address (server.public_address)",
+            registry_address=self.announcer.registry_address if self.announcer is not None else None,
+        )
         self.throughput = measure_throughput(self.model)
         limit = self.settings.max_message_bytes
         settings = self.settings
@@ -217,7 +261,7 @@ class BlockServer:
             name="block-rpc",
         )
         port = self._grpc.start()
-        self.address = self.settings.public_address or f"{self.settings.host}:{port}"
+        self.address = self.settings.public_address or join_host_port(self.settings.host, port)
         self._background = threading.Thread(target=self._maintain, name="server-maintenance", daemon=True)
         self._background.start()
         log.info("server_started", node=self.node_id, address=self.address, blocks=str(self.model.span))
@@ -230,20 +274,13 @@ class BlockServer:
 
     def _maintain(self) -> None:
         """Refresh the announcement (TTL heartbeat) and expire idle sessions until stopped."""
-        interval = max(self.settings.announce_ttl_seconds / 3, 0.2)
-        next_announce = 0.0
         while not self._stopping.is_set():
             for session_id in self.sessions.expire_idle():
                 log.info("session_expired", session=session_id)
             if self.audit.sink is not None:
                 self.audit.sink.checkpoint_if_due()
-            if self.registry is not None and time.monotonic() >= next_announce:
-                try:
-                    self.registry.announce(self.record(), self.settings.announce_ttl_seconds)
-                    next_announce = time.monotonic() + interval
-                except RegistryError as error:
-                    log.warning("announce_failed", error=str(error))
-                    next_announce = time.monotonic() + min(interval, 1.0)
+            if self.announcer is not None:
+                self.announcer.tick()
             self._stopping.wait(0.2)
 
     def stop(self, grace_seconds: float | None = None) -> None:
@@ -254,11 +291,8 @@ class BlockServer:
         self._stopping.set()
         if self._background is not None:
             self._background.join()
-        if self.registry is not None and self.address is not None:
-            try:
-                self.registry.withdraw(self.node_id)
-            except RegistryError as error:
-                log.warning("withdraw_failed", error=str(error), note="the record expires with its TTL")
+        if self.announcer is not None:
+            self.announcer.withdraw(self.node_id)
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         if self._grpc is not None:
             self._grpc.stop(grace)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-import structlog
 from cryptography import x509
 
 from fincluster.errors import (
@@ -35,6 +34,7 @@ from fincluster.errors import (
     UnavailableError,
     WireError,
 )
+from fincluster.logs import get_logger
 from fincluster.serving.admission import Admission
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
@@ -51,7 +51,7 @@ from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
 from fincluster.wire.status import answer_for
 from fincluster.wire.tensors import decode, digest, encode
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 TransferHook = Callable[["Transfer"], None]
 REAUTHORIZE_SECONDS = 5.0

@@ -10,7 +10,6 @@ from enum import StrEnum
 from pathlib import Path
 
 import safetensors.torch
-import structlog
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -21,16 +20,17 @@ from transformers import (
 )
 
 from fincluster.errors import ConfigurationError
+from fincluster.logs import get_logger
 from fincluster.store.aliases import STORE_ALIASES
 from fincluster.store.checkpoint import SafetensorsCheckpoint, load_checkpoint_config, tokenizer_files
-from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, TOKENIZER_DIR, block_file
+from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, FORMAT_VERSION, block_file
 from fincluster.store.manifest import Manifest
 from fincluster.store.partition import plan_store
 from fincluster.store.staging import StagedStore, check_destination
 from fincluster.store.store import ModelStore
 from fincluster.values import TensorDType
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
 TokenizerWriter = Callable[[Path], None]
@@ -133,7 +133,6 @@ def _import_checkpoint(
     files = tokenizer_files(directory)
 
     def copy_tokenizer(target: Path) -> None:
-        target.mkdir()
         for file in files:
             shutil.copyfile(file, target / file.name)
 
@@ -174,9 +173,9 @@ def _write_store(
         for index, block in enumerate(plan.blocks):
             staged.write_bytes(block_file(index), _serialize(block, get_tensor, dtype.torch_dtype))
             report(ImportStage.BLOCKS, index + 1, num_blocks)
+        if write_tokenizer is not None:  # beside config.json, where AutoTokenizer looks for it
+            write_tokenizer(staged.root)
         staged.write_bytes(CONFIG_FILE, _config_json(config, dtype))
-        if write_tokenizer is not None:
-            write_tokenizer(staged.root / TOKENIZER_DIR)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model_id=model_id,

@@ -12,15 +12,14 @@ import shutil
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 
-import structlog
-
 from fincluster.errors import ConfigurationError
+from fincluster.logs import get_logger
 from fincluster.store.digest import sha256_file
 from fincluster.store.layout import MANIFEST_FILE
 from fincluster.store.manifest import Manifest
 from fincluster.values import sha256_hex
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def check_destination(out: Path, *, overwrite: bool) -> None:

@@ -14,17 +14,24 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import safetensors.torch
-import structlog
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from fincluster.errors import StoreError, StoreIntegrityError
+from fincluster.logs import get_logger
 from fincluster.store.digest import sha256_file
-from fincluster.store.layout import CLIENT_FILE, CONFIG_FILE, MANIFEST_FILE, TOKENIZER_DIR, block_file
+from fincluster.store.layout import (
+    CLIENT_FILE,
+    CONFIG_FILE,
+    LEGACY_TOKENIZER_DIR,
+    MANIFEST_FILE,
+    block_file,
+    is_weights_or_config,
+)
 from fincluster.store.manifest import Manifest
 from fincluster.values import sha256_hex
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class ModelStore:
@@ -82,15 +89,18 @@ class ModelStore:
         return config
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        """Load the tokenizer from verified copies of its files; config.json rides along for AutoTokenizer."""
-        tokenizer_files = [path for path in self._manifest.files if path.startswith(f"{TOKENIZER_DIR}/")]
+        """Load the tokenizer from verified copies of its files (config.json rides along for
+        AutoTokenizer). ``AutoTokenizer.from_pretrained(store.path)`` reads the same files unchecked."""
+        tokenizer_files = [path for path in self._manifest.files if not is_weights_or_config(path)]
         if not tokenizer_files:
             raise StoreError(f"store {self._path} has no tokenizer: its source had no tokenizer files")
+        legacy = all(path.startswith(f"{LEGACY_TOKENIZER_DIR}/") for path in tokenizer_files)
+        folder = LEGACY_TOKENIZER_DIR if legacy else "."
         with self._verified_copy([CONFIG_FILE, *tokenizer_files]) as directory:
             tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-                directory / TOKENIZER_DIR, local_files_only=True, trust_remote_code=False
+                directory / folder, local_files_only=True, trust_remote_code=False
             )
-        tokenizer.name_or_path = str(self._path / TOKENIZER_DIR)  # not the private copy, which is gone
+        tokenizer.name_or_path = str(self._path / folder)  # not the private copy, which is gone
         return tokenizer
 
     def load_client_state(self) -> dict[str, torch.Tensor]:

@@ -39,7 +39,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
-import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -50,6 +49,7 @@ from joserfc.jwk import OKPKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from fincluster.errors import ConfigurationError, TrustError, TrustReason
+from fincluster.logs import get_logger
 from fincluster.values import FrozenModel, Sha256Hex, SpiffeId
 
 __all__ = [
@@ -76,7 +76,7 @@ __all__ = [
     "verify_possession_proof",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 #: The one message a remote peer gets for any attestation or possession-proof failure.
 ATTESTATION_REJECTED: Final = "attestation rejected"

@@ -3,6 +3,10 @@
 The security team runs ``keygen`` once (the private key never leaves its machine), ``issue`` for
 every node it has inspected, and anyone can ``verify`` a token against the authority's public key
 and, with ``--cert``, that the token belongs to that node's TLS key.
+
+``issue`` needs, on that offline machine, only the authority's private key, the node's certificate
+(``certs/nodes/server-<name>.pem``) and the model store's ``manifest.json`` (a few kilobytes, which
+pins every weight file by SHA-256) — not the store itself, and no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fincluster.errors import ConfigurationError
+from fincluster.errors import ConfigurationError, FinclusterError
 from fincluster.trust.attestation import (
     AttestationSubject,
     AuthorityKeys,
@@ -27,6 +31,7 @@ from fincluster.trust.attestation import (
     verify_attestation,
 )
 from fincluster.trust.pki import load_certificate, parse_ttl, public_key_digest, spiffe_id_of
+from fincluster.values import sha256_hex
 
 __all__ = ["register"]
 
@@ -38,10 +43,22 @@ def cmd_attest_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_attest_issue(args: argparse.Namespace) -> int:
-    from fincluster.store import ModelStore  # imports torch: only when a token is issued
+def _manifest_digest(args: argparse.Namespace) -> tuple[str, str]:
+    """(model id, SHA-256 of manifest.json's exact bytes): what attestations and stores agree on."""
+    from fincluster.store.manifest import Manifest
 
+    path: Path = args.manifest if args.manifest is not None else args.store / "manifest.json"
+    data = _read(path, "store manifest")
+    try:
+        manifest = Manifest.from_json_bytes(data, source=str(path))
+    except FinclusterError as error:
+        raise ConfigurationError(str(error)) from None
+    return manifest.model_id, sha256_hex(data)
+
+
+def cmd_attest_issue(args: argparse.Namespace) -> int:
     authority_key = load_authority_private_key(args.authority_key)
+    model_id, manifest_digest = _manifest_digest(args)
     cert_pem = _read(args.cert, "node certificate")
     try:
         subject = AttestationSubject(
@@ -51,7 +68,7 @@ def cmd_attest_issue(args: argparse.Namespace) -> int:
             zone=args.zone,
             hardware=args.hardware,
             software_version=args.software_version,
-            model_manifest_sha256=ModelStore.open(args.store).manifest_digest,
+            model_manifest_sha256=manifest_digest,
         )
     except ValidationError as error:
         first = error.errors()[0]
@@ -63,6 +80,7 @@ def cmd_attest_issue(args: argparse.Namespace) -> int:
     claims = verify_attestation(token, authority_keys=AuthorityKeys([authority_key.public_key()]), now=now)
     _write_replacing(args.out, token + "\n")
     print(f"attestation {claims.attestation_id} for {claims.node_id} (tier {claims.tier.value})")
+    print(f"  model   {model_id}, manifest sha256 {manifest_digest}")
     expires = claims.expires_at.isoformat().replace("+00:00", "Z")
     print(f"  expires {expires}\n  token   {args.out}")
     return 0
@@ -96,7 +114,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     issue.add_argument("--zone", required=True, help="zone / jurisdiction, e.g. eu-fra")
     issue.add_argument("--hardware", required=True, help="hardware description, e.g. h100-cc")
     issue.add_argument("--software-version", required=True, help="the node's fincluster build")
-    issue.add_argument("--store", required=True, type=Path, help="the model store the node serves")
+    weights = issue.add_mutually_exclusive_group(required=True)
+    weights.add_argument(
+        "--manifest",
+        type=Path,
+        help="manifest.json of the model store the node serves (all the offline machine needs)",
+    )
+    weights.add_argument("--store", type=Path, help="the model store the node serves (its manifest.json)")
     issue.add_argument("--ttl", default="24h", help="token lifetime, e.g. 24h or 7d (default 24h)")
     issue.add_argument("--out", required=True, type=Path, help="token file to write")
     issue.set_defaults(handler=cmd_attest_issue)

@@ -109,6 +109,11 @@ class TrustContext:
         return cls(ca_certificate=ca_certificate, revocations=revocations)
 
     @property
+    def verifies_attestations(self) -> bool:
+        """Whether this context can know a node's tier: a policy engine and at least one verifier."""
+        return self.policy is not None and bool(self.verifiers.kinds)
+
+    @property
     def certificates(self) -> CertificateCheck:
         return CertificateCheck(self.ca_certificate, self.revocations, self.clock)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import structlog
 from opa_client import OpaClient
 
 from fincluster.errors import ClosedError, ConfigurationError, PolicyError
+from fincluster.logs import get_logger
 from fincluster.trust.policy import (
     Decision,
     DecisionKind,
@@ -29,7 +29,7 @@ from fincluster.trust.policy import (
 
 __all__ = ["OpaEngine"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 _T = TypeVar("_T")
 
 

@@ -14,9 +14,9 @@ import uuid
 from typing import Any
 
 import regopy
-import structlog
 
 from fincluster.errors import ClosedError, PolicyError
+from fincluster.logs import get_logger
 from fincluster.trust.policy import (
     Decision,
     DecisionKind,
@@ -29,7 +29,7 @@ from fincluster.trust.policy import (
 
 __all__ = ["RegopyEngine", "new_interpreter"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _ERROR_LOCATION = re.compile(
     r"\(error \d+:[^|\n]*\|(?P<offset>\d+)\|\d+\s*\(errormsg \d+:(?P<message>[^\n]*)\)"

@@ -47,10 +47,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-import structlog
 from cryptography import x509
 
 from fincluster.errors import CertificateError, TrustError, TrustReason
+from fincluster.logs import get_logger
 from fincluster.trust.pki import (
     Credential,
     RevocationList,
@@ -60,7 +60,7 @@ from fincluster.trust.pki import (
     spiffe_id_of,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PEER_REJECTED = "peer certificate not accepted"
 

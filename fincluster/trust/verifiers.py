@@ -70,6 +70,11 @@ class VerifierSet:
                 raise ConfigurationError(f"two verifiers for evidence kind {verifier.evidence_kind!r}")
             self._by_kind[verifier.evidence_kind] = verifier
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The evidence kinds this set can verify (empty: no attestation can be verified)."""
+        return tuple(self._by_kind)
+
     def verify(self, evidence_kind: str, evidence: bytes, *, now: datetime) -> VerifiedClaims:
         verifier = self._by_kind.get(evidence_kind)
         if verifier is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NoReturn
 
 import grpc
-import structlog
 
 from fincluster.errors import (
     CapacityError,
@@ -29,9 +28,10 @@ from fincluster.errors import (
     UnavailableError,
     WireError,
 )
+from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 REFUSED = "request refused by policy"
 """All a refused peer is told (plus the decision id, which an operator can look up)."""

@@ -134,7 +134,34 @@ def test_tokenizer_round_trip(make_checkpoint: MakeCheckpoint, tmp_path: Path) -
     store = import_model(make_checkpoint("llama", with_tokenizer=True)[0], tmp_path / "store")
 
     assert store.load_tokenizer()("hello bank ledger")["input_ids"] == [3, 5, 6]
-    assert "tokenizer/tokenizer.json" in store.manifest.files
+    assert "tokenizer.json" in store.manifest.files
+
+
+def test_transformers_reads_the_tokenizer_from_the_store_root(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path
+) -> None:
+    """The analyst's habit, AutoTokenizer.from_pretrained(store_path), works on a store."""
+    from transformers import AutoTokenizer
+
+    store = import_model(make_checkpoint("llama", with_tokenizer=True)[0], tmp_path / "store")
+    assert AutoTokenizer.from_pretrained(store.path)("hello bank ledger")["input_ids"] == [3, 5, 6]
+
+
+def test_stores_with_the_tokenizer_in_a_subfolder_still_load_it(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path
+) -> None:
+    """Stores imported before the tokenizer moved to the root keep working."""
+    from fincluster.store import Manifest, ModelStore
+
+    store = import_model(make_checkpoint("llama", with_tokenizer=True)[0], tmp_path / "store")
+    moved = dict(store.manifest.files)
+    (store.path / "tokenizer").mkdir()
+    for path in [p for p in moved if p.startswith("tokenizer") or p == "special_tokens_map.json"]:
+        (store.path / path).rename(store.path / "tokenizer" / path)
+        moved[f"tokenizer/{path}"] = moved.pop(path)
+    manifest = store.manifest.model_copy(update={"files": moved})
+    (store.path / "manifest.json").write_bytes(Manifest.to_json_bytes(manifest))
+    assert ModelStore.open(store.path).load_tokenizer()("hello bank ledger")["input_ids"] == [3, 5, 6]
 
 
 def test_store_without_tokenizer_says_so(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:

@@ -58,9 +58,9 @@ def test_tampered_config_is_refused(store: ModelStore) -> None:
 
 
 def test_tampered_tokenizer_is_refused(store: ModelStore) -> None:
-    with (store.path / "tokenizer/tokenizer.json").open("a") as file:
+    with (store.path / "tokenizer.json").open("a") as file:
         file.write(" ")
-    with pytest.raises(StoreIntegrityError, match=r"'tokenizer/tokenizer\.json'"):
+    with pytest.raises(StoreIntegrityError, match=r"'tokenizer\.json'"):
         store.load_tokenizer()
 
 
@@ -74,7 +74,7 @@ def test_missing_block_is_reported(store: ModelStore) -> None:
 
 def test_unlisted_file_fails_verify_but_is_never_loaded(store: ModelStore) -> None:
     (store.path / "blocks/block_00004.safetensors").write_bytes(b"not a block")
-    (store.path / "tokenizer/extra.json").write_text("{}")
+    (store.path / "extra.json").write_text("{}")
 
     with pytest.raises(StoreIntegrityError, match=r"'blocks/block_00004\.safetensors'.*not listed"):
         store.verify()

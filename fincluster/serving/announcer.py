@@ -1,0 +1,100 @@
+"""Keeping one server's record in the registry, and knowing whether it is there.
+
+The record is refreshed every third of its TTL. When the registry cannot be reached or refuses, the
+announcer says so (``server_not_announced``, with the reason and the next attempt) and retries with
+exponential backoff and jitter instead of hammering it; the first success after that is logged as
+``server_announced``. :attr:`Announcer.announced` is the state clients of the server can check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fincluster.backoff import Backoff
+from fincluster.errors import RegistryError
+from fincluster.logs import get_logger
+from fincluster.registry.backend import Registry
+from fincluster.wire import fincluster_pb2 as pb
+
+log = get_logger(__name__)
+
+
+class Announcer:
+    """Announce ``record()`` to ``registry`` whenever :meth:`tick` finds it due."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        record: Callable[[], pb.ServerRecord],
+        *,
+        ttl_seconds: int,
+        registry_address: str | None = None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.registry_address = registry_address
+        self.ttl_seconds = ttl_seconds
+        self._record = record
+        self._backoff = backoff or Backoff(initial=1.0, maximum=30.0)
+        self._clock = clock
+        self._next = 0.0
+        self.announced = False
+        self.last_error: str | None = None
+        self.attempts_failed = 0
+
+    @property
+    def status(self) -> str:
+        """One line for operators: announced, or not and why."""
+        registry = self.registry_address or "the registry"
+        if self.announced:
+            return f"announced to {registry}"
+        if self.last_error is None:
+            return f"not yet announced to {registry}"
+        return f"NOT announced to {registry} ({self.attempts_failed} failed attempts): {self.last_error}"
+
+    def tick(self) -> None:
+        """Announce now if it is due (refresh or retry)."""
+        now = self._clock()
+        if now < self._next:
+            return
+        record = self._record()
+        try:
+            self.registry.announce(record, self.ttl_seconds)
+        except RegistryError as error:
+            delay = self._backoff.next_delay()
+            self._next = now + delay
+            self.attempts_failed += 1
+            self.last_error = str(error)
+            self.announced = False
+            log.warning(
+                "server_not_announced",
+                registry=self.registry_address,
+                address=record.address,
+                attempt=self.attempts_failed,
+                retry_in_s=round(delay, 1),
+                error=self.last_error,
+            )
+            return
+        if not self.announced:
+            log.info(
+                "server_announced",
+                registry=self.registry_address,
+                address=record.address,
+                blocks=f"{record.span.start}:{record.span.end}",
+                ttl_s=self.ttl_seconds,
+                after_failed_attempts=self.attempts_failed,
+            )
+        self.announced, self.last_error, self.attempts_failed = True, None, 0
+        self._backoff.reset()
+        self._next = now + max(self.ttl_seconds / 3, 0.2)
+
+    def withdraw(self, node_id: str) -> None:
+        if not self.announced:
+            return
+        self.announced = False
+        try:
+            self.registry.withdraw(node_id)
+        except RegistryError as error:
+            log.warning("withdraw_failed", error=str(error), note="the record expires with its TTL")
