@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
+from fincluster.trust.cert_commands import register as register_certs
 from fincluster.trust.commands import register as register_attest
 from fincluster.values import TensorDType
 
@@ -92,33 +93,6 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     store = ModelStore.open(args.store)
     store.verify()
     print(f"{store.path}: all {len(store.manifest.files)} files match the manifest ({store.manifest_digest})")
-    return 0
-
-
-# certificates ----------------------------------------------------------------------------------
-def cmd_certs_init_ca(args: argparse.Namespace) -> int:
-    from fincluster.trust.pki import CertificateAuthority, parse_ttl
-
-    ca = CertificateAuthority.init(args.dir, trust_domain=args.trust_domain, ttl=parse_ttl(args.ttl))
-    print(f"created CA for trust domain {ca.trust_domain} in {args.dir}")
-    return 0
-
-
-def cmd_certs_issue(args: argparse.Namespace) -> int:
-    from fincluster.trust.pki import CertificateAuthority, Role, parse_ttl
-
-    ca = CertificateAuthority.load(args.dir)
-    hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
-    credential = ca.issue(Role(args.role), args.name, ttl=parse_ttl(args.ttl), hosts=hosts)
-    print(f"{credential.spiffe_id}\n  cert {credential.cert_path}\n  key  {credential.key_path}")
-    return 0
-
-
-def cmd_certs_revoke(args: argparse.Namespace) -> int:
-    from fincluster.trust.pki import CertificateAuthority
-
-    CertificateAuthority.load(args.dir).revoke(Path(args.cert))
-    print(f"revoked {args.cert}; CRL updated in {args.dir}")
     return 0
 
 
@@ -230,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     register_attest(commands)
     register_audit(commands)
+    register_certs(commands)
 
     model = commands.add_parser("model", help="model stores").add_subparsers(
         dest="model_command", required=True
@@ -243,24 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     ver = model.add_parser("verify", help="check every store file against the manifest")
     ver.add_argument("store", type=Path)
     ver.set_defaults(handler=cmd_model_verify)
-
-    certs = commands.add_parser("certs", help="swarm PKI").add_subparsers(dest="certs_command", required=True)
-    init = certs.add_parser("init-ca", help="create the swarm CA")
-    init.add_argument("--dir", type=Path, default=Path("certs"))
-    init.add_argument("--trust-domain", required=True)
-    init.add_argument("--ttl", default="365d")
-    init.set_defaults(handler=cmd_certs_init_ca)
-    issue = certs.add_parser("issue", help="issue (or renew) a node certificate")
-    issue.add_argument("--dir", type=Path, default=Path("certs"))
-    issue.add_argument("--role", required=True, choices=["server", "client", "registry"])
-    issue.add_argument("--name", required=True)
-    issue.add_argument("--ttl", default="24h")
-    issue.add_argument("--host", action="append", help="DNS name or IP the node is reached at (repeatable)")
-    issue.set_defaults(handler=cmd_certs_issue)
-    revoke = certs.add_parser("revoke", help="revoke a certificate and update the CRL")
-    revoke.add_argument("cert", help="certificate file to revoke")
-    revoke.add_argument("--dir", type=Path, default=Path("certs"))
-    revoke.set_defaults(handler=cmd_certs_revoke)
 
     registry = commands.add_parser("registry", help="run the embedded registry service")
     _add_tls(registry)

@@ -31,6 +31,7 @@ from fincluster.audit.events import (
     event_nodes,
 )
 from fincluster.audit.fields import UtcTime
+from fincluster.audit.keys import KeyRing
 from fincluster.audit.reader import read_log
 from fincluster.audit.signing import PublicKey
 from fincluster.audit.verify import VerifyReport, verify
@@ -179,7 +180,7 @@ def build_report(
     since: datetime | None = None,
     until: datetime | None = None,
     *,
-    trusted_public_keys: Iterable[PublicKey] | None = None,
+    trusted_public_keys: Iterable[PublicKey] | KeyRing | None = None,
     anchor: Checkpoint | None = None,
     clock: Clock = utc_now,
 ) -> Report:
@@ -190,8 +191,7 @@ def build_report(
     """
     filters = ReportFilters(session=session, node=node, since=since, until=until)
     contents = read_log(db_path)
-    keys = None if trusted_public_keys is None else list(trusted_public_keys)
-    verified = None if keys is None else verify(db_path, keys, anchor=anchor)
+    verified = None if trusted_public_keys is None else verify(db_path, trusted_public_keys, anchor=anchor)
     events = _select(contents.events, filters)
     sessions = _sessions(events, filters.node)
     nodes = _nodes(events, filters.node)
