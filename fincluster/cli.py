@@ -113,13 +113,11 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import grpc
-
     from fincluster.bootstrap import trust_from_settings
     from fincluster.registry.service import RegistryClient
     from fincluster.serving.server import BlockServer, ServedModel, load_span_model
     from fincluster.store import ModelStore
-    from fincluster.trust.tls import channel_credentials
+    from fincluster.trust.tls import RenewingChannel
 
     server_overrides = {
         key: value
@@ -144,11 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     span = settings.server.blocks
     model = load_span_model(store, span, dtype=settings.server.dtype, device=settings.server.device)
     trust = trust_from_settings(settings.trust, credential)
-    attestation = settings.trust.attestation.read_text().strip() if settings.trust.attestation else None
     registry = None
     if settings.registry.address:
-        channel = grpc.secure_channel(settings.registry.address, channel_credentials(credential))
-        registry = RegistryClient(channel)
+        registry = RegistryClient(RenewingChannel(settings.registry.address, credential))
     audit_log = open_node_audit_log(settings.audit, credential)
     server = BlockServer(
         model,
@@ -157,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         credential,
         registry=registry,
         trust=trust,
-        attestation=attestation,
+        attestation=settings.trust.attestation,  # the file: a replaced token is picked up while serving
         audit=audit_log,
     )
     address = server.start()

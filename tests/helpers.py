@@ -113,10 +113,8 @@ class Cluster:
         audit=None,
         **settings: object,
     ) -> BlockServer:
-        import grpc
-
         from fincluster.registry.service import RegistryClient
-        from fincluster.trust.tls import channel_credentials
+        from fincluster.trust.tls import RenewingChannel
 
         credential = self.pki.credential(Role.SERVER, name)
         options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
@@ -126,13 +124,12 @@ class Cluster:
             dtype=TensorDType(options.pop("dtype", "float32")),
             device="cpu",
         )
-        channel = grpc.secure_channel(self.registry_address, channel_credentials(credential))
         server = BlockServer(
             model,
             ServedModel.of(self.store),
             ServerSettings(**options),
             credential,
-            registry=RegistryClient(channel),
+            registry=RegistryClient(RenewingChannel(self.registry_address, credential)),
             trust=trust,
             attestation=attestation,
             audit=audit,

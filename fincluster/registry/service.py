@@ -19,7 +19,7 @@ from fincluster.errors import InvalidRequestError, PolicyError, RefusedError, Re
 from fincluster.registry.backend import Registry
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
-from fincluster.trust.tls import peer_certificate, peer_identity
+from fincluster.trust.tls import RenewingChannel, peer_certificate, peer_identity
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.status import abort_for
@@ -92,11 +92,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
 
 class RegistryClient:
-    """``Registry`` over gRPC, for servers and clients."""
+    """``Registry`` over gRPC, for servers and clients; a :class:`RenewingChannel` follows the
+    caller's certificate renewals and rotations."""
 
-    def __init__(self, channel: grpc.Channel, *, timeout_seconds: float = 10.0) -> None:
-        self._stub = pb_grpc.RegistryServiceStub(channel)
+    def __init__(self, channel: grpc.Channel | RenewingChannel, *, timeout_seconds: float = 10.0) -> None:
+        self._source = channel
+        self._stubs: tuple[grpc.Channel, pb_grpc.RegistryServiceStub] | None = None
         self._timeout = timeout_seconds
+
+    @property
+    def _stub(self) -> pb_grpc.RegistryServiceStub:
+        channel = self._source.current() if isinstance(self._source, RenewingChannel) else self._source
+        if self._stubs is None or self._stubs[0] is not channel:
+            self._stubs = (channel, pb_grpc.RegistryServiceStub(channel))
+        return self._stubs[1]
 
     def _rpc(self, name: str, call: Callable[[], T]) -> T:
         try:

@@ -11,13 +11,14 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
 import torch
 
 from fincluster.audit import AuditSink
-from fincluster.errors import ClosedError, ConfigurationError, RegistryError, TrustError, TrustReason
+from fincluster.errors import ClosedError, ConfigurationError, RegistryError
 from fincluster.registry.backend import Registry
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard
@@ -28,8 +29,9 @@ from fincluster.serving.span_model import SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
-from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE, VerifiedClaims, require_key_binding
+from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE
 from fincluster.trust.enforcement import TrustContext
+from fincluster.trust.own_attestation import OwnAttestation
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.policy import ModelRef
 from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
@@ -75,18 +77,6 @@ class ServedModel:
         return cls(store.model_id, store.manifest_digest, store.num_blocks)
 
 
-def verify_own_attestation(token: str, credential: Credential, trust: TrustContext) -> VerifiedClaims:
-    """A server refuses to start with an attestation that is invalid, or not bound to its own TLS key."""
-    claims = trust.verifiers.verify(SIGNED_SOFTWARE_EVIDENCE, token.encode(), now=trust.clock())
-    _, cert_pem, _ = credential.read()
-    if claims.node_id != credential.spiffe_id:
-        raise TrustError(
-            TrustReason.WRONG_NODE, f"the attestation is for {claims.node_id}", node_id=credential.spiffe_id
-        )
-    require_key_binding(claims, load_certificate(cert_pem).public_key())
-    return claims
-
-
 class BlockServer:
     def __init__(
         self,
@@ -97,11 +87,12 @@ class BlockServer:
         *,
         registry: Registry | None = None,
         trust: TrustContext | None = None,
-        attestation: str | None = None,
+        attestation: str | Path | None = None,
         audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
     ) -> None:
         """``trust`` is what the server enforces (default: public data only, no revocation list);
+        ``attestation`` is the server's token, or the file it is in (re-read when it changes);
         ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
         ``AuditLog``); ``on_transfer`` is an extra observer (tests)."""
         self.model = model
@@ -113,12 +104,16 @@ class BlockServer:
         if trust is None:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
-        self.attestation = attestation
         if attestation and trust.policy is None:
             raise ConfigurationError(
                 "an attestation needs the trust settings (authority keys, policy) to check it"
             )
-        self.claims = verify_own_attestation(attestation, credential, trust) if attestation else None
+        self._own = None
+        if attestation:
+            token, path = (attestation, None) if isinstance(attestation, str) else (None, attestation)
+            self._own = OwnAttestation(credential, trust, token=token, path=path)
+        self.attestation = self._own.token if self._own else None
+        self.claims = self._own.claims if self._own else None
         model_ref = ModelRef(
             id=served.model_id, num_blocks=served.num_blocks, manifest_sha256=served.manifest_digest
         )
@@ -212,6 +207,10 @@ class BlockServer:
         interval = max(self.settings.announce_ttl_seconds / 3, 0.2)
         next_announce = 0.0
         while not self._stopping.is_set():
+            if self._own is not None and self._own.refresh():  # a new token, or one no longer valid
+                self.attestation, self.claims = self._own.token, self._own.claims
+                self.guard.own_claims = self.audit.claims = self.claims
+                next_announce = 0.0
             for session_id in self.sessions.expire_idle():
                 log.info("session_expired", session=session_id)
             if self.audit.sink is not None:
