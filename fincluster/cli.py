@@ -102,13 +102,21 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from fincluster.registry.server import RegistryServer
 
     overrides: dict[str, Any] = {"registry": {"port": args.port}} if args.port is not None else {}
+    if args.audit_dir:
+        overrides["audit"] = {"directory": args.audit_dir}
     settings = _settings(args, **overrides)
     credential = _credential(settings)
     trust = trust_from_settings(settings.trust, credential)
-    server = RegistryServer(credential, host=settings.registry.host, port=settings.registry.port, trust=trust)
+    audit_log = open_node_audit_log(settings.audit, credential)  # announcements accepted and refused
+    server = RegistryServer(
+        credential, host=settings.registry.host, port=settings.registry.port, trust=trust, audit=audit_log
+    )
     address = server.start()
     print(f"registry listening on {address}", flush=True)
-    _wait_for_signal(server.stop)
+    try:
+        _wait_for_signal(server.stop)
+    finally:
+        audit_log.close()
     return 0
 
 
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry = commands.add_parser("registry", help="run the embedded registry service")
     _add_tls(registry)
     registry.add_argument("--port", type=int)
+    registry.add_argument("--audit-dir", type=Path, help="directory of the registry's audit log")
     registry.set_defaults(handler=cmd_registry)
 
     serve = commands.add_parser("serve", help="serve a span of blocks")

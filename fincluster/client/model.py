@@ -309,11 +309,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         wire_dtype = self.embed_tokens.weight.dtype
         hidden = hidden.to(wire_dtype).contiguous()
         trail = self.swarm.trail
-        with trail.batch() if trail is not None else contextlib.nullcontext():
+        session_id = session.session_id if session is not None else uuid.uuid4().hex
+        request = self._placement_request()
+        recording = trail.recording(session_id, request) if trail is not None else contextlib.nullcontext()
+        with recording:  # one transaction per step; a failure is recorded with its reason
             if session is not None:
                 hidden = session.step(hidden, mask, positions)
             else:
-                session_id = uuid.uuid4().hex
                 hidden = chain_forward(self.plan(session_id), hidden, mask, positions, session_id=session_id)
         logits = self.lm_head(self.norm(hidden)).float()
         loss = None

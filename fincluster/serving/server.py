@@ -130,6 +130,7 @@ class BlockServer:
             max_session_length=settings.max_session_length,
             idle_timeout_seconds=settings.session_idle_timeout_seconds,
             wait_seconds=settings.cache_wait_seconds,
+            on_close=self.audit.session_closed,
         )
         self.throughput = 0.0
         self.address: str | None = None
