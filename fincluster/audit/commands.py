@@ -1,7 +1,8 @@
 """``fincluster audit``: verify a log, write compliance reports, export, reconcile, prune.
 
-Handlers return the exit code: 0 when the answer is good, 1 when the log failed verification or the
-logs do not reconcile, so scripts and CI can act on it. Unusable input (a missing file, a key that is
+Handlers return the exit code: 0 when the answer is good, 1 when the log failed verification (also
+for ``report``, which still writes the report) or the logs do not reconcile, so scripts and CI can
+act on it. Unusable input (a missing file, a key that is
 not a key) raises :class:`~fincluster.errors.FinclusterError`, which the CLI turns into exit code 2.
 """
 
@@ -23,12 +24,13 @@ from fincluster.audit.checkpoints import Checkpoint
 from fincluster.audit.export import export_jsonl
 from fincluster.audit.keys import KeyRing
 from fincluster.audit.log import AuditLog, AuditSettings
-from fincluster.audit.names import node_name
+from fincluster.audit.names import load_departments, node_name
 from fincluster.audit.reader import SortedLog, sort_logs
 from fincluster.audit.reconcile import TransferKey, reconcile
 from fincluster.audit.render_csv import render_csv
 from fincluster.audit.render_html import render_html
-from fincluster.audit.report import build_report, render_json
+from fincluster.audit.render_pdf import render_pdf
+from fincluster.audit.report import build_report, matched_nothing, render_json
 from fincluster.audit.signing import PrivateKey, PublicKey, algorithm_of, key_id, public_key_of
 from fincluster.audit.store import SqliteStore
 from fincluster.audit.verify import verify
@@ -82,10 +84,16 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
         until=_instant(args.until, "--until"),
         trusted_public_keys=_key_ring(args.key, args),
         anchor=_anchor(args.anchor),
+        departments=load_departments(args.policy_data) if args.policy_data else None,
     )
-    _write_text(args.out, _RENDERERS[args.format](report))
+    if (nothing := matched_nothing(report)) is not None:
+        raise ConfigurationError(f"{args.db}: {nothing}; no report written")
+    if args.format == "pdf":
+        render_pdf(report, args.out, browser=args.browser)
+    else:
+        _write_text(args.out, _RENDERERS[args.format](report))
     print(f"wrote {args.format} report to {args.out}: {report.integrity.summary}")
-    return 0
+    return 1 if report.integrity.status == "failed" else 0
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -169,15 +177,27 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     check.add_argument("--anchor", type=Path, help=anchor_help)
     check.set_defaults(handler=cmd_audit_verify)
 
-    report = group.add_parser("report", help="write a compliance report (integrity status first)")
+    report = group.add_parser(
+        "report",
+        help="write a compliance report (integrity status first); exit 1 if integrity FAILED",
+        description="Write a compliance report of one log. Exit 1 when its integrity FAILED (the report "
+        "is still written, and says so first); an error when a --session or --node filter matches nothing.",
+    )
     report.add_argument("db", type=Path, help="audit log (SQLite)")
-    report.add_argument("--format", required=True, choices=sorted(_RENDERERS))
+    report.add_argument("--format", required=True, choices=[*sorted(_RENDERERS), "pdf"])
     report.add_argument("--out", required=True, type=Path, help="report file to write")
     report.add_argument("--session", help="only this session")
     report.add_argument("--node", help="only this node (SPIFFE id)")
     report.add_argument("--since", help="from this time on, ISO 8601 with a zone, e.g. 2025-03-01T09:00Z")
     report.add_argument("--until", help="before this time, ISO 8601 with a zone")
     _add_trusted_keys(report, f"{key_help}; without keys integrity is NOT CHECKED")
+    report.add_argument(
+        "--policy-data",
+        type=Path,
+        help="the swarm's policy data (policies/data.json): its fincluster.departments map clients to "
+        "departments for the per-department summary",
+    )
+    report.add_argument("--browser", type=Path, help="Chromium for --format pdf (default: chromium on PATH)")
     report.add_argument("--anchor", type=Path, help=anchor_help)
     report.set_defaults(handler=cmd_audit_report)
 

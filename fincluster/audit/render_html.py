@@ -52,6 +52,7 @@ table { border-collapse: collapse; width: 100%; margin: 4px 0 8px; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.nowrap { white-space: nowrap; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 6px 0; }
 dt { color: var(--muted); } dd { margin: 0; }
 .integrity { border: 2px solid; border-radius: 8px; padding: 12px 16px; }
@@ -64,14 +65,24 @@ dt { color: var(--muted); } dd { margin: 0; }
 .card b { display: block; font-size: 20px; font-variant-numeric: tabular-nums; }
 .card.alert { border-color: var(--bad); color: var(--bad); }
 .failed-mark { color: var(--bad); font-weight: 600; }
-details.session { border: 1px solid var(--line); border-radius: 6px; margin: 6px 0; padding: 0 12px; }
-details.session[open] { padding-bottom: 8px; }
-details.session > summary { cursor: pointer; padding: 6px 0; font-weight: 600; }
+.session-row { display: grid; grid-template-columns: 1.2em 11em 14em 7.5em 13.5em 1fr 8em; gap: 8px;
+               align-items: baseline; padding: 5px 12px; }
+.session-row.head { font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); }
+.session-row > span:last-child { text-align: right; font-variant-numeric: tabular-nums; }
+details.session { border-bottom: 1px solid var(--line); }
+details.session[open] { padding: 0 12px 10px; background: #fbfcfd; }
+details.session[open] > summary { margin: 0 -12px; }
+details.session > summary { cursor: pointer; list-style: none; }
+details.session > summary::-webkit-details-marker { display: none; }
+details.session > summary .marker::before { content: "▸"; color: var(--muted); }
+details.session[open] > summary .marker::before { content: "▾"; }
+details.session > summary:hover { background: #f6f8fa; }
 .claims { margin: 0; padding-left: 16px; } .claims li { margin: 0; }
 .scroll { overflow-x: auto; }
 svg text { font: 11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fill: var(--ink); }
 svg text.light { fill: #ffffff; }
 @media print { body { padding: 0; } .scroll { overflow: visible; } details.session { break-inside: avoid; } }
+@media (max-width: 900px) { .session-row { grid-template-columns: 1.2em 1fr 1fr; } }
 """
 
 _STATUS_TITLE = {"verified": "VERIFIED", "failed": "FAILED", "not_checked": "NOT CHECKED"}
@@ -240,12 +251,11 @@ def _failed(sessions: Sequence[SessionReport]) -> str:
             for d in s.denials
         ]
         why += [f"attestation of {node_name(a.node_id)}: {a.reason}" for a in s.attestation_failures]
-        if not why:
-            why = [s.state]
+        why.insert(0, s.state)
         rows.append(
             [
                 f'<a href="#session-{_e(s.session_id)}"><code>{_e(s.session_id)}</code></a>',
-                _client(s.client_id, s.department),
+                _client_line(s.client_id, s.department),
                 "<br>".join(_e(w) for w in why),
             ]
         )
@@ -254,27 +264,11 @@ def _failed(sessions: Sequence[SessionReport]) -> str:
 
 
 def _session_index(sessions: Sequence[SessionReport]) -> str:
+    """The header of the session list; each session's own line is its ``<summary>``."""
     if not sessions:
         return '<p class="empty">No sessions in scope.</p>'
-    rows: list[list[str | int]] = [
-        [
-            f'<a href="#session-{_e(s.session_id)}"><code>{_e(s.session_id)}</code></a>'
-            + (' <span class="failed-mark">failed</span>' if s.failed else ""),
-            _client(s.client_id, s.department),
-            _e(s.classification or "-"),
-            _e(_time(s.opened_at) if s.opened_at else "-"),
-            _e(s.state),
-            _e(", ".join(dict.fromkeys(node_name(p.node_id) for p in s.placement)) or "-"),
-            s.transfers,
-            s.tokens,
-        ]
-        for s in sessions
-    ]
-    return _table(
-        ["Session", "Client", "Classification", "First seen", "State", "Nodes", "Transfers", "Tokens"],
-        rows,
-        numeric_from=6,
-    )
+    labels = ("", "Session", "Client", "Classification", "First seen", "State", "Transfers / tokens")
+    return '<div class="session-row head">' + "".join(f"<span>{_e(x)}</span>" for x in labels) + "</div>"
 
 
 def _session(s: SessionReport, expand: bool) -> str:
@@ -289,10 +283,19 @@ def _session(s: SessionReport, expand: bool) -> str:
         ("Transfers / tokens", f"{s.transfers} / {s.tokens}"),
     ]
     failed = ' <span class="failed-mark">failed</span>' if s.failed else ""
+    cells = (
+        f"<code>{_e(s.session_id)}</code>{failed}",
+        _client_line(s.client_id, s.department),
+        _e(s.classification or "-"),
+        _e(_time(s.opened_at) if s.opened_at else "-"),
+        _e(s.state),
+        f"{s.transfers} / {s.tokens}",
+    )
     return (
         f'<details class="session" id="session-{_e(s.session_id)}"{" open" if expand else ""}>'
-        f"<summary>Session <code>{_e(s.session_id)}</code>{failed} · {_e(s.state)} · "
-        f"{s.transfers} transfers</summary>"
+        f'<summary class="session-row"><span class="marker"></span>'
+        + "".join(f"<span>{cell}</span>" for cell in cells)
+        + "</summary>"
         f"{_dl((label, value) for label, value in facts if value is not None)}"
         f"<h4>Placement</h4>{_placement(s.placement)}<h4>Failovers</h4>{_failovers(s.failovers)}"
         f"<h4>Denials</h4>{_denials(s.denials)}<h4>Attestation failures</h4>"
@@ -562,10 +565,11 @@ def _node(node_id: str) -> str:
     return f'<b>{_e(name)}</b><br><code class="sub">{_e(node_id)}</code>'
 
 
-def _client(client_id: str | None, department: str | None) -> str:
+def _client_line(client_id: str | None, department: str | None) -> str:
+    """Name and department on one line; the SPIFFE id is in the tooltip and the session's detail."""
     if client_id is None:
         return "-"
-    return f'{_node(client_id)}<br><span class="sub">{_e(department or "")}</span>'
+    return f'<span title="{_e(client_id)}">{_e(node_name(client_id))}</span> · {_e(department or "")}'
 
 
 def _table(

@@ -249,7 +249,10 @@ def _sessions(
     for e in events:
         if e.session_id is not None:
             by_session[e.session_id].append(e)
-    return tuple(_session_report(sid, by_session[sid], filters, departments) for sid in sorted(by_session))
+    reports = [_session_report(sid, by_session[sid], filters, departments) for sid in by_session]
+    return tuple(
+        sorted(reports, key=lambda s: (s.opened_at is None, s.opened_at or s.closed_at, s.session_id))
+    )
 
 
 def _session_report(
@@ -292,7 +295,7 @@ def _session_report(
         closed_at=closed.time if closed else None,
         outcome=closed.outcome if closed else None,
         state=_state(closed, transfers, filters),
-        failed=bool((closed is not None and closed.outcome == "error") or denials or failures),
+        failed=closed is not None and closed.outcome == "error",
         transfers=len(transfers),
         tokens=sum(e.num_tokens for e in transfers),
         placement=tuple(
@@ -309,12 +312,10 @@ def _state(closed: SessionCloseEvent | None, transfers: list[TransferEvent], fil
     """What "closed" means depends on who wrote the log: a client closes its sessions; a server sees
     the close, or the stream end, or an idle expiry; a forward or backward pass has nothing to close."""
     if closed is not None:
-        when = format_utc(closed.time)
+        when = f"{closed.time:%Y-%m-%d %H:%M:%S} UTC"
         if closed.outcome == "ok":
-            return f"closed {when}"
-        return (
-            f"ended with an error {when}: {closed.reason}" if closed.reason else f"ended with an error {when}"
-        )
+            return f"closed at {when}"
+        return f"ended at {when}: {closed.reason or 'error'}"
     if transfers and all(e.operation in _STATELESS for e in transfers):
         return "stateless pass (forward/backward: nothing to close)"
     if filters.since is not None or filters.until is not None:

@@ -40,7 +40,7 @@ class Totals(FrozenModel):
     events: int
     sessions: int
     failed_sessions: int
-    """Sessions that ended in error or met a denial or an attestation failure."""
+    """Sessions that ended in an error (their denials and attestation failures say why)."""
     clients: int
     nodes: int
     transfers: int
@@ -116,6 +116,7 @@ class SessionReport(FrozenModel):
     state: str
     """How the session stands in this log, in words (closed, stateless pass, still open, …)."""
     failed: bool
+    """It ended in an error. Denials of other candidate nodes while placing it are not failures."""
     transfers: int
     tokens: int
     placement: tuple[PlacementRow, ...]

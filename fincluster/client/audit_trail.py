@@ -73,13 +73,18 @@ class ClientAuditTrail:
             record_events(self.sink, events)
 
     @contextlib.contextmanager
-    def recording(self, session_id: str, request: PlacementRequest | None) -> Iterator[None]:
-        """:meth:`batch`, and a record of why the block failed, if it fails with a fincluster error."""
+    def recording(
+        self, session_id: str, request: PlacementRequest | None, *, stateless: bool
+    ) -> Iterator[None]:
+        """:meth:`batch`, and a record of why the block failed, if it fails with a fincluster error; a
+        failed stateless pass (which has no session to close) is also closed with that error."""
         with self.batch():
             try:
                 yield
             except FinclusterError as error:
                 self.failure(session_id, request, error)
+                if stateless:
+                    self.session_close(session_id, ok=False)
                 raise
 
     def failure(self, session_id: str, request: PlacementRequest | None, error: FinclusterError) -> None:

@@ -311,7 +311,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         trail = self.swarm.trail
         session_id = session.session_id if session is not None else uuid.uuid4().hex
         request = self._placement_request()
-        recording = trail.recording(session_id, request) if trail is not None else contextlib.nullcontext()
+        recording = (
+            trail.recording(session_id, request, stateless=session is None)
+            if trail is not None
+            else contextlib.nullcontext()
+        )
         with recording:  # one transaction per step; a failure is recorded with its reason
             if session is not None:
                 hidden = session.step(hidden, mask, positions)

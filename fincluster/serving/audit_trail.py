@@ -75,7 +75,7 @@ class ServerAuditTrail:
                 session_id=session.session_id,
                 client_id=session.client_id,
                 outcome="ok" if by_client else "error",
-                reason="closed by the client" if by_client else short_reason(f"session {reason}"),
+                reason="closed by the client" if by_client else short_reason(reason.removeprefix("closed: ")),
             ),
         )
 

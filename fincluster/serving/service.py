@@ -281,7 +281,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                     abort_for(context, InvalidRequestError("empty inference request"), method="Inference")
         finally:
             if session is not None:
-                self._sessions.close(session.session_id, reason="closed: stream ended")
+                self._sessions.close(session.session_id, reason="closed: the stream ended without a close")
 
     def _step(self, session: Session, inputs: pb.SpanInputs) -> torch.Tensor:
         return self._runner.step(session, inputs_from_wire(inputs))

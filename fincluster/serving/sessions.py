@@ -180,7 +180,7 @@ class SessionManager:
             self.close(session_id, reason=f"expired after {self._idle_timeout:g} s idle")
         return idle
 
-    def close_all(self, reason: str = "closed: server shutting down") -> None:
+    def close_all(self, reason: str = "closed: the server shut down") -> None:
         with self._lock:
             ids = list(self._sessions)
         for session_id in ids:

@@ -125,7 +125,6 @@ def test_html_shows_integrity_first_and_is_well_formed(report) -> None:
     assert parser.sections[0] == "integrity"
     assert parser.sections[1:] == [
         "summary",
-        "failed",
         "sessions",
         "people",
         "nodes",

@@ -218,7 +218,8 @@ def test_the_browser_dom_shows_integrity_first_and_the_reports_numbers(
     for node in data["nodes"]:
         assert node["node_id"] in text
     for session in data["sessions"]:
-        assert f"Session {session['session_id']}" in text
+        name = session["client_id"].rsplit("/", 1)[1]
+        assert f"{session['session_id']} client {name} · {session['department']}" in text  # its line
         assert f"Transfers / tokens {session['transfers']} / {session['tokens']}" in text
 
 
