@@ -161,9 +161,12 @@ def running_cluster(
     spans: Sequence[str],
     *,
     registry_trust: TrustContext | None = None,
+    registry_audit=None,
     **settings: object,
 ) -> Iterator[Cluster]:
-    registry = RegistryServer(pki.credential(Role.REGISTRY, "registry"), trust=registry_trust)
+    registry = RegistryServer(
+        pki.credential(Role.REGISTRY, "registry"), trust=registry_trust, audit=registry_audit
+    )
     registry.start()
     cluster = Cluster(pki, store, registry)
     try:
