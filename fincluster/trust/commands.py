@@ -97,7 +97,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     issue.add_argument("--hardware", required=True, help="hardware description, e.g. h100-cc")
     issue.add_argument("--software-version", required=True, help="the node's fincluster build")
     issue.add_argument("--store", required=True, type=Path, help="the model store the node serves")
-    issue.add_argument("--ttl", default="24h", help="token lifetime, e.g. 24h or 7d (default 24h)")
+    issue.add_argument(
+        "--ttl",
+        default="7d",
+        help="token lifetime, e.g. 24h or 7d (default 7d; certs/README.md has the cycle)",
+    )
     issue.add_argument("--out", required=True, type=Path, help="token file to write")
     issue.set_defaults(handler=cmd_attest_issue)
 
