@@ -158,6 +158,7 @@ def test_the_registry_records_a_refused_node_once_and_an_accepted_one_with_its_c
     (refused,) = registry_log.of_kind(DenialEvent)
     assert (refused.enforced_at, refused.node_id, str(refused.block_span)) == ("registry", bad.node_id, "0:2")
     assert refused.reasons == ("node is not attested as trusted",)
+    assert refused.attestation is not None and refused.attestation.tier == "standard"  # valid, not enough
 
 
 def test_a_server_log_says_how_each_session_ended(kit: TrustKit, tiny_llama_store: ModelStore) -> None:

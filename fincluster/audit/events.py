@@ -148,8 +148,9 @@ class RoutingEvent(_EventBase):
     policy_bundle_digest: Sha256Hex | None = None
 
 
-class DenialEvent(_EventBase):
-    """A policy denial at one of the three enforcement points."""
+class DenialEvent(_Attested, _EventBase):
+    """A policy denial at one of the three enforcement points (with the node's verified claims, when
+    the refusal was the policy's and not the token's)."""
 
     kind: Literal["denial"] = "denial"
     enforced_at: EnforcementPoint

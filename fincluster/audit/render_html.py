@@ -273,6 +273,7 @@ def _session_index(sessions: Sequence[SessionReport]) -> str:
 
 def _session(s: SessionReport, expand: bool) -> str:
     facts = [
+        ("Session", s.session_id),
         ("Recorded by", f"the {s.observer}"),
         ("Client", f"{s.client_id} ({s.department})" if s.client_id else None),
         ("Classification", s.classification),
@@ -283,8 +284,9 @@ def _session(s: SessionReport, expand: bool) -> str:
         ("Transfers / tokens", f"{s.transfers} / {s.tokens}"),
     ]
     failed = ' <span class="failed-mark">failed</span>' if s.failed else ""
+    short = s.session_id if len(s.session_id) <= 18 else s.session_id[:16] + "…"
     cells = (
-        f"<code>{_e(s.session_id)}</code>{failed}",
+        f'<code title="{_e(s.session_id)}">{_e(short)}</code>{failed}',
         _client_line(s.client_id, s.department),
         _e(s.classification or "-"),
         _e(_time(s.opened_at) if s.opened_at else "-"),

@@ -370,7 +370,8 @@ def _node_report(node_id: str, events: Sequence[AuditEvent]) -> NodeReport:
     announced = [e for e in events if isinstance(e, AnnounceEvent) and e.node_id == node_id]
     hops = [hop for e in events if isinstance(e, RoutingEvent) for hop in e.chain if hop.node_id == node_id]
     claims: dict[str, AttestationClaims] = {}
-    for placed in (*transfers, *hops, *announced):
+    refused = [e for e in events if isinstance(e, DenialEvent) and e.node_id == node_id]
+    for placed in (*transfers, *hops, *announced, *refused):
         if placed.attestation is not None:
             claims.setdefault(placed.attestation.attestation_id, placed.attestation)
     served: list[TransferEvent | AnnounceEvent] = [*transfers, *announced]
@@ -385,7 +386,7 @@ def _node_report(node_id: str, events: Sequence[AuditEvent]) -> NodeReport:
         transfers=len(transfers),
         tokens=sum(e.num_tokens for e in transfers),
         failovers=sum(1 for e in events if isinstance(e, FailoverEvent) and e.failed_node_id == node_id),
-        denials=sum(1 for e in events if isinstance(e, DenialEvent) and e.node_id == node_id),
+        denials=len(refused),
         attestation_failures=sum(
             1 for e in events if isinstance(e, AttestationFailureEvent) and e.node_id == node_id
         ),
@@ -460,7 +461,7 @@ def _announcements(events: Sequence[AuditEvent]) -> tuple[AnnouncementRow, ...]:
                     node_id=e.node_id,
                     block_span=e.block_span,
                     outcome="refused",
-                    attestation=None,
+                    attestation=e.attestation,
                     reasons=e.reasons,
                     policy_decision_id=e.policy_decision_id,
                     policy_bundle_digest=e.policy_bundle_digest,

@@ -183,7 +183,8 @@ def verify(
     Never raises for a damaged log (that is what the report is for); raises :class:`AuditError` only
     when the file cannot be opened as an audit log at all.
     """
-    keys = trusted if isinstance(trusted, KeyRing) else KeyRing.of(trusted)
+    # a ring of its own, so that the keys it reports as used are this log's, whoever shares the ring
+    keys = KeyRing(list(trusted.keys)) if isinstance(trusted, KeyRing) else KeyRing.of(trusted)
     store = SqliteStore(db_path, read_only=True)
     try:
         report = _verify_store(store, keys, anchor)

@@ -65,7 +65,12 @@ class RegistryAuditTrail:
         )
 
     def refused(
-        self, caller: str, record: pb.ServerRecord, reasons: tuple[str, ...], decision: Decision | None
+        self,
+        caller: str,
+        record: pb.ServerRecord,
+        reasons: tuple[str, ...],
+        decision: Decision | None,
+        claims: VerifiedClaims | None = None,
     ) -> None:
         """``caller`` is the SPIFFE id of the certificate that called (the record may claim another)."""
         reasons = tuple(short_reason(r) for r in reasons[:16]) or ("refused",)
@@ -82,6 +87,7 @@ class RegistryAuditTrail:
                 node_id=caller,
                 block_span=BlockSpan(record.span.start, record.span.end) if valid_span else None,
                 reasons=reasons,
+                attestation=AttestationClaims.of(claims),
                 policy_decision_id=decision.decision_id if decision is not None else None,
                 policy_bundle_digest=decision.bundle_digest if decision is not None else None,
             ),

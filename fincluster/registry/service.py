@@ -24,6 +24,7 @@ from fincluster.errors import (
 )
 from fincluster.registry.audit_trail import RegistryAuditTrail
 from fincluster.registry.backend import Registry
+from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
 from fincluster.trust.policy import Decision
@@ -80,7 +81,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         except (PolicyError, TrustError) as error:
             self._refuse(context, caller, record, (str(error),), None)
         if not decision.allow:
-            self._refuse(context, caller, record, decision.reasons, decision)
+            self._refuse(context, caller, record, decision.reasons, decision, claims)
         self._audit.accepted(record, peer, claims, decision)
         expires = self._backend.announce(record, request.ttl_seconds)
         return pb.AnnounceResponse(expires_at_unix=expires)
@@ -92,6 +93,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         record: pb.ServerRecord,
         reasons: tuple[str, ...],
         decision: Decision | None,
+        claims: VerifiedClaims | None = None,
     ) -> NoReturn:
         log.warning(
             "announce_refused",
@@ -99,7 +101,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             reasons=list(reasons),
             decision=decision.decision_id if decision is not None else None,
         )
-        self._audit.refused(caller, record, reasons, decision)
+        self._audit.refused(caller, record, reasons, decision, claims)
         abort_for(context, RefusedError("announcement refused by policy"), method="Announce")
 
     def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:

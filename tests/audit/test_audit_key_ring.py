@@ -202,3 +202,25 @@ def test_audit_verify_without_any_key_is_an_error(renewed_log, capsys) -> None:
     assert "give the writer's key or certificate (--key) or a certificate archive (--archive)" in (
         capsys.readouterr().err
     )
+
+
+def test_a_shared_key_ring_reports_only_the_keys_each_log_used(ca, renewed_log, tmp_path: Path) -> None:
+    """One ring for the whole archive, several logs: each report names only its own writer's keys."""
+    path, _ = renewed_log
+    other = ca.issue(Role.CLIENT, "analyst", now=T)
+    clock = Clock()
+    clock.now = T + HOUR
+    with AuditLog(
+        tmp_path / "client-analyst.sqlite",
+        signing_key=CredentialSigner(other),
+        origin="client-analyst",
+        clock=clock,
+    ) as log:
+        log.append(opened(clock, "c-1"))
+    archive = KeyRing.of(load_certificates([ca.archive.directory]), pinned=False)
+    client_report = verify(log.path, archive)
+    server_report = verify(path, archive)
+    assert [s.split(" of ")[1].split(",")[0] for s in client_report.signers] == [
+        "spiffe://bank.test/client/analyst"
+    ]
+    assert len(server_report.signers) == 3
