@@ -81,8 +81,15 @@ details.session > summary:hover { background: #f6f8fa; }
 .scroll { overflow-x: auto; }
 svg text { font: 11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fill: var(--ink); }
 svg text.light { fill: #ffffff; }
-@media print { body { padding: 0; } .scroll { overflow: visible; } details.session { break-inside: avoid; } }
-@media (max-width: 900px) { .session-row { grid-template-columns: 1.2em 1fr 1fr; } }
+@media print {
+  body { padding: 0; } .scroll { overflow: visible; }
+  body { font-size: 11px; } code, .mono { font-size: 10px; }
+  summary, dl, h2, h3, h4 { break-inside: avoid; } h2, h3, h4, summary { break-after: avoid; }
+  .session-row.head { display: none; }
+  details.session > summary.session-row { display: block; font-weight: 600; }
+  .session-row > span { display: inline; margin-right: 12px; }
+}
+@media screen and (max-width: 900px) { .session-row { grid-template-columns: 1.2em 1fr 1fr; } }
 """
 
 _STATUS_TITLE = {"verified": "VERIFIED", "failed": "FAILED", "not_checked": "NOT CHECKED"}

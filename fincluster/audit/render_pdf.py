@@ -3,7 +3,8 @@
 Chromium is what ``scripts/install-browser`` installs (Debian's ``chromium``); nothing is fetched:
 the page is the self-contained HTML report with every session's detail open, loaded from a private
 temporary directory with a throwaway browser profile. The PDF has A4 pages and no browser header or
-footer (the report carries its own title, scope and time).
+footer (the report carries its own title, scope and time), in landscape so that the placement and
+node tables keep their columns readable.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fincluster.errors import AuditError, ConfigurationError
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 PDF_MAGIC = b"%PDF-"
-_PRINT_CSS = "<style>@page { size: A4; margin: 14mm; } body { max-width: none; }</style></head>"
+_PRINT_CSS = "<style>@page { size: A4 landscape; margin: 12mm; } body { max-width: none; }</style></head>"
 
 
 def find_browser(given: Path | None = None) -> str:
