@@ -23,6 +23,7 @@ from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
 from fincluster.settings import ClientSettings, RegistrySettings, ServerSettings
+from fincluster.trust.cert_commands import register as register_certs
 from fincluster.trust.commands import register as register_attest
 from fincluster.values import TensorDType
 
@@ -102,33 +103,6 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-# certificates ----------------------------------------------------------------------------------
-def cmd_certs_init_ca(args: argparse.Namespace) -> int:
-    from fincluster.trust.pki import CertificateAuthority, parse_ttl
-
-    ca = CertificateAuthority.init(args.dir, trust_domain=args.trust_domain, ttl=parse_ttl(args.ttl))
-    print(f"created CA for trust domain {ca.trust_domain} in {args.dir}")
-    return 0
-
-
-def cmd_certs_issue(args: argparse.Namespace) -> int:
-    from fincluster.trust.pki import CertificateAuthority, Role, parse_ttl
-
-    ca = CertificateAuthority.load(args.dir)
-    hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
-    credential = ca.issue(Role(args.role), args.name, ttl=parse_ttl(args.ttl), hosts=hosts)
-    print(f"{credential.spiffe_id}\n  cert {credential.cert_path}\n  key  {credential.key_path}")
-    return 0
-
-
-def cmd_certs_revoke(args: argparse.Namespace) -> int:
-    from fincluster.trust.pki import CertificateAuthority
-
-    CertificateAuthority.load(args.dir).revoke(Path(args.cert))
-    print(f"revoked {args.cert}; CRL updated in {args.dir}")
-    return 0
-
-
 # services --------------------------------------------------------------------------------------
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The flags among ``names`` that were given (the rest comes from the environment, TOML, defaults)."""
@@ -142,7 +116,10 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from fincluster.registry.server import RegistryServer
     from fincluster.trust.pki import load_certificate
 
-    settings = _settings(args, registry=_given(args, "host", "port", "public_address"))
+    overrides: dict[str, Any] = {"registry": _given(args, "host", "port", "public_address")}
+    if args.audit_dir:
+        overrides["audit"] = {"directory": args.audit_dir}
+    settings = _settings(args, **overrides)
     credential = _credential(settings)
     registry = settings.registry
     check_advertised(
@@ -153,22 +130,26 @@ def cmd_registry(args: argparse.Namespace) -> int:
     )
     trust = trust_from_settings(settings.trust, credential)
     backend = registry_backend(registry)
-    server = RegistryServer(credential, host=registry.host, port=registry.port, trust=trust, backend=backend)
+    audit_log = open_node_audit_log(settings.audit, credential)  # announcements accepted and refused
+    server = RegistryServer(
+        credential, host=registry.host, port=registry.port, trust=trust, backend=backend, audit=audit_log
+    )
     address = server.start()
     reached = f" (servers and clients dial {registry.public_address})" if registry.public_address else ""
     print(f"registry listening on {address}{reached}", flush=True)
-    _wait_for_signal(server.stop)
+    try:
+        _wait_for_signal(server.stop)
+    finally:
+        audit_log.close()
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import grpc
-
     from fincluster.bootstrap import trust_from_settings
     from fincluster.registry.service import RegistryClient
     from fincluster.serving.server import BlockServer, ServedModel, load_span_model
     from fincluster.store import ModelStore
-    from fincluster.trust.tls import channel_credentials
+    from fincluster.trust.tls import RenewingChannel
 
     overrides: dict[str, Any] = {
         "server": _given(args, "store", "blocks", "host", "port", "public_address", "dtype", "device")
@@ -191,12 +172,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         progress=lambda done, total: _progress(f"loading blocks {span} of {store.model_id}", done, total),
     )
     trust = trust_from_settings(settings.trust, credential)
-    attestation = settings.trust.attestation.read_text().strip() if settings.trust.attestation else None
     registry_address = settings.registry.address
     registry = None
     if registry_address:
-        channel = grpc.secure_channel(registry_address, channel_credentials(credential))
-        registry = RegistryClient(channel, address=registry_address)
+        registry = RegistryClient(RenewingChannel(registry_address, credential), address=registry_address)
     with open_node_audit_log(settings.audit, credential) as audit_log:
         server = BlockServer(
             model,
@@ -206,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             registry=registry,
             registry_address=registry_address,
             trust=trust,
-            attestation=attestation,
+            attestation=settings.trust.attestation,  # the file: a replaced token is picked up while serving
             audit=audit_log,
         )
         address = server.start()
@@ -318,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_attest(commands)
     register_audit(commands)
+    register_certs(commands)
 
     model = _command(commands, "model", "model stores: import, verify").add_subparsers(
         dest="model_command", required=True
@@ -332,35 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("store", type=Path, help="store directory")
     ver.set_defaults(handler=cmd_model_verify)
 
-    certs = _command(commands, "certs", "the swarm CA: create it, issue and revoke node certificates")
-    group = certs.add_subparsers(dest="certs_command", required=True)
-    init = _command(group, "init-ca", "create the swarm CA")
-    init.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory to create")
-    init.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. bank.example")
-    init.add_argument("--ttl", default="365d", help="CA lifetime, e.g. 365d")
-    init.set_defaults(handler=cmd_certs_init_ca)
-    issue = _command(group, "issue", "issue (or renew) a node certificate")
-    issue.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory")
-    issue.add_argument("--role", required=True, choices=["server", "client", "registry"], help="node role")
-    issue.add_argument("--name", required=True, help="node name: the last part of its SPIFFE id")
-    issue.add_argument("--ttl", default="24h", help="certificate lifetime, e.g. 24h or 7d")
-    issue.add_argument(
-        "--host",
-        action="append",
-        help="DNS name or IP the node is dialled at, repeatable (servers and registry; "
-        "default: localhost and 127.0.0.1)",
-    )
-    issue.set_defaults(handler=cmd_certs_issue)
-    revoke = _command(group, "revoke", "revoke a certificate and update the CRL")
-    revoke.add_argument("cert", help="certificate file to revoke")
-    revoke.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory")
-    revoke.set_defaults(handler=cmd_certs_revoke)
-
     registry = _command(commands, "registry", "run the embedded registry service")
     registry.add_argument("--host", help=_setting(RegistrySettings, "registry", "host"))
     registry.add_argument("--port", type=int, help=_setting(RegistrySettings, "registry", "port"))
     registry.add_argument("--public-address", help=_setting(RegistrySettings, "registry", "public_address"))
     _add_node_options(registry)
+    registry.add_argument(
+        "--audit-dir",
+        type=Path,
+        help="directory of the registry's audit log (default: fincluster-audit; env "
+        "FINCLUSTER_AUDIT__DIRECTORY, TOML [audit] directory)",
+    )
     registry.set_defaults(handler=cmd_registry)
 
     serve = _command(commands, "serve", "serve a span of blocks")

@@ -27,8 +27,8 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from fincluster import __version__
 from fincluster.audit import AuditSettings, build_report, read_events, reconcile, render_html, verify
+from fincluster.audit.keys import KeyRing
 from fincluster.audit.node import open_node_audit_log
-from fincluster.audit.signing import PublicKey
 from fincluster.bootstrap import trust_from_settings
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.client.placement import Verdict
@@ -36,6 +36,7 @@ from fincluster.errors import FinclusterError
 from fincluster.settings import TrustSettings
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore, import_model
+from fincluster.trust.archive import load_certificates
 from fincluster.trust.attestation import (
     SIGNED_SOFTWARE_EVIDENCE,
     AttestationSubject,
@@ -48,10 +49,8 @@ from fincluster.trust.pki import (
     CertificateAuthority,
     Credential,
     Role,
-    load_certificate,
     public_key_digest,
     spiffe_id,
-    spiffe_id_of,
 )
 from fincluster.trust.policy import Classification, ModelRef
 from fincluster.wire import fincluster_pb2 as pb
@@ -257,6 +256,8 @@ def launch(
     try:
         registry_args = [
             "registry",
+            "--audit-dir",
+            str(workdir / "audit"),
             "--port",
             str(registry_port),
             *trust_args,
@@ -355,37 +356,27 @@ def run_demo(
 
 
 def _print_audit(audit_dir: Path, processes: LocalSwarmProcesses) -> None:
-    """Verify every log, reconcile the client's transfers with the servers' receipts, write the report."""
-    nodes = processes.certs / "nodes"
-
-    def key(pem: Path) -> PublicKey:
-        public_key: PublicKey = load_certificate(pem.read_bytes()).public_key()  # type: ignore[assignment]
-        return public_key
-
+    """Verify every log against the CA's archive, reconcile the client's transfers with the servers'
+    receipts, and write the client's and the registry's reports."""
+    archive = KeyRing.of(load_certificates([processes.certs / "issued"]), pinned=False)
     client_db = audit_dir / "client-analyst.sqlite"
     server_dbs = sorted(audit_dir.glob("server-*.sqlite"))
     print("\naudit")
-    for path in [client_db, *server_dbs]:
-        result = verify(path, [key(nodes / f"{path.stem}.pem")])
+    for path in sorted(audit_dir.glob("*.sqlite")):
+        result = verify(path, archive)
         print(f"  {path.name:<24} {'verified' if result.ok else 'FAILED'} ({result.problem_count} problems)")
-    node_keys = {
-        spiffe_id_of(load_certificate((nodes / f"{path.stem}.pem").read_bytes())): key(
-            nodes / f"{path.stem}.pem"
-        )
-        for path in server_dbs
-    }
     server_events = [event for path in server_dbs for event in read_events(path)]
-    report = reconcile(read_events(client_db), server_events, node_keys=node_keys)
+    report = reconcile(read_events(client_db), server_events, node_keys=archive)
     print(
         f"  reconciliation: {report.matched} of the demo client's transfers matched to signed server "
         f"receipts; {len(report.client_only)} without a server record, {len(report.mismatched)} mismatched; "
         f"{len(report.server_only)} server records of other client sessions"
     )
-    html = audit_dir / "report.html"
-    html.write_text(
-        render_html(build_report(client_db, trusted_public_keys=[key(nodes / "client-analyst.pem")]))
-    )
-    print(f"  report: {html} (open it in a browser)")
+    for name, html in (("client-analyst", "report.html"), ("registry-registry", "report-registry.html")):
+        report_file = audit_dir / html
+        log = build_report(audit_dir / f"{name}.sqlite", trusted_public_keys=archive)
+        report_file.write_text(render_html(log))
+        print(f"  report: {report_file} (open it in a browser)")
 
 
 def _tier(verdict: Verdict | None) -> str:

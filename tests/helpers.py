@@ -125,10 +125,8 @@ class Cluster:
         audit=None,
         **settings: object,
     ) -> BlockServer:
-        import grpc
-
         from fincluster.registry.service import RegistryClient
-        from fincluster.trust.tls import channel_credentials
+        from fincluster.trust.tls import RenewingChannel
 
         credential = self.pki.credential(Role.SERVER, name)
         options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
@@ -138,13 +136,14 @@ class Cluster:
             dtype=TensorDType(options.pop("dtype", "float32")),
             device="cpu",
         )
-        channel = grpc.secure_channel(self.registry_address, channel_credentials(credential))
         server = BlockServer(
             model,
             ServedModel.of(self.store),
             ServerSettings(**options),
             credential,
-            registry=RegistryClient(channel, address=self.registry_address),
+            registry=RegistryClient(
+                RenewingChannel(self.registry_address, credential), address=self.registry_address
+            ),
             registry_address=self.registry_address,
             trust=trust,
             attestation=attestation,
@@ -177,9 +176,12 @@ def running_cluster(
     spans: Sequence[str],
     *,
     registry_trust: TrustContext | None = None,
+    registry_audit=None,
     **settings: object,
 ) -> Iterator[Cluster]:
-    registry = RegistryServer(pki.credential(Role.REGISTRY, "registry"), trust=registry_trust)
+    registry = RegistryServer(
+        pki.credential(Role.REGISTRY, "registry"), trust=registry_trust, audit=registry_audit
+    )
     registry.start()
     cluster = Cluster(pki, store, registry)
     try:

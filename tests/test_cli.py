@@ -104,7 +104,10 @@ def test_every_operator_flag_has_help_and_shows_its_default() -> None:
     assert sorted(parsers) == [
         "certs init-ca",
         "certs issue",
+        "certs list",
+        "certs renew",
         "certs revoke",
+        "certs rotate",
         "demo",
         "generate",
         "registry",
@@ -135,7 +138,7 @@ def test_top_level_help_lists_exactly_the_commands_that_exist(capsys) -> None:
         main(["--help"])
     text = capsys.readouterr().out
     listed = re.findall(r"^    (\w+) ", text, re.MULTILINE)
-    assert listed == ["attest", "audit", "model", "certs", "registry", "serve", "generate", "demo"]
+    assert listed == ["attest", "audit", "certs", "model", "registry", "serve", "generate", "demo"]
     assert sorted(subcommands(build_parser())) == sorted(listed)
     mentioned = set(re.findall(r"``([a-z]+)``", text.split("positional arguments")[0])) - {"fincluster"}
     assert mentioned == set(listed)

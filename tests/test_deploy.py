@@ -335,7 +335,8 @@ def test_a_client_the_servers_have_not_cleared_gets_the_decision_id_and_the_serv
     match = re.fullmatch(
         r"fincluster: error: spiffe://bank\.example/server/gpu-a failed on blocks 0:10 \(request refused by "
         r"policy \(decision ([0-9a-f-]{36})\) \(node=spiffe://bank\.example/server/gpu-a, blocks=0:10, "
-        r"session=([0-9a-f]{32}), status=PERMISSION_DENIED\)\); no other allowed server can take them over .*",
+        r"session=([0-9a-f]{32}), status=PERMISSION_DENIED\)\); no other allowed server can take them "
+        r"over .*",
         error,
     )
     assert match, error

@@ -15,6 +15,8 @@ The Merkle tree, canonical form and signature helpers live in submodules for tho
 from fincluster.audit.canonical import canonical_json, sha256_hex
 from fincluster.audit.checkpoints import Checkpoint, CheckpointBody, PruneMarker
 from fincluster.audit.events import (
+    AnnounceEvent,
+    AttestationClaims,
     AttestationFailureEvent,
     AuditEvent,
     DenialEvent,
@@ -39,10 +41,13 @@ from fincluster.audit.recorder import (
 )
 from fincluster.audit.render_csv import render_csv
 from fincluster.audit.render_html import render_html
-from fincluster.audit.report import Report, build_report, render_json
+from fincluster.audit.report import build_report, render_json
+from fincluster.audit.report_model import Report
 from fincluster.audit.verify import Problem, VerifyReport, verify
 
 __all__ = [
+    "AnnounceEvent",
+    "AttestationClaims",
     "AttestationFailureEvent",
     "AuditEvent",
     "AuditLog",

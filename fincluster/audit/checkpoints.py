@@ -1,5 +1,8 @@
 """Signed statements about the tree: checkpoints, prune markers, and the per-record seal.
 
+Each names its signer by key id and certificate fingerprint (``None`` for a bare key), which the
+verifier's key ring (``audit.keys``) resolves at the signing time.
+
 * A **checkpoint** signs (origin, tree size, root hash, time). Verifiers recompute the root at every
   checkpointed size, which is stronger than checking consistency proofs between them.
 * A **prune marker** signs "records before N were deleted under the retention rule; the tree of N
@@ -13,22 +16,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Literal
 
 from pydantic import Field
 
 from fincluster.audit.canonical import canonical_json
-from fincluster.audit.fields import HexSignature, UtcTime
+from fincluster.audit.fields import CertFingerprint, HexSignature, UtcTime
 from fincluster.audit.merkle import Frontier
 from fincluster.audit.signing import (
     Algorithm,
-    PrivateKey,
     PublicKey,
+    SignerIdentity,
     algorithm_of,
-    key_id,
-    public_key_of,
     sign,
     signature_is_valid,
 )
@@ -40,13 +40,14 @@ SEAL_DOMAIN = b"fincluster-audit-record-v1\n"
 
 
 class CheckpointBody(FrozenModel):
-    version: Literal[1] = 1
+    version: Literal[2] = 2
     origin: OpaqueId
     tree_size: int = Field(ge=0)
     root_hash: Sha256Hex
     time: UtcTime
     key_id: Sha256Hex
     algorithm: Algorithm
+    cert_fingerprint: CertFingerprint | None = None
 
 
 class Checkpoint(FrozenModel):
@@ -55,7 +56,7 @@ class Checkpoint(FrozenModel):
 
 
 class PruneMarkerBody(FrozenModel):
-    version: Literal[1] = 1
+    version: Literal[2] = 2
     origin: OpaqueId
     pruned_size: int = Field(gt=0)
     root_hash: Sha256Hex
@@ -64,6 +65,7 @@ class PruneMarkerBody(FrozenModel):
     time: UtcTime
     key_id: Sha256Hex
     algorithm: Algorithm
+    cert_fingerprint: CertFingerprint | None = None
 
 
 class PruneMarker(FrozenModel):
@@ -76,30 +78,22 @@ class PruneMarker(FrozenModel):
         return Frontier(self.body.pruned_size, roots)
 
 
-def _signer_fields(private_key: PrivateKey) -> tuple[str, Algorithm]:
-    public_key = public_key_of(private_key)
-    return key_id(public_key), algorithm_of(public_key)
-
-
-def sign_checkpoint(
-    private_key: PrivateKey, *, origin: str, frontier: Frontier, time: datetime
-) -> Checkpoint:
-    kid, algorithm = _signer_fields(private_key)
+def sign_checkpoint(signer: SignerIdentity, *, origin: str, frontier: Frontier, time: datetime) -> Checkpoint:
     body = CheckpointBody(
         origin=origin,
         tree_size=frontier.size,
         root_hash=frontier.root().hex(),
         time=time,
-        key_id=kid,
-        algorithm=algorithm,
+        key_id=signer.key_id,
+        algorithm=signer.algorithm,
+        cert_fingerprint=signer.cert_fingerprint,
     )
-    return Checkpoint(body=body, signature=sign(private_key, CHECKPOINT_DOMAIN + canonical_json(body)).hex())
+    return Checkpoint(body=body, signature=sign(signer.key, CHECKPOINT_DOMAIN + canonical_json(body)).hex())
 
 
 def sign_prune_marker(
-    private_key: PrivateKey, *, origin: str, frontier: Frontier, retention_days: int, time: datetime
+    signer: SignerIdentity, *, origin: str, frontier: Frontier, retention_days: int, time: datetime
 ) -> PruneMarker:
-    kid, algorithm = _signer_fields(private_key)
     body = PruneMarkerBody(
         origin=origin,
         pruned_size=frontier.size,
@@ -107,30 +101,21 @@ def sign_prune_marker(
         subtree_roots=tuple(root.hex() for root in frontier.subtree_roots),
         retention_days=retention_days,
         time=time,
-        key_id=kid,
-        algorithm=algorithm,
+        key_id=signer.key_id,
+        algorithm=signer.algorithm,
+        cert_fingerprint=signer.cert_fingerprint,
     )
     return PruneMarker(
-        body=body, signature=sign(private_key, PRUNE_MARKER_DOMAIN + canonical_json(body)).hex()
+        body=body, signature=sign(signer.key, PRUNE_MARKER_DOMAIN + canonical_json(body)).hex()
     )
 
 
-def _signed_by_trusted_key(
-    body: CheckpointBody | PruneMarkerBody, signature: str, domain: bytes, keys: Mapping[str, PublicKey]
-) -> bool:
-    key = keys.get(body.key_id)
-    if key is None or algorithm_of(key) != body.algorithm:
+def signed_by(body: CheckpointBody | PruneMarkerBody, signature: str, key: PublicKey) -> bool:
+    """True when ``key`` made ``signature`` over ``body`` (the caller chose ``key`` by its id)."""
+    if algorithm_of(key) != body.algorithm:
         return False
+    domain = CHECKPOINT_DOMAIN if isinstance(body, CheckpointBody) else PRUNE_MARKER_DOMAIN
     return signature_is_valid(key, bytes.fromhex(signature), domain + canonical_json(body))
-
-
-def checkpoint_is_valid(checkpoint: Checkpoint, keys: Mapping[str, PublicKey]) -> bool:
-    """True when the checkpoint is signed by one of ``keys`` (indexed by key id)."""
-    return _signed_by_trusted_key(checkpoint.body, checkpoint.signature, CHECKPOINT_DOMAIN, keys)
-
-
-def prune_marker_is_valid(marker: PruneMarker, keys: Mapping[str, PublicKey]) -> bool:
-    return _signed_by_trusted_key(marker.body, marker.signature, PRUNE_MARKER_DOMAIN, keys)
 
 
 def seal_message(origin: str, index: int, leaf: bytes) -> bytes:

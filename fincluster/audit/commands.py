@@ -1,7 +1,8 @@
 """``fincluster audit``: verify a log, write compliance reports, export, reconcile, prune.
 
-Handlers return the exit code: 0 when the answer is good, 1 when the log failed verification or the
-logs do not reconcile, so scripts and CI can act on it. Unusable input (a missing file, a key that is
+Handlers return the exit code: 0 when the answer is good, 1 when the log failed verification (also
+for ``report``, which still writes the report) or the logs do not reconcile, so scripts and CI can
+act on it. Unusable input (a missing file, a key that is
 not a key) raises :class:`~fincluster.errors.FinclusterError`, which the CLI turns into exit code 2.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from pydantic import ValidationError
 
 from fincluster.audit.checkpoints import Checkpoint
 from fincluster.audit.export import export_jsonl
+from fincluster.audit.keys import KeyRing
 from fincluster.audit.log import AuditLog, AuditSettings
-from fincluster.audit.reader import read_events
+from fincluster.audit.names import load_departments, node_name
+from fincluster.audit.reader import SortedLog, sort_logs
 from fincluster.audit.reconcile import TransferKey, reconcile
 from fincluster.audit.render_csv import render_csv
 from fincluster.audit.render_html import render_html
-from fincluster.audit.report import build_report, render_json
+from fincluster.audit.render_pdf import render_pdf
+from fincluster.audit.report import build_report, matched_nothing, render_json
 from fincluster.audit.signing import PrivateKey, PublicKey, algorithm_of, key_id, public_key_of
 from fincluster.audit.store import SqliteStore
 from fincluster.audit.verify import verify
@@ -38,12 +42,19 @@ _RENDERERS = {"html": render_html, "json": render_json, "csv": render_csv}
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    report = verify(args.db, _public_keys(args.key), anchor=_anchor(args.anchor))
+    keys = _key_ring(args.key, args)
+    if keys is None:
+        raise ConfigurationError(
+            "give the writer's key or certificate (--key) or a certificate archive (--archive)"
+        )
+    report = verify(args.db, keys, anchor=_anchor(args.anchor))
     if report.ok:
         print(
             f"{report.path}: OK, {report.tree_size} records (root {report.root_hash}), "
             f"{report.checkpoints_verified} checkpoints verified"
         )
+        for signer in report.signers:
+            print(f"  signed by {signer}")
         if report.pruned_before:
             print(f"  records before {report.pruned_before} were pruned under a signed marker")
         if report.unanchored_records:
@@ -59,6 +70,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"  - {problem.code}: {problem.detail}")
     if report.problem_count > len(report.problems):
         print(f"  ... and {report.problem_count - len(report.problems)} more")
+    if any(problem.code == "untrusted_signer" for problem in report.problems):
+        print("  give the writer's certificate (--key CERT) or the CA's archive (--archive CA_DIR/issued)")
     return 1
 
 
@@ -69,12 +82,18 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
         node=args.node,
         since=_instant(args.since, "--since"),
         until=_instant(args.until, "--until"),
-        trusted_public_keys=_public_keys(args.key) if args.key else None,
+        trusted_public_keys=_key_ring(args.key, args),
         anchor=_anchor(args.anchor),
+        departments=load_departments(args.policy_data) if args.policy_data else None,
     )
-    _write_text(args.out, _RENDERERS[args.format](report))
+    if (nothing := matched_nothing(report)) is not None:
+        raise ConfigurationError(f"{args.db}: {nothing}; no report written")
+    if args.format == "pdf":
+        render_pdf(report, args.out, browser=args.browser)
+    else:
+        _write_text(args.out, _RENDERERS[args.format](report))
     print(f"wrote {args.format} report to {args.out}: {report.integrity.summary}")
-    return 0
+    return 1 if report.integrity.status == "failed" else 0
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -91,21 +110,44 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_reconcile(args: argparse.Namespace) -> int:
-    node_keys = _node_keys(args.node_cert) if args.node_cert else None
-    client_events = read_events(args.client_db)
-    server_events = [event for path in args.server_dbs for event in read_events(path)]
-    result = reconcile(client_events, server_events, node_keys=node_keys)
+    keys = _key_ring(args.node_cert, args)
+    logs = sort_logs(args.logs)
+    if not logs.client:
+        raise ConfigurationError("no client log among the logs given (a client log holds client transfers)")
+    if not logs.server:
+        raise ConfigurationError("no server log among the logs given (a server log holds server transfers)")
+    client_events = [event for log in logs.client for event in log.events]
+    server_events = [event for log in logs.server for event in log.events]
+    result = reconcile(client_events, server_events, node_keys=keys)
     unmatched = len(result.client_only) + len(result.server_only) + len(result.mismatched)
     print(
         f"matched {result.matched}, unmatched {unmatched} (client only {len(result.client_only)}, "
         f"server only {len(result.server_only)}, mismatched {len(result.mismatched)})"
     )
-    for transfer in result.client_only:
-        print(f"  client only: {_transfer(transfer)}")
-    for transfer in result.server_only:
-        print(f"  server only: {_transfer(transfer)}")
-    for mismatch in result.mismatched:
-        print(f"  mismatched:  {_transfer(mismatch.transfer)}: {mismatch.reason}")
+    print(f"  client logs: {_log_list(logs.client)}")
+    print(f"  server logs: {_log_list(logs.server)}")
+    if keys is None:
+        print("  receipt signatures NOT checked: give --archive CA_DIR/issued or --node-cert")
+    gaps = result.sessions_without_client_log
+    without_log = {gap.session_id for gap in gaps}
+    if gaps:
+        transfers = sum(gap.transfers for gap in gaps)
+        print(
+            f"{len(gaps)} session(s) with {transfers} server transfer(s) are in none of the client logs "
+            "given (their client's log is elsewhere, or no client log was kept):"
+        )
+        _print_capped(
+            [
+                f"  {gap.session_id}: {gap.transfers} transfer(s) from {gap.client_id} to "
+                f"{', '.join(node_name(n) for n in gap.nodes)}"
+                for gap in gaps
+            ],
+            args.all,
+        )
+    lines = [f"  client only: {_transfer(t)}" for t in result.client_only]
+    lines += [f"  server only: {_transfer(t)}" for t in result.server_only if t.session_id not in without_log]
+    lines += [f"  mismatched:  {_transfer(m.transfer)}: {m.reason}" for m in result.mismatched]
+    _print_capped(lines, args.all)
     return 0 if result.ok else 1
 
 
@@ -131,21 +173,31 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     check = group.add_parser("verify", help="check every record and checkpoint; exit 1 if any is bad")
     check.add_argument("db", type=Path, help="audit log (SQLite)")
-    check.add_argument("--key", required=True, action="append", type=Path, help=key_help)
+    _add_trusted_keys(check, key_help)
     check.add_argument("--anchor", type=Path, help=anchor_help)
     check.set_defaults(handler=cmd_audit_verify)
 
-    report = group.add_parser("report", help="write a compliance report (integrity status first)")
+    report = group.add_parser(
+        "report",
+        help="write a compliance report (integrity status first); exit 1 if integrity FAILED",
+        description="Write a compliance report of one log. Exit 1 when its integrity FAILED (the report "
+        "is still written, and says so first); an error when a --session or --node filter matches nothing.",
+    )
     report.add_argument("db", type=Path, help="audit log (SQLite)")
-    report.add_argument("--format", required=True, choices=sorted(_RENDERERS))
+    report.add_argument("--format", required=True, choices=[*sorted(_RENDERERS), "pdf"])
     report.add_argument("--out", required=True, type=Path, help="report file to write")
     report.add_argument("--session", help="only this session")
     report.add_argument("--node", help="only this node (SPIFFE id)")
     report.add_argument("--since", help="from this time on, ISO 8601 with a zone, e.g. 2025-03-01T09:00Z")
     report.add_argument("--until", help="before this time, ISO 8601 with a zone")
+    _add_trusted_keys(report, f"{key_help}; without keys integrity is NOT CHECKED")
     report.add_argument(
-        "--key", action="append", type=Path, help=f"{key_help}; without it integrity is NOT CHECKED"
+        "--policy-data",
+        type=Path,
+        help="the swarm's policy data (policies/data.json): its fincluster.departments map clients to "
+        "departments for the per-department summary",
     )
+    report.add_argument("--browser", type=Path, help="Chromium for --format pdf (default: chromium on PATH)")
     report.add_argument("--anchor", type=Path, help=anchor_help)
     report.set_defaults(handler=cmd_audit_report)
 
@@ -154,15 +206,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export.set_defaults(handler=cmd_audit_export)
 
-    pair = group.add_parser("reconcile", help="pair client and server transfer records; exit 1 on gaps")
-    pair.add_argument("client_db", type=Path, help="the client's audit log")
-    pair.add_argument("server_dbs", nargs="+", type=Path, metavar="server_db", help="the servers' logs")
+    pair = group.add_parser(
+        "reconcile",
+        help="pair client and server transfer records; exit 1 on gaps",
+        description="Pair the transfers of one or more client logs with the servers' logs. Give log "
+        "files or directories of logs (*.sqlite, *.db), in any order: each log is a client's or a "
+        "server's by what it holds.",
+    )
+    pair.add_argument("logs", nargs="+", type=Path, metavar="LOG_OR_DIR", help="audit logs or directories")
     pair.add_argument(
         "--node-cert",
         action="append",
         type=Path,
-        help="a server's certificate, to verify its receipts (give every server's, repeatable)",
+        help="a server's certificate, to verify its receipts (repeatable)",
     )
+    _add_archive(pair)
+    pair.add_argument("--all", action="store_true", help=f"list every gap, not only the first {_LISTED}")
     pair.set_defaults(handler=cmd_audit_reconcile)
 
     prune = group.add_parser(
@@ -201,8 +260,47 @@ def _public_key(path: Path) -> PublicKey:
     return key
 
 
-def _public_keys(paths: Iterable[Path]) -> list[PublicKey]:
-    return [_public_key(path) for path in paths]
+def _add_trusted_keys(parser: argparse.ArgumentParser, key_help: str) -> None:
+    parser.add_argument("--key", action="append", type=Path, help=key_help)
+    _add_archive(parser)
+
+
+def _add_archive(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--archive",
+        action="append",
+        type=Path,
+        help="directory of certificates, e.g. the CA's issued/ archive: each one is trusted for its own "
+        "node's log and receipts, while it was valid (repeatable)",
+    )
+    parser.add_argument("--ca", type=Path, help="only trust --archive certificates this CA issued (ca.pem)")
+
+
+def _key_ring(pinned_paths: Sequence[Path] | None, args: argparse.Namespace) -> KeyRing | None:
+    """Keys and certificates named one by one (``--key``, ``--node-cert``) are pinned: chosen for this
+    log; ``--archive`` certificates speak only for their own node. None when nothing was given."""
+    from fincluster.trust.archive import load_certificates
+
+    pinned = [_trusted_item(path) for path in pinned_paths or ()]
+    archived: list[x509.Certificate] = []
+    if args.archive:
+        issuer = x509.load_pem_x509_certificate(_read(args.ca, "CA certificate")) if args.ca else None
+        archived = load_certificates(args.archive, issued_by=issuer)
+        if not archived:
+            raise ConfigurationError(f"no certificates in {', '.join(map(str, args.archive))}")
+    if not pinned and not archived:
+        return None
+    return KeyRing.of(pinned) + KeyRing.of(archived, pinned=False)
+
+
+def _trusted_item(path: Path) -> PublicKey | x509.Certificate:
+    pem = _read(path, "key")
+    if b"-----BEGIN CERTIFICATE-----" in pem:
+        try:
+            return x509.load_pem_x509_certificate(pem)
+        except ValueError as error:
+            raise ConfigurationError(f"{path} is not a PEM certificate") from error
+    return _public_key(path)
 
 
 def _private_key(path: Path) -> PrivateKey:
@@ -214,17 +312,6 @@ def _private_key(path: Path) -> PrivateKey:
         raise ConfigurationError(f"{path}: audit keys are Ed25519 or ECDSA P-256, not {type(key).__name__}")
     algorithm_of(key)
     return key
-
-
-def _node_keys(paths: Sequence[Path]) -> dict[str, PublicKey]:
-    """SPIFFE id -> public key, from each node's certificate."""
-    from fincluster.trust.pki import load_certificate, spiffe_id_of
-
-    keys: dict[str, PublicKey] = {}
-    for path in paths:
-        certificate = load_certificate(_read(path, "node certificate"))
-        keys[spiffe_id_of(certificate)] = _public_key(path)
-    return keys
 
 
 def _anchor(path: Path | None) -> Checkpoint | None:
@@ -284,3 +371,18 @@ def _transfer(key: TransferKey) -> str:
         f"session {key.session_id} step {key.step} node {key.node_id} blocks {key.block_span} "
         f"input {key.input_sha256[:16]}"
     )
+
+
+_LISTED = 20
+
+
+def _print_capped(lines: Sequence[str], everything: bool) -> None:
+    shown = lines if everything else lines[:_LISTED]
+    for line in shown:
+        print(line)
+    if len(lines) > len(shown):
+        print(f"  ... and {len(lines) - len(shown)} more (--all lists them)")
+
+
+def _log_list(logs: Sequence[SortedLog]) -> str:
+    return ", ".join(f"{log.path} ({log.origin or 'no origin'}, {log.sessions} sessions)" for log in logs)

@@ -4,15 +4,21 @@ What is recorded is metadata and digests only. A transfer records the SHA-256 of
 that left (and came back), the number of tokens and the block span; never the prompt, the token ids
 or the activations. Models refuse unknown fields, so a caller cannot smuggle such data in either.
 
-``observer`` says who wrote the record: the client (what it sent) or the server (what it received
-and from whom). Both sides use the same models, which is what lets :func:`reconcile` pair them.
-Fields the trust and policy layers may not provide yet (attestation id, policy decision id, bundle
-digest, tier) are optional and recorded as ``null`` when absent.
+``observer`` says who wrote the record: the client (what it sent), the server (what it received
+and from whom) or the registry (which announcements it accepted and refused). Client and server use
+the same models, which is what lets :func:`reconcile` pair them.
+
+Placements carry the node's verified attestation claims (:class:`AttestationClaims`: tier, zone,
+hardware, software, attested weights, issuing authority key, validity) as the recorder saw them, so a
+report can say under which attestation each block ran without the token. Fields a party may not have
+(an unattested node's claims, a decision made without a policy bundle) are recorded as ``null``.
+
+Version 3: claims instead of bare tier / attestation id, announcements, the reason a session closed.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
@@ -21,18 +27,69 @@ from fincluster.audit.receipts import ReceiptField
 from fincluster.spans import BlockSpan
 from fincluster.values import FrozenModel, OpaqueId, Sha256Hex, SpiffeId
 
-Observer = Literal["client", "server"]
+if TYPE_CHECKING:
+    from fincluster.trust.attestation import VerifiedClaims
+
+Observer = Literal["client", "server", "registry"]
 TransferOperation = Literal["inference_step", "forward", "backward", "replay"]
 EnforcementPoint = Literal["registry", "router", "server"]
 
 
 class _EventBase(FrozenModel):
-    version: Literal[2] = 2
+    version: Literal[3] = 3
     time: UtcTime
     observer: Observer
 
 
-class TransferEvent(_EventBase):
+class AttestationClaims(FrozenModel):
+    """What a node's verified attestation said (``trust.attestation.VerifiedClaims``), for the record."""
+
+    attestation_id: OpaqueId
+    tier: Label
+    zone: OpaqueId
+    hardware: OpaqueId
+    software_version: OpaqueId
+    model_manifest_sha256: Sha256Hex
+    authority_key_id: OpaqueId
+    """The attestation authority's key that signed the token (RFC 7638 thumbprint)."""
+    evidence_kind: OpaqueId
+    issued_at: UtcTime
+    expires_at: UtcTime
+
+    @classmethod
+    def of(cls, claims: VerifiedClaims | None) -> AttestationClaims | None:
+        """The record of verified claims (None for an unattested node)."""
+        if claims is None:
+            return None
+        return cls(
+            attestation_id=claims.attestation_id,
+            tier=claims.tier.value,
+            zone=claims.zone,
+            hardware=claims.hardware,
+            software_version=claims.software_version,
+            model_manifest_sha256=claims.model_manifest_sha256,
+            authority_key_id=claims.authority_key_id,
+            evidence_kind=claims.evidence_kind,
+            issued_at=claims.issued_at,
+            expires_at=claims.expires_at,
+        )
+
+
+class _Attested(FrozenModel):
+    """Readers of a placement ask for the tier and attestation id; both come from the claims."""
+
+    attestation: AttestationClaims | None = None
+
+    @property
+    def node_tier(self) -> str | None:
+        return self.attestation.tier if self.attestation is not None else None
+
+    @property
+    def attestation_id(self) -> str | None:
+        return self.attestation.attestation_id if self.attestation is not None else None
+
+
+class TransferEvent(_Attested, _EventBase):
     """One activation transfer between a client and a node (either side's record of it)."""
 
     kind: Literal["transfer"] = "transfer"
@@ -44,9 +101,7 @@ class TransferEvent(_EventBase):
     model_id: OpaqueId
     manifest_digest: Sha256Hex
     node_id: SpiffeId
-    node_tier: Label | None = None
     cert_fingerprint: CertFingerprint
-    attestation_id: OpaqueId | None = None
     block_span: BlockSpan
     num_tokens: int = Field(ge=0)
     input_sha256: Sha256Hex
@@ -70,15 +125,16 @@ class SessionCloseEvent(_EventBase):
     session_id: OpaqueId
     client_id: SpiffeId
     outcome: Literal["ok", "error"]
+    reason: ReasonText | None = None
+    """Why it closed, when that is more than "the client closed it": a server's stream that ended
+    without a close, an idle expiry, a shutdown, the client's error."""
 
 
-class RouteHop(FrozenModel):
+class RouteHop(_Attested):
     """One placement decision: these blocks go to this node, under this attestation and policy."""
 
     block_span: BlockSpan
     node_id: SpiffeId
-    node_tier: Label | None = None
-    attestation_id: OpaqueId | None = None
     policy_decision_id: OpaqueId | None = None
 
 
@@ -92,8 +148,9 @@ class RoutingEvent(_EventBase):
     policy_bundle_digest: Sha256Hex | None = None
 
 
-class DenialEvent(_EventBase):
-    """A policy denial at one of the three enforcement points."""
+class DenialEvent(_Attested, _EventBase):
+    """A policy denial at one of the three enforcement points (with the node's verified claims, when
+    the refusal was the policy's and not the token's)."""
 
     kind: Literal["denial"] = "denial"
     enforced_at: EnforcementPoint
@@ -105,6 +162,24 @@ class DenialEvent(_EventBase):
     reasons: tuple[ReasonText, ...] = Field(min_length=1, max_length=16)
     policy_decision_id: OpaqueId | None = None
     policy_bundle_digest: Sha256Hex | None = None
+
+
+class AnnounceEvent(_Attested, _EventBase):
+    """The registry accepted a node's announcement (recorded when it is new or changed, not for every
+    heartbeat). Refused ones are :class:`DenialEvent` with ``enforced_at="registry"``."""
+
+    kind: Literal["announce"] = "announce"
+    node_id: SpiffeId
+    model_id: OpaqueId
+    manifest_digest: Sha256Hex | None = None
+    block_span: BlockSpan
+    cert_fingerprint: CertFingerprint
+    policy_decision_id: OpaqueId | None = None
+    policy_bundle_digest: Sha256Hex | None = None
+
+    @property
+    def session_id(self) -> None:
+        return None
 
 
 class FailoverEvent(_EventBase):
@@ -137,7 +212,8 @@ AuditEvent = Annotated[
     | RoutingEvent
     | DenialEvent
     | FailoverEvent
-    | AttestationFailureEvent,
+    | AttestationFailureEvent
+    | AnnounceEvent,
     Field(discriminator="kind"),
 ]
 """Any audit event; the ``kind`` field selects the model."""
@@ -148,7 +224,7 @@ AUDIT_EVENT_ADAPTER: TypeAdapter[AuditEvent] = TypeAdapter(AuditEvent)
 def event_nodes(event: AuditEvent) -> tuple[str, ...]:
     """Every node an event concerns (used for per-node filtering and indexing)."""
     match event:
-        case TransferEvent() | AttestationFailureEvent():
+        case TransferEvent() | AttestationFailureEvent() | AnnounceEvent():
             return (event.node_id,)
         case RoutingEvent():
             return tuple(dict.fromkeys(hop.node_id for hop in event.chain))

@@ -6,7 +6,8 @@
   with ``model_construct`` or carrying extra fields cannot reach the disk. There is no redaction step
   because there is nothing to redact: the models have no field for raw content (see ``fields``).
 * **canonicalise**: RFC 8785 bytes.   **leaf hash**: ``SHA-256(0x00 || bytes)`` (RFC 9162).
-* **seal**: the writer signs (origin, index, leaf hash), so every record is individually attributable.
+* **seal**: the writer signs (origin, index, leaf hash) with its current key, and the record names that
+  key and its certificate, so every record is individually attributable, across renewals and rotations.
 * **store**: one SQLite transaction per record (WAL, ``synchronous=FULL``).
 * **tree**: the in-memory :class:`Frontier` advances only after the row is durable.
 * **checkpoint**: a signed (size, root, time) every ``checkpoint_every_records`` records, when
@@ -37,7 +38,7 @@ from fincluster.audit.checkpoints import (
 )
 from fincluster.audit.events import AUDIT_EVENT_ADAPTER, AuditEvent
 from fincluster.audit.merkle import Frontier, consistency_proof, inclusion_proof, leaf_hash
-from fincluster.audit.signing import PrivateKey, key_id, public_key_of, sign
+from fincluster.audit.signing import FixedSigner, PrivateKey, Signer, sign
 from fincluster.audit.store import SqliteStore, StoredRecord
 from fincluster.errors import AuditError, AuditIntegrityError, ClosedError
 from fincluster.logs import get_logger
@@ -65,15 +66,18 @@ class AuditLog:
         self,
         path: Path | str,
         *,
-        signing_key: PrivateKey,
+        signing_key: PrivateKey | Signer,
         origin: str = "fincluster-audit",
         settings: AuditSettings | None = None,
         clock: Clock = utc_now,
     ) -> None:
-        """``origin`` names the log inside every signature (the writer, e.g. ``server-a``)."""
+        """``origin`` names the log inside every signature (the writer, e.g. ``server-a``).
+        ``signing_key`` is a fixed key, or a :class:`Signer` that follows the writer's key and certificate
+        (a node's, ``audit.node``)."""
         self._settings = settings or AuditSettings()
-        self._key = signing_key
-        self._key_id = key_id(public_key_of(signing_key))
+        self._signer: Signer = (
+            FixedSigner(signing_key) if isinstance(signing_key, PrivateKey) else signing_key
+        )
         self._clock = clock
         self._lock = threading.Lock()
         store = SqliteStore(path)
@@ -119,14 +123,16 @@ class AuditLog:
         leaves = [leaf_hash(body) for body in bodies]
         with self._lock:
             store = self._open_store()
+            signer = self._signer.identity()
             first = self._frontier.size
             records = [
                 StoredRecord(
                     first + i,
                     body,
                     leaf,
-                    self._key_id,
-                    sign(self._key, seal_message(self.origin, first + i, leaf)),
+                    signer.key_id,
+                    sign(signer.key, seal_message(self.origin, first + i, leaf)),
+                    signer.cert_fingerprint,
                 )
                 for i, (body, leaf) in enumerate(zip(bodies, leaves, strict=True))
             ]
@@ -195,7 +201,9 @@ class AuditLog:
         if last is not None and last.body.tree_size == self._frontier.size:
             return last
         now = self._clock()
-        checkpoint = sign_checkpoint(self._key, origin=self.origin, frontier=self._frontier, time=now)
+        checkpoint = sign_checkpoint(
+            self._signer.identity(), origin=self.origin, frontier=self._frontier, time=now
+        )
         store.add_checkpoint(checkpoint.body.tree_size, canonical_json(checkpoint))
         self._last_checkpoint, self._last_checkpoint_time = checkpoint, now
         log.info(
@@ -235,7 +243,7 @@ class AuditLog:
                     "their checkpoint"
                 )
             marker = sign_prune_marker(
-                self._key,
+                self._signer.identity(),
                 origin=self.origin,
                 frontier=frontier,
                 retention_days=retention_days,

@@ -3,8 +3,12 @@
 A transfer is identified on both sides by (session, step, node, block span, input digest): the client
 knows them before sending, the server learns them on receipt. For each pair the output digests must
 agree, both sides must hold the same receipt, the receipt must describe this transfer, and, when the
-nodes' public keys are given, its signature must verify. A transfer only one side recorded is listed
-under ``client_only`` or ``server_only``.
+nodes' keys are given, its signature must verify: with a :class:`~fincluster.audit.keys.KeyRing` (node
+certificates, the CA's archive), under a certificate of that node valid when the receipt was signed,
+so receipts signed before and after a renewal or rotation all verify. A transfer only one side
+recorded is listed under ``client_only`` or ``server_only``; server-only transfers of sessions that
+no given client log mentions at all are also grouped in ``sessions_without_client_log`` (their
+client's log is elsewhere, or they came from a tool that keeps none).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from fincluster.audit.events import AuditEvent, Observer, TransferEvent
-from fincluster.audit.receipts import receipt_body, receipt_is_valid
+from fincluster.audit.keys import KeyRing
+from fincluster.audit.receipts import issued_at, receipt_body, receipt_is_valid
 from fincluster.audit.signing import PublicKey
 from fincluster.errors import AuditIntegrityError
 from fincluster.spans import BlockSpan
@@ -43,6 +48,15 @@ class Mismatch(FrozenModel):
     reason: str
 
 
+class SessionGap(FrozenModel):
+    """A session servers recorded that no given client log mentions."""
+
+    session_id: str
+    client_id: str
+    nodes: tuple[str, ...]
+    transfers: int
+
+
 class ReconcileReport(FrozenModel):
     matched: int
     client_only: tuple[TransferKey, ...]
@@ -51,6 +65,7 @@ class ReconcileReport(FrozenModel):
     """Transfers a server recorded and the client did not."""
     mismatched: tuple[Mismatch, ...]
     """Paired transfers whose outputs or receipts disagree."""
+    sessions_without_client_log: tuple[SessionGap, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -71,12 +86,15 @@ def reconcile(
     client_events: Iterable[AuditEvent],
     server_events: Iterable[AuditEvent],
     *,
-    node_keys: Mapping[str, PublicKey] | None = None,
+    node_keys: Mapping[str, PublicKey] | KeyRing | None = None,
 ) -> ReconcileReport:
-    """Match client transfer records against the union of the servers' logs.
+    """Match the client logs' transfer records against the union of the servers' logs.
 
-    ``node_keys`` maps node SPIFFE ids to their public keys; when given, every receipt is verified.
+    ``node_keys`` (node SPIFFE id -> public key, or a key ring of node certificates): when given,
+    every receipt's signature is verified.
     """
+    client_events = list(client_events)
+    server_events = list(server_events)
     client = _transfers_by_key(client_events, "client")
     server = _transfers_by_key(server_events, "server")
     matched = 0
@@ -93,11 +111,30 @@ def reconcile(
                 mismatched.append(Mismatch(transfer=key, reason=reason))
         client_only += [key] * max(0, len(sent) - len(received))
         server_only += [key] * max(0, len(received) - len(sent))
+    known = {e.session_id for e in client_events if e.session_id is not None}
     return ReconcileReport(
         matched=matched,
         client_only=tuple(client_only),
         server_only=tuple(server_only),
         mismatched=tuple(mismatched),
+        sessions_without_client_log=_gaps(
+            [e for key in server_only if key.session_id not in known for e in server[key][:1]]
+        ),
+    )
+
+
+def _gaps(transfers: list[TransferEvent]) -> tuple[SessionGap, ...]:
+    by_session: dict[str, list[TransferEvent]] = defaultdict(list)
+    for event in transfers:
+        by_session[event.session_id].append(event)
+    return tuple(
+        SessionGap(
+            session_id=session_id,
+            client_id=events[0].client_id,
+            nodes=tuple(sorted({e.node_id for e in events})),
+            transfers=len(events),
+        )
+        for session_id, events in sorted(by_session.items())
     )
 
 
@@ -106,7 +143,7 @@ def _sort_key(key: TransferKey) -> tuple[str, int, str, int, str]:
 
 
 def _disagreement(
-    client: TransferEvent, server: TransferEvent, node_keys: Mapping[str, PublicKey] | None
+    client: TransferEvent, server: TransferEvent, node_keys: Mapping[str, PublicKey] | KeyRing | None
 ) -> str | None:
     if client.output_sha256 != server.output_sha256:
         return "the output digests differ"
@@ -137,10 +174,17 @@ def _disagreement(
     )
     if described != actual:
         return "the receipt describes a different transfer"
-    if node_keys is not None:
-        key = node_keys.get(client.node_id)
-        if key is None:
+    if isinstance(node_keys, KeyRing):
+        found = node_keys.lookup(
+            body.key_id, at=issued_at(body), cert_fingerprint=body.cert_fingerprint, node_id=client.node_id
+        )
+        if found.key is None:
+            return f"the receipt's signer cannot be checked: {found.reason} (key {body.key_id[:16]})"
+        key: PublicKey | None = found.key.public_key
+    else:
+        key = None if node_keys is None else node_keys.get(client.node_id)
+        if node_keys is not None and key is None:
             return "no public key is known for the node"
-        if not receipt_is_valid(receipt, key):
-            return "the receipt's signature does not verify"
+    if key is not None and not receipt_is_valid(receipt, key):
+        return "the receipt's signature does not verify"
     return None

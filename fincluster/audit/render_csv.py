@@ -1,8 +1,10 @@
 """The report as one CSV table (long format), for spreadsheets and SIEM imports.
 
-Every row names its ``section``: ``integrity``, ``placement`` (one per session, block span and
-node), ``failover``, ``denial``, ``attestation_failure``, ``node`` and ``exposure`` (one per node and
-block). Several values in one cell are joined with ``|``. The numbers are those of the JSON report.
+Every row names its ``section``: ``integrity``, ``session``, ``placement`` (one per session, block
+span and node, with the attestation claims and policy decisions), ``failover``, ``denial``,
+``attestation_failure``, ``announcement`` (a registry's log), ``node``, ``user``, ``department`` and
+``exposure`` (one per node and block). Several values in one cell are joined with ``|``. The numbers
+are those of the JSON report.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 
+from fincluster.audit.events import AttestationClaims
 from fincluster.audit.fields import format_utc
-from fincluster.audit.report import AttestationFailureRow, DenialRow, Report
+from fincluster.audit.report_model import AttestationFailureRow, DenialRow, Report
 from fincluster.spans import BlockSpan
 
 COLUMNS = (
     "section",
     "session_id",
     "client_id",
+    "department",
     "classification",
     "model_id",
     "manifest_digest",
@@ -27,7 +31,16 @@ COLUMNS = (
     "block_start",
     "block_end",
     "attestation_ids",
+    "attestation_zones",
+    "attestation_hardware",
+    "attestation_software",
+    "attestation_authority_keys",
+    "attestation_expires",
     "policy_decision_ids",
+    "policy_bundle_digests",
+    "cert_fingerprints",
+    "sessions",
+    "failed_sessions",
     "routed",
     "transfers",
     "tokens",
@@ -58,9 +71,18 @@ def _rows(report: Report) -> Iterator[Row]:
         session_columns: Row = {
             "session_id": s.session_id,
             "client_id": s.client_id,
+            "department": s.department,
             "classification": s.classification,
             "model_id": s.model_id,
             "manifest_digest": s.manifest_digest,
+        }
+        yield {
+            "section": "session",
+            **session_columns,
+            "transfers": s.transfers,
+            "tokens": s.tokens,
+            "time": format_utc(s.opened_at) if s.opened_at else None,
+            "detail": f"observer={s.observer}; state={s.state}; failed={'yes' if s.failed else 'no'}",
         }
         for p in s.placement:
             yield {
@@ -69,8 +91,10 @@ def _rows(report: Report) -> Iterator[Row]:
                 "node_id": p.node_id,
                 "node_tiers": _join(p.node_tiers),
                 **_span(p.block_span),
-                "attestation_ids": _join(p.attestation_ids),
+                **_claims(p.attestations),
                 "policy_decision_ids": _join(p.policy_decision_ids),
+                "policy_bundle_digests": _join(p.policy_bundle_digests),
+                "cert_fingerprints": _join(p.cert_fingerprints),
                 "routed": p.routed,
                 "transfers": p.transfers,
                 "tokens": p.tokens,
@@ -90,17 +114,51 @@ def _rows(report: Report) -> Iterator[Row]:
         yield from _attestation_failures(s.attestation_failures)
     yield from _denials(report.denials_without_session)
     yield from _attestation_failures(report.attestation_failures_without_session)
+    for a in report.announcements:
+        yield {
+            "section": "announcement",
+            "node_id": a.node_id,
+            **(_span(a.block_span) if a.block_span else {}),
+            **_claims((a.attestation,) if a.attestation else ()),
+            "policy_decision_ids": a.policy_decision_id,
+            "policy_bundle_digests": a.policy_bundle_digest,
+            "time": format_utc(a.time),
+            "detail": f"{a.outcome}; reasons={_join(a.reasons)}",
+        }
     for n in report.nodes:
         yield {
             "section": "node",
             "session_id": _join(n.sessions),
             "node_id": n.node_id,
             "node_tiers": _join(n.node_tiers),
-            "attestation_ids": _join(n.attestation_ids),
+            **_claims(n.attestations),
+            "cert_fingerprints": _join(n.cert_fingerprints),
             "transfers": n.transfers,
             "tokens": n.tokens,
             "detail": f"block_spans={_join(str(span) for span in n.block_spans)}; failovers={n.failovers}; "
-            f"denials={n.denials}; attestation_failures={n.attestation_failures}",
+            f"denials={n.denials}; attestation_failures={n.attestation_failures}; "
+            f"announcements={n.announcements}",
+        }
+    for u in report.users:
+        yield {
+            "section": "user",
+            "client_id": u.client_id,
+            "department": u.department,
+            "sessions": u.sessions,
+            "failed_sessions": u.failed_sessions,
+            "transfers": u.transfers,
+            "tokens": u.tokens,
+            "detail": f"denials={u.denials}; attestation_failures={u.attestation_failures}",
+        }
+    for d in report.departments:
+        yield {
+            "section": "department",
+            "department": d.department,
+            "sessions": d.sessions,
+            "failed_sessions": d.failed_sessions,
+            "transfers": d.transfers,
+            "tokens": d.tokens,
+            "detail": f"clients={d.clients}; denials={d.denials}",
         }
     for row in report.exposure.rows:
         for block, tokens in zip(report.exposure.blocks, row.tokens, strict=True):
@@ -136,6 +194,18 @@ def _attestation_failures(rows: Iterable[AttestationFailureRow]) -> Iterator[Row
             "time": format_utc(a.time),
             "detail": a.reason,
         }
+
+
+def _claims(claims: Iterable[AttestationClaims]) -> Row:
+    claims = tuple(claims)
+    return {
+        "attestation_ids": _join(c.attestation_id for c in claims),
+        "attestation_zones": _join(c.zone for c in claims),
+        "attestation_hardware": _join(c.hardware for c in claims),
+        "attestation_software": _join(c.software_version for c in claims),
+        "attestation_authority_keys": _join(c.authority_key_id for c in claims),
+        "attestation_expires": _join(format_utc(c.expires_at) for c in claims),
+    }
 
 
 def _span(span: BlockSpan) -> Row:

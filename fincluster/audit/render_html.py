@@ -1,8 +1,16 @@
 """The report as one self-contained HTML file: inline CSS and inline SVG, no script, no fetches.
 
-It opens from disk in any browser and prints cleanly. The integrity status is the first thing on the
-page; then the summary, each session (placement, failovers, denials, attestation failures), each node,
-and the exposure matrix drawn as an SVG heat map whose cells show the exact token counts.
+It opens from disk in any browser and prints cleanly. Summaries come before detail:
+
+1. integrity (status, the keys and certificates that verified the log), then the totals;
+2. sessions that failed, with the refusals and attestation failures that made them fail;
+3. one line per session, then each session's detail collapsed (``<details>``): placement with the
+   attestation claims and policy decisions, failovers, denials, attestation failures;
+4. clients and departments, nodes (with their attestations and certificates), the exposure matrix
+   (an SVG heat map whose cells show the exact token counts), announcements a registry accepted or
+   refused, events outside any session, and a glossary.
+
+``expand=True`` renders every session's detail open (for printing and the PDF).
 """
 
 from __future__ import annotations
@@ -11,50 +19,133 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from html import escape
 
-from fincluster.audit.report import (
+from fincluster.audit.events import AttestationClaims
+from fincluster.audit.names import node_name
+from fincluster.audit.report_model import (
+    AnnouncementRow,
     AttestationFailureRow,
     DenialRow,
+    DepartmentRow,
     ExposureMatrix,
     FailoverRow,
     Integrity,
     NodeReport,
+    PlacementRow,
     Report,
     SessionReport,
+    UserRow,
 )
 from fincluster.spans import BlockSpan
 
 _CSS = """
-:root { color-scheme: light; --ink: #1f2328; --muted: #59636e; --line: #d1d9e0; }
+:root { color-scheme: light; --ink: #1f2328; --muted: #59636e; --line: #d1d9e0; --bad: #cf222e; }
 * { box-sizing: border-box; }
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
        margin: 0 auto; padding: 24px; max-width: 1280px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
 h3 { font-size: 15px; margin: 18px 0 6px; } h4 { font-size: 13px; margin: 14px 0 4px; color: var(--muted); }
-.meta, .empty { color: var(--muted); }
+.meta, .empty, .sub { color: var(--muted); }
+.sub { font-size: 12px; }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;
               overflow-wrap: anywhere; }
 table { border-collapse: collapse; width: 100%; margin: 4px 0 8px; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.nowrap { white-space: nowrap; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 6px 0; }
 dt { color: var(--muted); } dd { margin: 0; }
 .integrity { border: 2px solid; border-radius: 8px; padding: 12px 16px; }
 .integrity h2 { margin-top: 0; }
 .status-verified { background: #e9f6ec; border-color: #1a7f37; }
-.status-failed { background: #fdecea; border-color: #cf222e; }
+.status-failed { background: #fdecea; border-color: var(--bad); }
 .status-not_checked { background: #fff8e5; border-color: #9a6700; }
-.session { border-top: 1px solid var(--line); padding-top: 4px; }
+.cards { display: flex; flex-wrap: wrap; gap: 8px; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; min-width: 110px; }
+.card b { display: block; font-size: 20px; font-variant-numeric: tabular-nums; }
+.card.alert { border-color: var(--bad); color: var(--bad); }
+.failed-mark { color: var(--bad); font-weight: 600; }
+.session-row { display: grid; grid-template-columns: 1.2em 11em 14em 7.5em 13.5em 1fr 8em; gap: 8px;
+               align-items: baseline; padding: 5px 12px; }
+.session-row.head { font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); }
+.session-row > span:last-child { text-align: right; font-variant-numeric: tabular-nums; }
+details.session { border-bottom: 1px solid var(--line); }
+details.session[open] { padding: 0 12px 10px; background: #fbfcfd; }
+details.session[open] > summary { margin: 0 -12px; }
+details.session > summary { cursor: pointer; list-style: none; }
+details.session > summary::-webkit-details-marker { display: none; }
+details.session > summary .marker::before { content: "▸"; color: var(--muted); }
+details.session[open] > summary .marker::before { content: "▾"; }
+details.session > summary:hover { background: #f6f8fa; }
+.claims { margin: 0; padding-left: 16px; } .claims li { margin: 0; }
 .scroll { overflow-x: auto; }
 svg text { font: 11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fill: var(--ink); }
 svg text.light { fill: #ffffff; }
-@media print { body { padding: 0; } .scroll { overflow: visible; } }
+@media print {
+  body { padding: 0; } .scroll { overflow: visible; }
+  body { font-size: 11px; } code, .mono { font-size: 10px; }
+  summary, dl, h2, h3, h4 { break-inside: avoid; } h2, h3, h4, summary { break-after: avoid; }
+  .session-row.head { display: none; }
+  details.session > summary.session-row { display: block; font-weight: 600; }
+  .session-row > span { display: inline; margin-right: 12px; }
+}
+@media screen and (max-width: 900px) { .session-row { grid-template-columns: 1.2em 1fr 1fr; } }
 """
 
 _STATUS_TITLE = {"verified": "VERIFIED", "failed": "FAILED", "not_checked": "NOT CHECKED"}
+_EXPAND_UP_TO = 3
+"""Reports with this few sessions show every session's detail open."""
+
+GLOSSARY = (
+    (
+        "Integrity",
+        "Whether every record, seal and signed checkpoint of this log verified under the keys "
+        "and certificates listed in the integrity box. FAILED means the log was edited, cut or is signed by "
+        "a key nobody vouched for; nothing below can then be relied on.",
+    ),
+    (
+        "Session",
+        "One call group of a client: every hop of an inference session, or one stateless forward "
+        "or backward pass. Client and server logs name the same session id.",
+    ),
+    (
+        "Placement",
+        "Which node ran which blocks of a session. Blocks are the model's transformer layers; "
+        "the first ones (the sensitive prefix) see activations closest to the prompt.",
+    ),
+    (
+        "Attestation",
+        "A token signed by the security team's attestation authority that binds a node's tier "
+        "(trusted / standard), zone, hardware, software and model weights (manifest digest) to its TLS key, "
+        "valid until its expiry. The authority key id names the key that signed it.",
+    ),
+    (
+        "Policy decision",
+        "The answer of the Rego policies (route at the client, serve at the server, "
+        "announce at the registry) with its id, and the digest of the policy bundle that gave it. Allowed "
+        "decisions have no unmet requirement; denials list the requirements that were not met.",
+    ),
+    (
+        "Receipt",
+        "The node's signature over what it received and returned (digests only), kept by both "
+        "sides; reconciliation pairs them.",
+    ),
+    (
+        "Certificate",
+        "The node's TLS certificate from the swarm CA; renewed daily (same key) or rotated "
+        "(new key). Signatures are checked under the certificate valid when they were made.",
+    ),
+    (
+        "Denial / attestation failure",
+        "A request refused by policy (router, server or registry), or a node "
+        "whose attestation, key or certificate did not check out (expired, revoked, key mismatch).",
+    ),
+    ("Exposure", "Tokens whose activations each node processed, per block."),
+)
 
 
-def render_html(report: Report) -> str:
+def render_html(report: Report, *, expand: bool = False) -> str:
+    expand = expand or len(report.sessions) <= _EXPAND_UP_TO
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -63,50 +154,26 @@ def render_html(report: Report) -> str:
         _header(report),
         _integrity(report.integrity),
         _summary(report),
+        _failed(report.sessions),
         '<section id="sessions"><h2>Sessions</h2>',
-        *([_session(s) for s in report.sessions] or ['<p class="empty">No sessions in scope.</p>']),
+        _session_index(report.sessions),
+        *[_session(s, expand) for s in report.sessions],
         "</section>",
+        _people(report.users, report.departments),
         _nodes(report.nodes, report.exposure),
+        _announcements(report.announcements),
         '<section id="unattributed"><h2>Events outside any session</h2>',
         "<h3>Denials</h3>",
         _denials(report.denials_without_session),
         "<h3>Attestation failures</h3>",
         _attestation_failures(report.attestation_failures_without_session),
         "</section>",
+        _glossary(),
         '<footer class="meta"><p>Generated by fincluster from the audit log; contains digests and metadata '
         "only, never prompts, tokens or activations.</p></footer>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
-
-
-def _integrity(integrity: Integrity) -> str:
-    facts = [
-        ("Records (tree size)", integrity.tree_size),
-        ("Root hash", integrity.root_hash),
-        ("Checkpoints verified", integrity.checkpoints_verified),
-        ("Last checkpoint", _checkpoint_text(integrity)),
-        ("Records after last checkpoint", integrity.unanchored_records),
-        ("First bad record", integrity.first_bad_record),
-    ]
-    problems = "".join(f"<li>{_e(p)}</li>" for p in integrity.problems)
-    unreadable = (
-        f"<p>Unreadable records: {_e(', '.join(map(str, integrity.unreadable_records)))}</p>"
-        if integrity.unreadable_records
-        else ""
-    )
-    return (
-        f'<section id="integrity" class="integrity status-{integrity.status}">'
-        f"<h2>Integrity: {_STATUS_TITLE[integrity.status]}</h2><p>{_e(integrity.summary)}</p>"
-        f"{_dl((label, value) for label, value in facts if value is not None)}"
-        f"{f'<ul>{problems}</ul>' if problems else ''}{unreadable}</section>"
-    )
-
-
-def _checkpoint_text(integrity: Integrity) -> str | None:
-    if integrity.last_checkpoint_size is None or integrity.last_checkpoint_time is None:
-        return None
-    return f"{integrity.last_checkpoint_size} records at {_time(integrity.last_checkpoint_time)}"
 
 
 def _header(report: Report) -> str:
@@ -124,40 +191,135 @@ def _header(report: Report) -> str:
     )
 
 
+def _integrity(integrity: Integrity) -> str:
+    facts = [
+        ("Records (tree size)", integrity.tree_size),
+        ("Root hash", integrity.root_hash),
+        ("Checkpoints verified", integrity.checkpoints_verified),
+        ("Last checkpoint", _checkpoint_text(integrity)),
+        ("Records after last checkpoint", integrity.unanchored_records),
+        ("First bad record", integrity.first_bad_record),
+    ]
+    problems = "".join(f"<li>{_e(p)}</li>" for p in integrity.problems)
+    unreadable = (
+        f"<p>Unreadable records: {_e(', '.join(map(str, integrity.unreadable_records)))}</p>"
+        if integrity.unreadable_records
+        else ""
+    )
+    signers = "".join(f"<li><code>{_e(s)}</code></li>" for s in integrity.verified_with)
+    verified_with = f"<h4>Verified with</h4><ul>{signers}</ul>" if signers else ""
+    return (
+        f'<section id="integrity" class="integrity status-{integrity.status}">'
+        f"<h2>Integrity: {_STATUS_TITLE[integrity.status]}</h2><p>{_e(integrity.summary)}</p>"
+        f"{_dl((label, value) for label, value in facts if value is not None)}"
+        f"{f'<ul>{problems}</ul>' if problems else ''}{unreadable}{verified_with}</section>"
+    )
+
+
+def _checkpoint_text(integrity: Integrity) -> str | None:
+    if integrity.last_checkpoint_size is None or integrity.last_checkpoint_time is None:
+        return None
+    return f"{integrity.last_checkpoint_size} records at {_time(integrity.last_checkpoint_time)}"
+
+
 def _summary(report: Report) -> str:
     t = report.totals
-    cells = [
-        ("Events", t.events),
-        ("Sessions", t.sessions),
-        ("Nodes", t.nodes),
-        ("Transfers", t.transfers),
-        ("Tokens", t.tokens),
-        ("Failovers", t.failovers),
-        ("Denials", t.denials),
-        ("Attestation failures", t.attestation_failures),
+    cards = [
+        ("Events", t.events, False),
+        ("Sessions", t.sessions, False),
+        ("Failed sessions", t.failed_sessions, t.failed_sessions > 0),
+        ("Clients", t.clients, False),
+        ("Nodes", t.nodes, False),
+        ("Transfers", t.transfers, False),
+        ("Tokens", t.tokens, False),
+        ("Failovers", t.failovers, False),
+        ("Denials", t.denials, t.denials > 0),
+        ("Attestation failures", t.attestation_failures, t.attestation_failures > 0),
+        ("Announcements", t.announcements, False),
     ]
-    head = "".join(f'<th class="num">{_e(label)}</th>' for label, _ in cells)
-    row = "".join(f'<td class="num">{value}</td>' for _, value in cells)
-    return f'<section id="summary"><h2>Summary</h2><table><tr>{head}</tr><tr>{row}</tr></table></section>'
+    body = "".join(
+        f'<div class="card{" alert" if alert else ""}"><b>{value}</b>{_e(label)}</div>'
+        for label, value, alert in cards
+    )
+    return f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div></section>'
 
 
-def _session(s: SessionReport) -> str:
+def _failed(sessions: Sequence[SessionReport]) -> str:
+    failed = [s for s in sessions if s.failed]
+    if not failed:
+        return ""
+    rows = []
+    for s in failed:
+        why = [
+            f"{d.enforced_at} refused"
+            + (f" on {node_name(d.node_id)}" if d.node_id else "")
+            + ": "
+            + "; ".join(d.reasons)
+            for d in s.denials
+        ]
+        why += [f"attestation of {node_name(a.node_id)}: {a.reason}" for a in s.attestation_failures]
+        why.insert(0, s.state)
+        rows.append(
+            [
+                f'<a href="#session-{_e(s.session_id)}"><code>{_e(s.session_id)}</code></a>',
+                _client_line(s.client_id, s.department),
+                "<br>".join(_e(w) for w in why),
+            ]
+        )
+    table = _table(["Session", "Client", "Why it failed"], rows)
+    return f'<section id="failed"><h2>Failed sessions</h2>{table}</section>'
+
+
+def _session_index(sessions: Sequence[SessionReport]) -> str:
+    """The header of the session list; each session's own line is its ``<summary>``."""
+    if not sessions:
+        return '<p class="empty">No sessions in scope.</p>'
+    labels = ("", "Session", "Client", "Classification", "First seen", "State", "Transfers / tokens")
+    return '<div class="session-row head">' + "".join(f"<span>{_e(x)}</span>" for x in labels) + "</div>"
+
+
+def _session(s: SessionReport, expand: bool) -> str:
     facts = [
-        ("Client", s.client_id),
+        ("Session", s.session_id),
+        ("Recorded by", f"the {s.observer}"),
+        ("Client", f"{s.client_id} ({s.department})" if s.client_id else None),
         ("Classification", s.classification),
         ("Model", s.model_id),
         ("Weights (manifest) digest", s.manifest_digest),
         ("Opened", _time(s.opened_at) if s.opened_at else None),
-        ("Closed", f"{_time(s.closed_at)} ({s.outcome})" if s.closed_at else "not closed in scope"),
+        ("State", s.state),
         ("Transfers / tokens", f"{s.transfers} / {s.tokens}"),
     ]
-    placement = _table(
+    failed = ' <span class="failed-mark">failed</span>' if s.failed else ""
+    short = s.session_id if len(s.session_id) <= 18 else s.session_id[:16] + "…"
+    cells = (
+        f'<code title="{_e(s.session_id)}">{_e(short)}</code>{failed}',
+        _client_line(s.client_id, s.department),
+        _e(s.classification or "-"),
+        _e(_time(s.opened_at) if s.opened_at else "-"),
+        _e(s.state),
+        f"{s.transfers} / {s.tokens}",
+    )
+    return (
+        f'<details class="session" id="session-{_e(s.session_id)}"{" open" if expand else ""}>'
+        f'<summary class="session-row"><span class="marker"></span>'
+        + "".join(f"<span>{cell}</span>" for cell in cells)
+        + "</summary>"
+        f"{_dl((label, value) for label, value in facts if value is not None)}"
+        f"<h4>Placement</h4>{_placement(s.placement)}<h4>Failovers</h4>{_failovers(s.failovers)}"
+        f"<h4>Denials</h4>{_denials(s.denials)}<h4>Attestation failures</h4>"
+        f"{_attestation_failures(s.attestation_failures)}</details>"
+    )
+
+
+def _placement(rows: Sequence[PlacementRow]) -> str:
+    return _table(
         [
             "Blocks",
             "Node",
-            "Tier",
             "Attestation",
-            "Policy decision",
+            "Policy",
+            "Certificates",
             "Routed",
             "Transfers",
             "Tokens",
@@ -166,27 +328,40 @@ def _session(s: SessionReport) -> str:
         (
             [
                 _span(p.block_span),
-                _code(p.node_id),
-                _e(", ".join(p.node_tiers) or "-"),
-                _code(", ".join(p.attestation_ids) or "-"),
-                _code(", ".join(p.policy_decision_ids) or "-"),
+                _node(p.node_id),
+                _claims(p.attestations),
+                _policy(p.policy_decision_ids, p.policy_bundle_digests),
+                "<br>".join(_code(_short_digest(c)) for c in p.cert_fingerprints) or "-",
                 p.routed,
                 p.transfers,
                 p.tokens,
                 p.receipts,
             ]
-            for p in s.placement
+            for p in rows
         ),
         numeric_from=5,
     )
-    return (
-        f'<article class="session" id="session-{_e(s.session_id)}">'
-        f"<h3>Session <code>{_e(s.session_id)}</code></h3>"
-        f"{_dl((label, value) for label, value in facts if value is not None)}"
-        f"<h4>Placement</h4>{placement}<h4>Failovers</h4>{_failovers(s.failovers)}"
-        f"<h4>Denials</h4>{_denials(s.denials)}<h4>Attestation failures</h4>"
-        f"{_attestation_failures(s.attestation_failures)}</article>"
-    )
+
+
+def _claims(claims: Sequence[AttestationClaims]) -> str:
+    if not claims:
+        return '<span class="sub">unattested</span>'
+    items = [
+        f"<li><b>{_e(c.tier)}</b> · {_e(c.zone)} · {_e(c.hardware)} · {_e(c.software_version)}<br>"
+        f'<span class="sub">weights {_code(c.model_manifest_sha256[:16] + "…")} · authority key '
+        f"{_code(c.authority_key_id[:16] + '…')} · valid until {_e(_time(c.expires_at))} · "
+        f"id {_code(c.attestation_id)}</span></li>"
+        for c in claims
+    ]
+    return f'<ul class="claims">{"".join(items)}</ul>'
+
+
+def _policy(decisions: Sequence[str], bundles: Sequence[str]) -> str:
+    if not decisions:
+        return '<span class="sub">no decision recorded in this log</span>'
+    bundle = ", ".join(_code(b[:16] + "…") for b in bundles) or "none (no policy engine)"
+    ids = ", ".join(_code(d) for d in decisions)
+    return f'allowed: no requirement unmet<br><span class="sub">decision {ids} · bundle {bundle}</span>'
 
 
 def _failovers(rows: Sequence[FailoverRow]) -> str:
@@ -196,8 +371,8 @@ def _failovers(rows: Sequence[FailoverRow]) -> str:
             [
                 _e(_time(f.time)),
                 _span(f.block_span),
-                _code(f.failed_node_id),
-                _code(f.replacement_node_id or "-"),
+                _node(f.failed_node_id),
+                _node(f.replacement_node_id) if f.replacement_node_id else "-",
                 f.replayed_steps,
                 _e(f.reason),
             ]
@@ -213,7 +388,7 @@ def _denials(rows: Sequence[DenialRow]) -> str:
             [
                 _e(_time(d.time)),
                 _e(d.enforced_at),
-                _code(d.node_id or "-"),
+                _node(d.node_id) if d.node_id else "-",
                 _span(d.block_span) if d.block_span else "-",
                 _code(d.policy_decision_id or "-"),
                 "<br>".join(_e(r) for r in d.reasons),
@@ -226,18 +401,58 @@ def _denials(rows: Sequence[DenialRow]) -> str:
 def _attestation_failures(rows: Sequence[AttestationFailureRow]) -> str:
     return _table(
         ["Time", "Node", "Attestation", "Reason"],
-        ([_e(_time(a.time)), _code(a.node_id), _code(a.attestation_id or "-"), _e(a.reason)] for a in rows),
+        ([_e(_time(a.time)), _node(a.node_id), _code(a.attestation_id or "-"), _e(a.reason)] for a in rows),
     )
+
+
+def _people(users: Sequence[UserRow], departments: Sequence[DepartmentRow]) -> str:
+    if not users:
+        return ""
+    by_user = _table(
+        [
+            "Client",
+            "Department",
+            "Sessions",
+            "Failed",
+            "Transfers",
+            "Tokens",
+            "Denials",
+            "Attestation failures",
+        ],
+        (
+            [
+                _node(u.client_id),
+                _e(u.department),
+                u.sessions,
+                u.failed_sessions,
+                u.transfers,
+                u.tokens,
+                u.denials,
+                u.attestation_failures,
+            ]
+            for u in users
+        ),
+        numeric_from=2,
+    )
+    by_department = _table(
+        ["Department", "Clients", "Sessions", "Failed", "Transfers", "Tokens", "Denials"],
+        (
+            [_e(d.department), d.clients, d.sessions, d.failed_sessions, d.transfers, d.tokens, d.denials]
+            for d in departments
+        ),
+        numeric_from=1,
+    )
+    return f'<section id="people"><h2>Clients and departments</h2>{by_department}{by_user}</section>'
 
 
 def _nodes(nodes: Sequence[NodeReport], exposure: ExposureMatrix) -> str:
     table = _table(
         [
             "Node",
-            "Tier",
             "Attestation",
-            "Sessions",
+            "Certificates",
             "Block spans",
+            "Sessions",
             "Transfers",
             "Tokens",
             "Failed",
@@ -246,11 +461,11 @@ def _nodes(nodes: Sequence[NodeReport], exposure: ExposureMatrix) -> str:
         ],
         (
             [
-                _code(n.node_id),
-                _e(", ".join(n.node_tiers) or "-"),
-                _code(", ".join(n.attestation_ids) or "-"),
-                _code(", ".join(n.sessions) or "-"),
+                _node(n.node_id),
+                _claims(n.attestations),
+                "<br>".join(_code(_short_digest(c)) for c in n.cert_fingerprints) or "-",
                 _e(", ".join(str(span) for span in n.block_spans) or "-"),
+                len(n.sessions),
                 n.transfers,
                 n.tokens,
                 n.failovers,
@@ -259,12 +474,37 @@ def _nodes(nodes: Sequence[NodeReport], exposure: ExposureMatrix) -> str:
             ]
             for n in nodes
         ),
-        numeric_from=5,
+        numeric_from=4,
     )
     return (
         f'<section id="nodes"><h2>Nodes</h2>{table}<h3>Exposure matrix (tokens per node and block)</h3>'
         f'<div class="scroll">{_exposure_svg(exposure)}</div></section>'
     )
+
+
+def _announcements(rows: Sequence[AnnouncementRow]) -> str:
+    if not rows:
+        return ""
+    table = _table(
+        ["Time", "Node", "Blocks", "Outcome", "Attestation", "Policy decision", "Reasons"],
+        (
+            [
+                _e(_time(a.time)),
+                _node(a.node_id),
+                _span(a.block_span) if a.block_span else "-",
+                _e(a.outcome) if a.outcome == "accepted" else '<span class="failed-mark">refused</span>',
+                _claims((a.attestation,) if a.attestation else ()),
+                _code(a.policy_decision_id or "-"),
+                "<br>".join(_e(r) for r in a.reasons) or "-",
+            ]
+            for a in rows
+        ),
+    )
+    return f'<section id="announcements"><h2>Registry announcements</h2>{table}</section>'
+
+
+def _glossary() -> str:
+    return f'<section id="glossary"><h2>Glossary</h2>{_dl(GLOSSARY)}</section>'
 
 
 def _exposure_svg(exposure: ExposureMatrix) -> str:
@@ -320,6 +560,25 @@ def _short(node_id: str, limit: int = 48) -> str:
     """``spiffe://bank/server/a`` reads as ``bank/server/a``; very long ids are cut with an ellipsis."""
     text = node_id.removeprefix("spiffe://")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short_digest(fingerprint: str) -> str:
+    return fingerprint[:23] + "…" if len(fingerprint) > 24 else fingerprint
+
+
+def _node(node_id: str) -> str:
+    """The readable name, with the SPIFFE id under it."""
+    name = node_name(node_id)
+    if name == node_id:
+        return _code(node_id)
+    return f'<b>{_e(name)}</b><br><code class="sub">{_e(node_id)}</code>'
+
+
+def _client_line(client_id: str | None, department: str | None) -> str:
+    """Name and department on one line; the SPIFFE id is in the tooltip and the session's detail."""
+    if client_id is None:
+        return "-"
+    return f'<span title="{_e(client_id)}">{_e(node_name(client_id))}</span> · {_e(department or "")}'
 
 
 def _table(

@@ -1,8 +1,11 @@
 """The two signature schemes the audit log accepts, behind four small functions.
 
 Writers sign with their node key (ECDSA P-256, the usual TLS key) or a dedicated Ed25519 key. Every
-signed structure names the signer by ``key_id`` (SHA-256 of the public key's SubjectPublicKeyInfo),
-so a verifier picks the key from the set it trusts and never from the data it is checking.
+signed structure names the signer by ``key_id`` (SHA-256 of the public key's SubjectPublicKeyInfo)
+and, for a node key, by the fingerprint of the certificate the writer held, so a verifier picks the
+key from the set it trusts (``fincluster.audit.keys``) and never from the data it is checking.
+A writer signs through a :class:`Signer`, which says which key and certificate are current: a node's
+TLS key changes on rotation and its certificate on every renewal (``audit.node.CredentialSigner``).
 Each signed message starts with its own domain tag, so a signature over one kind of structure can
 never be replayed as another.
 """
@@ -10,8 +13,8 @@ never be replayed as another.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -65,6 +68,32 @@ def signature_is_valid(key: PublicKey, signature: bytes, message: bytes) -> bool
     return True
 
 
-def trusted_keys(keys: Iterable[PublicKey]) -> Mapping[str, PublicKey]:
-    """Index public keys by ``key_id``; this is how verifiers look up a signer."""
-    return {key_id(key): key for key in keys}
+@dataclass(frozen=True)
+class SignerIdentity:
+    """The key a writer signs with now, and the certificate that names it (None for a bare key)."""
+
+    key: PrivateKey
+    key_id: str
+    algorithm: Algorithm
+    cert_fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, key: PrivateKey, *, cert_fingerprint: str | None = None) -> SignerIdentity:
+        public_key = public_key_of(key)
+        return cls(key, key_id(public_key), algorithm_of(public_key), cert_fingerprint)
+
+
+class Signer(Protocol):
+    """Where a writer gets its current signing identity (asked for each batch it signs)."""
+
+    def identity(self) -> SignerIdentity: ...
+
+
+class FixedSigner:
+    """A signer whose key never changes (a dedicated audit key, tests, ``audit prune``)."""
+
+    def __init__(self, key: PrivateKey, *, cert_fingerprint: str | None = None) -> None:
+        self._identity = SignerIdentity.of(key, cert_fingerprint=cert_fingerprint)
+
+    def identity(self) -> SignerIdentity:
+        return self._identity

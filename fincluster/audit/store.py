@@ -1,7 +1,8 @@
 """SQLite storage of an audit log: rows in, rows out, nothing clever.
 
 The database holds what the writer produced and nothing derived from it that a verifier would have to
-trust: canonical record bytes with their leaf hash, key id and seal; signed checkpoints; signed prune
+trust: canonical record bytes with their leaf hash, seal, and the signer's key id and certificate
+fingerprint (lookup hints: the seal itself is what is checked); signed checkpoints; signed prune
 markers; and the log's origin. WAL with ``synchronous=FULL`` makes every committed append durable.
 One :class:`SqliteStore` is used by one writer in a process (the :class:`~fincluster.audit.log.AuditLog`
 serialises access with a lock); readers open their own read-only connection.
@@ -26,7 +27,8 @@ CREATE TABLE IF NOT EXISTS records (
     body BLOB NOT NULL,
     leaf_hash BLOB NOT NULL,
     key_id TEXT NOT NULL,
-    seal BLOB NOT NULL
+    seal BLOB NOT NULL,
+    cert_fingerprint TEXT
 );
 CREATE TABLE IF NOT EXISTS checkpoints (tree_size INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS prune_markers (pruned_size INTEGER PRIMARY KEY, body BLOB NOT NULL);
@@ -47,6 +49,7 @@ class StoredRecord:
     leaf_hash: bytes
     key_id: str
     seal: bytes
+    cert_fingerprint: str | None = None
 
 
 class SqliteStore:
@@ -67,6 +70,7 @@ class SqliteStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                self._add_signer_column()
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
             fmt = self.meta("format")
         except sqlite3.Error as exc:
@@ -77,6 +81,15 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _add_signer_column(self) -> None:
+        """Logs written before records named their signer's certificate get the (empty) column."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        if "cert_fingerprint" not in columns:
+            self._db.execute("ALTER TABLE records ADD COLUMN cert_fingerprint TEXT")
+
+    def _has_signer_column(self) -> bool:
+        return any(row[1] == "cert_fingerprint" for row in self._db.execute("PRAGMA table_info(records)"))
 
     def meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -107,8 +120,9 @@ class SqliteStore:
                     f"the file is at {max(next_index, pruned)}"
                 )
             self._db.executemany(
-                "INSERT INTO records VALUES (?, ?, ?, ?, ?)",
-                [(r.index, r.body, r.leaf_hash, r.key_id, r.seal) for r in records],
+                "INSERT INTO records (idx, body, leaf_hash, key_id, seal, cert_fingerprint) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.index, r.body, r.leaf_hash, r.key_id, r.seal, r.cert_fingerprint) for r in records],
             )
 
     def add_checkpoint(self, tree_size: int, body: bytes) -> None:
@@ -125,14 +139,18 @@ class SqliteStore:
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[StoredRecord]:
         """Records in index order, ``start <= index < stop``."""
-        query = "SELECT idx, body, leaf_hash, key_id, seal FROM records WHERE idx >= ?"
+        signer = "cert_fingerprint" if self._has_signer_column() else "NULL"
+        query = f"SELECT idx, body, leaf_hash, key_id, seal, {signer} FROM records WHERE idx >= ?"  # noqa: S608
         args: tuple[int, ...] = (start,)
         if stop is not None:
             query += " AND idx < ?"
             args = (start, stop)
         with self._reading():
-            for idx, body, leaf, kid, seal in self._db.execute(query + " ORDER BY idx", args):
-                yield StoredRecord(int(idx), _as_bytes(body), _as_bytes(leaf), str(kid), _as_bytes(seal))
+            for idx, body, leaf, kid, seal, cert in self._db.execute(query + " ORDER BY idx", args):
+                fingerprint = None if cert is None else str(cert)
+                yield StoredRecord(
+                    int(idx), _as_bytes(body), _as_bytes(leaf), str(kid), _as_bytes(seal), fingerprint
+                )
 
     def checkpoints(self) -> list[tuple[int, bytes]]:
         with self._reading():

@@ -5,19 +5,26 @@
 1. the newest prune marker (signature, and that its subtree roots give its root);
 2. every record in index order: no gaps or extras, the body parses as an event and is already in
    canonical form, the stored leaf hash is the recomputed one, and the seal over
-   (origin, index, leaf hash) is valid under a trusted key;
-3. every checkpoint: canonical, signed by a trusted key, times not going backwards, and its root equal
-   to the root recomputed from the records (a checkpoint beyond the last record means truncation);
+   (origin, index, leaf hash) is valid under a trusted key that was valid at the record's time;
+3. every checkpoint: canonical, signed by a trusted key valid at its time, times not going backwards,
+   and its root equal to the root recomputed from the records (a checkpoint beyond the last record
+   means truncation);
 4. optionally an *anchor*, a checkpoint kept outside the file (e.g. shipped to the SIEM), which catches
    a truncation that also removed the checkpoints behind it.
 
 Records after the last checkpoint are sealed (edits and insertions are caught) but a cut of that tail
 can only be caught with an anchor; the report counts them as ``unanchored_records``.
+
+Trusted keys are a :class:`~fincluster.audit.keys.KeyRing` (bare public keys, node certificates, the
+CA's archive of every certificate it issued), so a log whose writer renewed or rotated its
+certificate mid-way verifies with the certificates of each period. Signatures that no trusted key
+can check are reported once per reason (a wrong key is one problem, not one per record), and the
+report lists the certificates that did verify the log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,13 +37,14 @@ from fincluster.audit.checkpoints import (
     Checkpoint,
     CheckpointBody,
     PruneMarker,
-    checkpoint_is_valid,
-    prune_marker_is_valid,
+    PruneMarkerBody,
     seal_message,
+    signed_by,
 )
 from fincluster.audit.events import AUDIT_EVENT_ADAPTER
+from fincluster.audit.keys import KeyRing
 from fincluster.audit.merkle import Frontier, leaf_hash
-from fincluster.audit.signing import PublicKey, signature_is_valid, trusted_keys
+from fincluster.audit.signing import PublicKey, signature_is_valid
 from fincluster.audit.store import SqliteStore, StoredRecord
 from fincluster.errors import AuditIntegrityError
 from fincluster.logs import get_logger
@@ -59,6 +67,7 @@ ProblemCode = Literal[
     "checkpoint_root_mismatch",
     "checkpoint_beyond_log",
     "anchor_mismatch",
+    "untrusted_signer",
 ]
 
 
@@ -89,6 +98,8 @@ class VerifyReport(FrozenModel):
     problems: tuple[Problem, ...]
     """The first :data:`MAX_PROBLEMS` problems found, in the order found."""
     problem_count: int
+    signers: tuple[str, ...] = ()
+    """The trusted keys that verified signatures of this log, one line each (``TrustedKey.describe``)."""
 
     @property
     def ok(self) -> bool:
@@ -114,6 +125,44 @@ class _Scan:
     bad_records: list[int] = field(default_factory=list)
     frontier: Frontier | None = field(default_factory=Frontier)
     roots: dict[int, bytes] = field(default_factory=dict)
+    unverifiable: dict[str, tuple[list[int], list[int], set[str]]] = field(default_factory=dict)
+    """reason -> (record indexes, checkpoint sizes, key ids) whose signer no trusted key answers for."""
+
+    def unverifiable_signer(
+        self, reason: str, kid: str, *, record: int | None = None, size: int | None = None
+    ) -> None:
+        records, checkpoints, kids = self.unverifiable.setdefault(reason, ([], [], set()))
+        kids.add(kid[:16])
+        if record is not None:
+            records.append(record)
+            self.bad_records.append(record)
+        if size is not None:
+            checkpoints.append(size)
+
+    def report_unverifiable(self) -> None:
+        """One problem per reason, however many signatures it concerns."""
+        for reason, (records, sizes, kids) in self.unverifiable.items():
+            parts = []
+            if records:
+                parts.append(_count(records, "record") + f" ({_ranges(records)})")
+            if sizes:
+                parts.append(_count(sizes, "checkpoint"))
+            code: ProblemCode = "untrusted_signer"
+            if not sizes:
+                code = "bad_seal"
+            elif not records:
+                code = "checkpoint_signature"
+            self.problem_count += 1
+            if len(self.problems) < MAX_PROBLEMS:
+                self.problems.append(
+                    Problem(
+                        code=code,
+                        detail=f"{' and '.join(parts)} cannot be verified: {reason} "
+                        f"(key {', '.join(sorted(kids))})",
+                        record_index=min(records) if records else None,
+                        tree_size=min(sizes) if sizes else None,
+                    )
+                )
 
     def add(
         self, code: ProblemCode, detail: str, *, record: int | None = None, size: int | None = None
@@ -126,14 +175,16 @@ class _Scan:
 
 
 def verify(
-    db_path: Path | str, trusted_public_keys: Iterable[PublicKey], *, anchor: Checkpoint | None = None
+    db_path: Path | str, trusted: Iterable[PublicKey] | KeyRing, *, anchor: Checkpoint | None = None
 ) -> VerifyReport:
-    """Verify every record, the tree and every checkpoint of the log at ``db_path``.
+    """Verify every record, the tree and every checkpoint of the log at ``db_path`` against
+    ``trusted`` keys (public keys, or a :class:`KeyRing` of certificates and keys).
 
     Never raises for a damaged log (that is what the report is for); raises :class:`AuditError` only
     when the file cannot be opened as an audit log at all.
     """
-    keys = trusted_keys(trusted_public_keys)
+    # a ring of its own, so that the keys it reports as used are this log's, whoever shares the ring
+    keys = KeyRing(list(trusted.keys)) if isinstance(trusted, KeyRing) else KeyRing.of(trusted)
     store = SqliteStore(db_path, read_only=True)
     try:
         report = _verify_store(store, keys, anchor)
@@ -151,9 +202,7 @@ def verify(
     return report
 
 
-def _verify_store(
-    store: SqliteStore, keys: Mapping[str, PublicKey], anchor: Checkpoint | None
-) -> VerifyReport:
+def _verify_store(store: SqliteStore, keys: KeyRing, anchor: Checkpoint | None) -> VerifyReport:
     scan = _Scan()
     origin = store.meta("origin")
     if origin is None:
@@ -189,10 +238,11 @@ def _verify_store(
             if tree_size in wanted_sizes:
                 scan.roots[tree_size] = scan.frontier.root()
 
-    last_good, verified = _check_checkpoints(checkpoints, keys, tree_size, start, scan)
+    last_good, verified = _check_checkpoints(checkpoints, keys, origin, tree_size, start, scan)
     anchored_size = max(start, last_good.tree_size if last_good else 0)
     if anchor is not None and _check_anchor(anchor, origin, keys, tree_size, scan):
         anchored_size = max(anchored_size, anchor.body.tree_size)
+    scan.report_unverifiable()
     return VerifyReport(
         path=str(store.path),
         origin=origin or None,
@@ -206,12 +256,11 @@ def _verify_store(
         first_bad_record=min(scan.bad_records) if scan.bad_records else None,
         problems=tuple(scan.problems),
         problem_count=scan.problem_count,
+        signers=tuple(key.describe() for key in keys.used.values()),
     )
 
 
-def _start_from_prune_marker(
-    store: SqliteStore, origin: str, keys: Mapping[str, PublicKey], scan: _Scan
-) -> int:
+def _start_from_prune_marker(store: SqliteStore, origin: str, keys: KeyRing, scan: _Scan) -> int:
     """The first index the file should hold; sets ``scan.frontier`` to the tree state there."""
     markers = store.prune_markers()
     if not markers:
@@ -226,8 +275,8 @@ def _start_from_prune_marker(
         why = "cannot be parsed"
     elif canonical_json(marker) != body or marker.body.pruned_size != size or marker.body.origin != origin:
         why = "is not the marker that was written"
-    elif not prune_marker_is_valid(marker, keys):
-        why = "is not signed by a trusted key"
+    elif (unsigned := _unsigned(marker.body, marker.signature, keys, origin)) is not None:
+        why = f"is not signed by a trusted key ({unsigned})"
     elif frontier.root().hex() != marker.body.root_hash:
         why = "does not hash to its root"
     else:
@@ -262,7 +311,7 @@ def _parse_checkpoints(rows: list[tuple[int, bytes]], origin: str, scan: _Scan) 
     return checkpoints
 
 
-def _check_record(record: StoredRecord, origin: str, keys: Mapping[str, PublicKey], scan: _Scan) -> bytes:
+def _check_record(record: StoredRecord, origin: str, keys: KeyRing, scan: _Scan) -> bytes:
     """Report the first thing wrong with one record; return its recomputed leaf hash."""
     index, leaf = record.index, leaf_hash(record.body)
     try:
@@ -274,17 +323,33 @@ def _check_record(record: StoredRecord, origin: str, keys: Mapping[str, PublicKe
         scan.add("non_canonical_record", f"record {index} is not in canonical form", record=index)
     elif leaf != record.leaf_hash:
         scan.add("leaf_hash_mismatch", f"record {index} does not hash to its stored leaf hash", record=index)
-    elif (key := keys.get(record.key_id)) is None:
-        scan.add(
-            "bad_seal", f"record {index} is sealed by an untrusted key {record.key_id[:16]}", record=index
+    else:
+        found = keys.lookup(
+            record.key_id, at=event.time, cert_fingerprint=record.cert_fingerprint, log_origin=origin
         )
-    elif not signature_is_valid(key, record.seal, seal_message(origin, index, leaf)):
-        scan.add("bad_seal", f"record {index} has an invalid seal (edited, moved or inserted)", record=index)
+        if found.key is None:
+            scan.unverifiable_signer(found.reason, record.key_id, record=index)
+        elif not signature_is_valid(found.key.public_key, record.seal, seal_message(origin, index, leaf)):
+            scan.add(
+                "bad_seal", f"record {index} has an invalid seal (edited, moved or inserted)", record=index
+            )
     return leaf
 
 
+def _unsigned(
+    body: CheckpointBody | PruneMarkerBody, signature: str, keys: KeyRing, origin: str
+) -> str | None:
+    """None when a trusted key, valid at the body's time, signed it; otherwise why not."""
+    found = keys.lookup(body.key_id, at=body.time, cert_fingerprint=body.cert_fingerprint, log_origin=origin)
+    if found.key is None:
+        return found.reason
+    if not signed_by(body, signature, found.key.public_key):
+        return "the signature does not verify"
+    return None
+
+
 def _check_checkpoints(
-    checkpoints: list[Checkpoint], keys: Mapping[str, PublicKey], tree_size: int, start: int, scan: _Scan
+    checkpoints: list[Checkpoint], keys: KeyRing, origin: str, tree_size: int, start: int, scan: _Scan
 ) -> tuple[CheckpointBody | None, int]:
     """Return the newest checkpoint that verified and how many did."""
     last_good: CheckpointBody | None = None
@@ -293,8 +358,12 @@ def _check_checkpoints(
     for checkpoint in checkpoints:
         body = checkpoint.body
         size = body.tree_size
-        if not checkpoint_is_valid(checkpoint, keys):
-            scan.add("checkpoint_signature", f"checkpoint {size} is not signed by a trusted key", size=size)
+        unsigned = _unsigned(body, checkpoint.signature, keys, origin)
+        if unsigned == "the signature does not verify":
+            scan.add("checkpoint_signature", f"checkpoint {size} has an invalid signature", size=size)
+            continue
+        if unsigned is not None:
+            scan.unverifiable_signer(unsigned, body.key_id, size=size)
             continue
         if previous_time is not None and body.time < previous_time:
             scan.add("checkpoint_order", f"checkpoint {size} is older than the one before it", size=size)
@@ -325,11 +394,9 @@ def _check_checkpoints(
     return last_good, verified
 
 
-def _check_anchor(
-    anchor: Checkpoint, origin: str, keys: Mapping[str, PublicKey], tree_size: int, scan: _Scan
-) -> bool:
+def _check_anchor(anchor: Checkpoint, origin: str, keys: KeyRing, tree_size: int, scan: _Scan) -> bool:
     size = anchor.body.tree_size
-    if anchor.body.origin != origin or not checkpoint_is_valid(anchor, keys):
+    if anchor.body.origin != origin or _unsigned(anchor.body, anchor.signature, keys, origin) is not None:
         scan.add(
             "anchor_mismatch", "the anchor checkpoint is not a trusted checkpoint of this log", size=size
         )
@@ -347,3 +414,19 @@ def _check_anchor(
         scan.add("anchor_mismatch", f"the log's first {size} records do not match the anchor", size=size)
         return False
     return root is not None
+
+
+def _count(items: Sequence[int], noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _ranges(indexes: Sequence[int]) -> str:
+    """``0..21, 30`` for the sorted indexes 0, 1, ..., 21, 30 (at most five ranges, then "…")."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(indexes):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    text = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:5])
+    return text + (", …" if len(runs) > 5 else "")

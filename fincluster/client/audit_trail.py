@@ -2,16 +2,21 @@
 
 One ``ClientAuditTrail`` per swarm connection turns what routing and the span clients report into
 audit events: routing decisions, denials, attestation failures, session open/close, failovers, and
-one transfer record per call per node with the server's checked receipt.
+one transfer record per call per node with the server's checked receipt. A call that fails is
+recorded too (:meth:`ClientAuditTrail.recording`): a server's refusal as a denial at the server, a
+failed possession proof or receipt (key mismatch, revoked certificate) as an attestation failure,
+a request no allowed chain covers as a denial at the router — each with its reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator, Sequence
 
 from fincluster.audit import (
+    AttestationClaims,
     AttestationFailureEvent,
     AuditEvent,
     AuditSink,
@@ -27,9 +32,13 @@ from fincluster.audit import (
 )
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.transport import CallRecord
+from fincluster.errors import FinclusterError, RefusedError, RoutingError, TrustError
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import ATTESTATION_REJECTED
 from fincluster.values import Clock, short_reason, utc_now
+
+_DECISION = re.compile(r"\(decision ([\x21-\x7e]+?)\)")
+"""The decision id a refusing server gives (``wire.status.abort_for``)."""
 
 
 class ClientAuditTrail:
@@ -40,6 +49,7 @@ class ClientAuditTrail:
         self.client_id = client_id
         self._clock = clock
         self._local = threading.local()
+        self._failures: dict[str, str] = {}  # session id -> why its last call failed (for the close)
 
     def _record(self, event: AuditEvent) -> None:
         buffer: list[AuditEvent] | None = getattr(self._local, "buffer", None)
@@ -62,6 +72,67 @@ class ClientAuditTrail:
             events, self._local.buffer = self._local.buffer, None
             record_events(self.sink, events)
 
+    @contextlib.contextmanager
+    def recording(
+        self, session_id: str, request: PlacementRequest | None, *, stateless: bool
+    ) -> Iterator[None]:
+        """:meth:`batch`, and a record of why the block failed, if it fails with a fincluster error; a
+        failed stateless pass (which has no session to close) is also closed with that error."""
+        with self.batch():
+            try:
+                yield
+            except FinclusterError as error:
+                self.failure(session_id, request, error)
+                if stateless:
+                    self.session_close(session_id, ok=False)
+                raise
+
+    def failure(self, session_id: str, request: PlacementRequest | None, error: FinclusterError) -> None:
+        """What made a call of ``session_id`` fail, as the denial or attestation failure it was."""
+        reason = short_reason(str(error))
+        self._failures[session_id] = reason
+        classification = request.classification.value if request is not None else None
+        if isinstance(error, TrustError) and error.node_id is not None:
+            self._record(
+                AttestationFailureEvent(
+                    time=self._clock(),
+                    observer="client",
+                    session_id=session_id,
+                    node_id=error.node_id,
+                    reason=reason,
+                )
+            )
+        elif isinstance(error, RefusedError):
+            decision = _DECISION.search(error.reason)
+            self._record(
+                DenialEvent(
+                    time=self._clock(),
+                    observer="client",
+                    enforced_at="server",
+                    session_id=session_id,
+                    client_id=self.client_id,
+                    node_id=error.node_id,
+                    block_span=error.span,
+                    classification=classification,
+                    reasons=(short_reason(f"the server refused the call: {error.reason}"),),
+                    policy_decision_id=decision[1] if decision else None,
+                )
+            )
+        elif isinstance(error, RoutingError):
+            missing = sorted(error.missing_blocks)
+            self._record(
+                DenialEvent(
+                    time=self._clock(),
+                    observer="client",
+                    enforced_at="router",
+                    session_id=session_id,
+                    client_id=self.client_id,
+                    block_span=BlockSpan(missing[0], missing[-1] + 1) if missing else None,
+                    classification=classification,
+                    reasons=(reason,),
+                )
+            )
+
     def transfer(self, request: PlacementRequest, call: CallRecord) -> None:
         claims, decision = call.binding.claims, call.binding.decision
         self._record(
@@ -76,9 +147,8 @@ class ClientAuditTrail:
                 model_id=request.model.id,
                 manifest_digest=request.model.manifest_sha256 or "0" * 64,
                 node_id=call.node_id,
-                node_tier=claims.tier.value if claims is not None else None,
                 cert_fingerprint=call.cert_fingerprint,
-                attestation_id=claims.attestation_id if claims is not None else None,
+                attestation=AttestationClaims.of(claims),
                 block_span=call.span,
                 num_tokens=call.num_tokens,
                 input_sha256=call.input_sha256,
@@ -94,8 +164,7 @@ class ClientAuditTrail:
             RouteHop(
                 block_span=span,
                 node_id=verdict.record.node_id,
-                node_tier=verdict.claims.tier.value if verdict.claims is not None else None,
-                attestation_id=verdict.claims.attestation_id if verdict.claims is not None else None,
+                attestation=AttestationClaims.of(verdict.claims),
                 policy_decision_id=verdict.decision.decision_id if verdict.decision is not None else None,
             )
             for span, verdict in hops
@@ -169,6 +238,7 @@ class ClientAuditTrail:
                 session_id=session_id,
                 client_id=self.client_id,
                 outcome="ok" if ok else "error",
+                reason=None if ok else self._failures.pop(session_id, None),
             )
         )
         if self.sink is not None:

@@ -35,7 +35,7 @@ from fincluster.client.usage import (
     generation_length,
     requested_dtype,
 )
-from fincluster.errors import ClosedError, ConfigurationError, UsageError
+from fincluster.errors import ClosedError, ConfigurationError, FinclusterError, UsageError
 from fincluster.serving.local import LocalSpanClient
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
@@ -243,10 +243,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         self, span: BlockSpan, *, session_id: str, failed: SpanClient, error: BaseException
     ) -> Sequence[SpanClient]:
         """``HopPlanner``: span clients for ``span`` without ``failed``'s node (which the swarm bans),
-        judged by the same policy and pins as the first routing."""
-        return self.swarm.replace_hops(
-            self._placement_request(), span, session_id=session_id, failed=failed, error=error
-        )
+        judged by the same policy and pins as the first routing. Why the hop failed goes to the audit
+        trail first (a refusal with its decision id, a failed proof or receipt)."""
+        request = self._placement_request()
+        if self.swarm.trail is not None and isinstance(error, FinclusterError):
+            self.swarm.trail.failure(session_id, request, error)
+        return self.swarm.replace_hops(request, span, session_id=session_id, failed=failed, error=error)
 
     def move_hop(self, index: int, node_id: str) -> int:
         """Move hop ``index`` of the active session to server ``node_id`` (same blocks), replaying the
@@ -351,11 +353,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         wire_dtype = self.embed_tokens.weight.dtype
         hidden = hidden.to(wire_dtype).contiguous()
         trail = self.swarm.trail
-        with trail.batch() if trail is not None else contextlib.nullcontext():
+        session_id = session.session_id if session is not None else uuid.uuid4().hex
+        request = self._placement_request()
+        recording = (
+            trail.recording(session_id, request, stateless=session is None)
+            if trail is not None
+            else contextlib.nullcontext()
+        )
+        with recording:  # one transaction per step; a failure is recorded with its reason
             if session is not None:
                 hidden = session.step(hidden, mask, positions)
             else:
-                session_id = uuid.uuid4().hex
                 hidden = chain_forward(
                     self.plan(session_id),
                     hidden,

@@ -6,8 +6,10 @@ from concurrent import futures
 
 import grpc
 
+from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError
 from fincluster.logs import get_logger
+from fincluster.registry.audit_trail import RegistryAuditTrail
 from fincluster.registry.backend import InMemoryRegistry, Registry
 from fincluster.registry.service import RegistryServicer
 from fincluster.trust.enforcement import TrustContext
@@ -29,7 +31,9 @@ class RegistryServer:
         port: int = 0,
         backend: Registry | None = None,
         trust: TrustContext | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
+        """``audit`` receives the announcements accepted and refused (the CLI passes an ``AuditLog``)."""
         self.credential = credential
         self.host = host
         self.port = port
@@ -37,7 +41,7 @@ class RegistryServer:
         if trust is None:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
-        self._servicer = RegistryServicer(self.backend, trust=trust)
+        self._servicer = RegistryServicer(self.backend, trust=trust, audit=RegistryAuditTrail(audit))
         self._grpc: grpc.Server | None = None
         self._closed = False
         self.address: str | None = None

@@ -3,7 +3,7 @@
 Only a server may announce, and only under its own identity: the record's node id must equal the
 SPIFFE id of the certificate that made the call. Then the trust context's announce recipe decides
 (an attestation bound to the caller's key; the announce policy keeps, e.g., unattested nodes off the
-sensitive blocks).
+sensitive blocks). Accepted and refused announcements go to the registry's audit trail.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -25,10 +25,13 @@ from fincluster.errors import (
 )
 from fincluster.logs import get_logger
 from fincluster.net import explain_connection_failure
+from fincluster.registry.audit_trail import RegistryAuditTrail
 from fincluster.registry.backend import Registry
+from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Role, parse_spiffe_id
-from fincluster.trust.tls import peer_certificate, peer_identity
+from fincluster.trust.policy import Decision
+from fincluster.trust.tls import RenewingChannel, peer_certificate, peer_identity
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.status import abort_for
@@ -50,9 +53,12 @@ def _storage(context: grpc.ServicerContext, method: str) -> Iterator[None]:
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    def __init__(self, backend: Registry, *, trust: TrustContext) -> None:
+    def __init__(
+        self, backend: Registry, *, trust: TrustContext, audit: RegistryAuditTrail | None = None
+    ) -> None:
         self._backend = backend
         self._trust = trust
+        self._audit = audit or RegistryAuditTrail(None)
         self._stopping = threading.Event()
 
     def stop_watches(self) -> None:
@@ -64,6 +70,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if role is not Role.SERVER or request.record.node_id != caller:
             log.warning(
                 "announce_refused", caller=caller, record_node=request.record.node_id, reason="identity"
+            )
+            self._audit.refused(
+                caller, request.record, ("a server may announce only its own identity",), None
             )
             abort_for(context, RefusedError("a server may announce only its own identity"), method="Announce")
         if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
@@ -79,14 +88,35 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 InvalidRequestError("record needs address, model_id and a non-empty span"),
                 method="Announce",
             )
+        peer = peer_certificate(context)
         try:
-            self._trust.decide_announce(record, peer_certificate(context)).enforce()
+            claims, decision = self._trust.decide_announce(record, peer)
         except (PolicyError, TrustError) as error:
-            log.warning("announce_refused", node=caller, reason=str(error))
-            abort_for(context, RefusedError("announcement refused by policy"), method="Announce")
+            self._refuse(context, caller, record, (str(error),), None)
+        if not decision.allow:
+            self._refuse(context, caller, record, decision.reasons, decision, claims)
+        self._audit.accepted(record, peer, claims, decision)
         with _storage(context, "Announce"):
             expires = self._backend.announce(record, request.ttl_seconds)
         return pb.AnnounceResponse(expires_at_unix=expires)
+
+    def _refuse(
+        self,
+        context: grpc.ServicerContext,
+        caller: str,
+        record: pb.ServerRecord,
+        reasons: tuple[str, ...],
+        decision: Decision | None,
+        claims: VerifiedClaims | None = None,
+    ) -> NoReturn:
+        log.warning(
+            "announce_refused",
+            node=caller,
+            reasons=list(reasons),
+            decision=decision.decision_id if decision is not None else None,
+        )
+        self._audit.refused(caller, record, reasons, decision, claims)
+        abort_for(context, RefusedError("announcement refused by policy"), method="Announce")
 
     def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:
         if request.node_id != peer_identity(context):
@@ -115,15 +145,28 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
 
 class RegistryClient:
-    """``Registry`` over gRPC, for servers and clients."""
+    """``Registry`` over gRPC, for servers and clients; a :class:`RenewingChannel` follows the
+    caller's certificate renewals and rotations."""
 
     def __init__(
-        self, channel: grpc.Channel, *, timeout_seconds: float = 10.0, address: str | None = None
+        self,
+        channel: grpc.Channel | RenewingChannel,
+        *,
+        timeout_seconds: float = 10.0,
+        address: str | None = None,
     ) -> None:
         """``address`` (the channel's target) names the registry in connection errors."""
-        self._stub = pb_grpc.RegistryServiceStub(channel)
+        self._source = channel
+        self._stubs: tuple[grpc.Channel, pb_grpc.RegistryServiceStub] | None = None
         self._timeout = timeout_seconds
         self.address = address
+
+    @property
+    def _stub(self) -> pb_grpc.RegistryServiceStub:
+        channel = self._source.current() if isinstance(self._source, RenewingChannel) else self._source
+        if self._stubs is None or self._stubs[0] is not channel:
+            self._stubs = (channel, pb_grpc.RegistryServiceStub(channel))
+        return self._stubs[1]
 
     def _rpc(self, name: str, call: Callable[[], T]) -> T:
         try:

@@ -90,6 +90,10 @@ class Announcer:
         self._backoff.reset()
         self._next = now + max(self.ttl_seconds / 3, 0.2)
 
+    def soon(self) -> None:
+        """Announce at the next tick (the record changed, e.g. a new attestation)."""
+        self._next = 0.0
+
     def withdraw(self, node_id: str) -> None:
         if not self.announced:
             return

@@ -1,11 +1,21 @@
 """What a server writes to its own audit log: every transfer it received (digests, never data) with the
-receipt it signed, and every request its policy refused."""
+receipt it signed, every request its policy refused, and how each inference session ended (closed by
+the client, or the stream ended without a close, or it expired idle, or the server shut down)."""
 
 from __future__ import annotations
 
-from fincluster.audit import AuditSink, DenialEvent, TransferEvent, receipt_body, record_event
+from fincluster.audit import (
+    AttestationClaims,
+    AuditSink,
+    DenialEvent,
+    SessionCloseEvent,
+    TransferEvent,
+    receipt_body,
+    record_event,
+)
 from fincluster.serving.guard import Denial
 from fincluster.serving.service import Transfer
+from fincluster.serving.sessions import CLIENT_CLOSED, Session
 from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.policy import Classification, ModelRef
 from fincluster.values import Clock, short_reason, utc_now
@@ -44,14 +54,28 @@ class ServerAuditTrail:
                 model_id=model.id,
                 manifest_digest=model.manifest_sha256 or "0" * 64,
                 node_id=self.node_id,
-                node_tier=self.claims.tier.value if self.claims is not None else None,
                 cert_fingerprint=receipt_body(transfer.receipt).cert_fingerprint,
-                attestation_id=self.claims.attestation_id if self.claims is not None else None,
+                attestation=AttestationClaims.of(self.claims),
                 block_span=transfer.span,
                 num_tokens=transfer.num_tokens,
                 input_sha256=transfer.input_sha256,
                 output_sha256=transfer.output_sha256,
                 receipt=transfer.receipt,
+            ),
+        )
+
+    def session_closed(self, session: Session, reason: str) -> None:
+        """``reason`` as the session manager gives it; "closed" is the client's own close."""
+        by_client = reason == CLIENT_CLOSED
+        record_event(
+            self.sink,
+            SessionCloseEvent(
+                time=self._clock(),
+                observer="server",
+                session_id=session.session_id,
+                client_id=session.client_id,
+                outcome="ok" if by_client else "error",
+                reason="closed by the client" if by_client else short_reason(reason.removeprefix("closed: ")),
             ),
         )
 

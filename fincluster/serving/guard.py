@@ -3,17 +3,17 @@ receipts over what it received and returned."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fincluster.audit import sign_receipt
+from fincluster.audit.node import CredentialSigner
 from fincluster.errors import PolicyDenied
 from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.enforcement import TrustContext, prove_possession
-from fincluster.trust.pki import Credential, SigningKey, certificate_fingerprint, load_signing_key
+from fincluster.trust.pki import Credential
 from fincluster.trust.policy import Decision, ModelRef
 from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
@@ -33,15 +33,6 @@ class Denial:
     span: BlockSpan
     reasons: tuple[str, ...]
     decision_id: str | None
-
-
-@dataclass(frozen=True)
-class SigningIdentity:
-    """The TLS key a server signs with now, its certificate and that certificate's fingerprint."""
-
-    key: SigningKey
-    cert_pem: bytes
-    cert_fingerprint: str
 
 
 class ServeGuard:
@@ -64,9 +55,7 @@ class ServeGuard:
         self.own_claims = own_claims
         self._clock = clock
         self._on_denial = on_denial
-        self._key_lock = threading.Lock()
-        self._key_state: object = None
-        self._identity: SigningIdentity | None = None
+        self.signer = CredentialSigner(credential)  # follows renewal and rotation of the TLS files
 
     def authorize(
         self, client_id: str, classification: str, span: BlockSpan, *, session_id: str | None = None
@@ -107,16 +96,16 @@ class ServeGuard:
         return decision
 
     def prove(self, *, nonce: bytes, session_id: str, client_id: str) -> pb.PossessionProof:
-        identity = self.signing_identity()
+        identity, cert_pem = self.signer.current()
         return prove_possession(
-            identity.key, identity.cert_pem, nonce=nonce, session_id=session_id, client_id=client_id
+            identity.key, cert_pem, nonce=nonce, session_id=session_id, client_id=client_id
         )
 
     def receipt(
         self, *, session_id: str, step: int, span: BlockSpan, input_sha256: str, output_sha256: str
     ) -> pb.Receipt:
         """A receipt signed with the current TLS key, naming its certificate."""
-        identity = self.signing_identity()
+        identity = self.signer.identity()
         return sign_receipt(
             identity.key,
             session_id=session_id,
@@ -125,20 +114,6 @@ class ServeGuard:
             input_sha256=input_sha256,
             output_sha256=output_sha256,
             node_id=self.node_id,
-            cert_fingerprint=identity.cert_fingerprint,
+            cert_fingerprint=identity.cert_fingerprint or "",
             issued_at=self._clock(),
         )
-
-    def signing_identity(self) -> SigningIdentity:
-        """The TLS key and certificate, re-read when their files change (renewal, rotation)."""
-        with self._key_lock:
-            state = self.credential.file_state()
-            if self._identity is None or state != self._key_state:
-                _, cert_pem, key_pem = self.credential.read()
-                self._identity = SigningIdentity(
-                    load_signing_key(key_pem, source=self.credential.key_path),
-                    cert_pem,
-                    certificate_fingerprint(cert_pem),
-                )
-                self._key_state = state
-            return self._identity

@@ -11,11 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from fincluster.audit import AuditSink
-from fincluster.errors import ClosedError, ConfigurationError, TrustError, TrustReason
+from fincluster.errors import ClosedError, ConfigurationError
 from fincluster.logs import get_logger
 from fincluster.net import check_advertised, join_host_port
 from fincluster.registry.backend import Registry
@@ -32,8 +33,9 @@ from fincluster.serving.span_model import SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
-from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE, VerifiedClaims, require_key_binding
+from fincluster.trust.attestation import SIGNED_SOFTWARE_EVIDENCE
 from fincluster.trust.enforcement import TrustContext
+from fincluster.trust.own_attestation import OwnAttestation
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.policy import ModelRef
 from fincluster.trust.tls import server_credentials
@@ -91,18 +93,6 @@ class ServedModel:
         return cls(store.model_id, store.manifest_digest, store.num_blocks)
 
 
-def verify_own_attestation(token: str, credential: Credential, trust: TrustContext) -> VerifiedClaims:
-    """A server refuses to start with an attestation that is invalid, or not bound to its own TLS key."""
-    claims = trust.verifiers.verify(SIGNED_SOFTWARE_EVIDENCE, token.encode(), now=trust.clock())
-    _, cert_pem, _ = credential.read()
-    if claims.node_id != credential.spiffe_id:
-        raise TrustError(
-            TrustReason.WRONG_NODE, f"the attestation is for {claims.node_id}", node_id=credential.spiffe_id
-        )
-    require_key_binding(claims, load_certificate(cert_pem).public_key())
-    return claims
-
-
 class BlockServer:
     def __init__(
         self,
@@ -114,11 +104,12 @@ class BlockServer:
         registry: Registry | None = None,
         registry_address: str | None = None,
         trust: TrustContext | None = None,
-        attestation: str | None = None,
+        attestation: str | Path | None = None,
         audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
     ) -> None:
         """``trust`` is what the server enforces (default: public data only, no revocation list);
+        ``attestation`` is the server's token, or the file it is in (re-read when it changes);
         ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
         ``AuditLog``); ``on_transfer`` is an extra observer (tests). ``registry_address`` names the
         registry in logs and :attr:`announce_status`."""
@@ -141,12 +132,16 @@ class BlockServer:
         if trust is None:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
-        self.attestation = attestation
         if attestation and trust.policy is None:
             raise ConfigurationError(
                 "an attestation needs the trust settings (authority keys, policy) to check it"
             )
-        self.claims = verify_own_attestation(attestation, credential, trust) if attestation else None
+        self._own = None
+        if attestation:
+            token, path = (attestation, None) if isinstance(attestation, str) else (None, attestation)
+            self._own = OwnAttestation(credential, trust, token=token, path=path)
+        self.attestation = self._own.token if self._own else None
+        self.claims = self._own.claims if self._own else None
         model_ref = ModelRef(
             id=served.model_id, num_blocks=served.num_blocks, manifest_sha256=served.manifest_digest
         )
@@ -163,6 +158,7 @@ class BlockServer:
             max_session_length=settings.max_session_length,
             idle_timeout_seconds=settings.session_idle_timeout_seconds,
             wait_seconds=settings.cache_wait_seconds,
+            on_close=self.audit.session_closed,
         )
         self.throughput = 0.0
         self.admission = Admission(
@@ -275,6 +271,11 @@ class BlockServer:
     def _maintain(self) -> None:
         """Refresh the announcement (TTL heartbeat) and expire idle sessions until stopped."""
         while not self._stopping.is_set():
+            if self._own is not None and self._own.refresh():  # a new token, or one no longer valid
+                self.attestation, self.claims = self._own.token, self._own.claims
+                self.guard.own_claims = self.audit.claims = self.claims
+                if self.announcer is not None:
+                    self.announcer.soon()
             for session_id in self.sessions.expire_idle():
                 log.info("session_expired", session=session_id)
             if self.audit.sink is not None:

@@ -364,16 +364,18 @@ class _Stream:
 
     async def _next(self, iterator: AsyncIterator[pb.InferenceRequest]) -> pb.InferenceRequest | None:
         limits = self.servicer._limits
-        first = self.session is None
-        timeout = limits.first_message_seconds if first else limits.idle_seconds
+        timeout = limits.first_message_seconds if self.session is None else limits.idle_seconds
         try:
             return await asyncio.wait_for(anext(iterator), timeout)
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            if first:
+            if self.session is None:
                 raise IdleError(f"no request within {timeout:g} s of opening the stream") from None
-            raise SessionError(f"session expired after {timeout:g} s idle") from None
+            reason = f"expired after {timeout:g} s idle"
+            self.servicer._sessions.close(self.session.session_id, reason=reason)
+            self.session = None
+            raise SessionError(f"session {reason}") from None
 
     async def run(self, iterator: AsyncIterator[pb.InferenceRequest]) -> AsyncIterator[pb.InferenceResponse]:
         servicer = self.servicer
@@ -493,5 +495,7 @@ class _Stream:
 
     def end(self) -> None:
         if self.session is not None:
-            self.servicer._sessions.close(self.session.session_id, reason="closed: stream ended")
+            self.servicer._sessions.close(
+                self.session.session_id, reason="closed: the stream ended without a close"
+            )
             self.session = None

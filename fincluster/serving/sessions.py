@@ -25,6 +25,9 @@ from fincluster.errors import (
 )
 from fincluster.spans import BlockSpan
 
+CLIENT_CLOSED = "closed"
+"""The reason of a session its client closed (every other reason says what ended it)."""
+
 
 class CacheBudget:
     """Bytes of KV cache a server may hold, shared by all of its sessions."""
@@ -88,7 +91,9 @@ class SessionManager:
         idle_timeout_seconds: float,
         wait_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[Session, str], None] | None = None,
     ) -> None:
+        """``on_close`` hears of every session that ends, with why (the server's audit trail)."""
         self._budget = budget
         self._new_cache = new_cache
         self._bytes_per_token = bytes_per_token
@@ -98,6 +103,7 @@ class SessionManager:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._on_close = on_close
 
     def open(
         self,
@@ -153,7 +159,7 @@ class SessionManager:
         session.last_used = self._clock()
         return session
 
-    def close(self, session_id: str, reason: str = "closed") -> None:
+    def close(self, session_id: str, reason: str = CLIENT_CLOSED) -> None:
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is None:
@@ -162,6 +168,8 @@ class SessionManager:
             session.closed_reason = reason
             session.cache = DynamicCache()  # drop the cached keys and values now
         self._budget.release(session.reserved_bytes)
+        if self._on_close is not None:
+            self._on_close(session, reason)
 
     def expire_idle(self) -> list[str]:
         """Close sessions idle past the timeout; returns their ids."""
@@ -172,7 +180,7 @@ class SessionManager:
             self.close(session_id, reason=f"expired after {self._idle_timeout:g} s idle")
         return idle
 
-    def close_all(self, reason: str = "closed: server shutting down") -> None:
+    def close_all(self, reason: str = "closed: the server shut down") -> None:
         with self._lock:
             ids = list(self._sessions)
         for session_id in ids:

@@ -1,9 +1,9 @@
 """Who is who in the swarm: the swarm CA, node certificates, revocation, and mutual TLS for gRPC.
 
 The high-level recipes most code needs: :class:`CertificateAuthority` (``init`` / ``load`` / ``issue``
-/ ``revoke``), :func:`server_credentials` and :func:`channel_credentials` for gRPC,
-:func:`peer_identity` and :class:`PeerCheckInterceptor` on the serving side. ``pki`` and ``tls``
-explain the design.
+/ ``renew`` / ``rotate`` / ``revoke``, and the archive of every certificate it issued),
+:func:`server_credentials` and :func:`channel_credentials` for gRPC, :func:`peer_identity` and
+:class:`PeerCheckInterceptor` on the serving side. ``pki`` and ``tls`` explain the design.
 """
 
 from fincluster.trust.pki import (

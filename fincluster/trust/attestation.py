@@ -319,7 +319,9 @@ def require_key_binding(claims: VerifiedClaims, tls_public_key: PublicKeyTypes) 
     if not secrets.compare_digest(presented, claims.tls_key_sha256):
         raise _rejected(
             TrustReason.KEY_MISMATCH,
-            f"attested key {claims.tls_key_sha256[:16]}…, presented key {presented[:16]}…",
+            f"{claims.node_id} presents TLS key {presented[:16]}… but its attestation "
+            f"{claims.attestation_id} is for key {claims.tls_key_sha256[:16]}…: the node's key changed "
+            "since it was attested (a rotation needs a new attestation)",
             jti=claims.attestation_id,
             node=claims.node_id,
         )

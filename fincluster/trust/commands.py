@@ -121,7 +121,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="manifest.json of the model store the node serves (all the offline machine needs)",
     )
     weights.add_argument("--store", type=Path, help="the model store the node serves (its manifest.json)")
-    issue.add_argument("--ttl", default="24h", help="token lifetime, e.g. 24h or 7d (default 24h)")
+    issue.add_argument(
+        "--ttl",
+        default="7d",
+        help="token lifetime, e.g. 24h or 7d (default 7d; certs/README.md has the cycle)",
+    )
     issue.add_argument("--out", required=True, type=Path, help="token file to write")
     issue.set_defaults(handler=cmd_attest_issue)
 

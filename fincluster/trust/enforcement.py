@@ -205,19 +205,22 @@ class TrustContext:
             ),
         )
 
-    def decide_announce(self, record: pb.ServerRecord, peer: x509.Certificate) -> Decision:
+    def decide_announce(
+        self, record: pb.ServerRecord, peer: x509.Certificate
+    ) -> tuple[VerifiedClaims | None, Decision]:
         """May the caller holding ``peer`` announce ``record``? Its attestation must be valid and bound
-        to the caller's key (TrustError otherwise), and the announce policy must allow the span."""
+        to the caller's key (TrustError otherwise), and the announce policy must allow the span.
+        Returns the verified claims (for the registry's audit trail) with the decision."""
         if self.policy is None:
-            return _local_decision(DecisionKind.ANNOUNCE, allow=True, reasons=())
+            return None, _local_decision(DecisionKind.ANNOUNCE, allow=True, reasons=())
         claims = self.verify_record(record)
         if claims is not None:
             require_key_binding(claims, peer.public_key())
         if record.num_blocks < 1 or record.span.end <= record.span.start:
-            return _local_decision(
+            return claims, _local_decision(
                 DecisionKind.ANNOUNCE, allow=False, reasons=("record has no model size or no blocks",)
             )
-        return self.policy.decide(
+        return claims, self.policy.decide(
             DecisionKind.ANNOUNCE,
             PolicyInput(
                 model=ModelRef(

@@ -9,7 +9,8 @@ A certificates directory looks like this (``certs/README.md`` has the operator's
     ca.pem          the CA certificate: every node's trust anchor
     ca.key          the CA private key (0600): only the operator's machine needs it
     crl.pem         the CA-signed revocation list, re-signed on every revocation
-    nodes/<role>-<name>.pem / .key    issued node material
+    nodes/<role>-<name>.pem / .key    issued node material (the current certificate of each node)
+    issued/<serial>.pem, index.jsonl  every certificate ever issued (the archive)
 
 Identities, per role:
 
@@ -22,9 +23,14 @@ Identities, per role:
   reached that exact node (see :func:`identity_host_name` and ``tls.expected_server_identity``).
   Only names without upper-case letters get one, because host names compare case-insensitively.
 
-Rotation is re-issuance: issuing the same role and name again atomically replaces the files, and a
-running server picks them up on its next handshake (``tls.server_credentials``). Revocation adds the
-serial number to ``crl.pem``; :class:`RevocationList` is how running nodes read it.
+Renewal and rotation: :meth:`CertificateAuthority.renew` re-issues a node's certificate for the key it
+already has (its attestation, bound to the key, stays valid); :meth:`~CertificateAuthority.rotate`
+(like a second ``issue``) gives it a new key and certificate, after which it needs a new attestation.
+Files are replaced atomically, and a running server picks them up on its next handshake
+(``tls.server_credentials``). Every issued certificate is also kept, never overwritten, in the CA's
+archive (``issued/``, :mod:`fincluster.trust.archive`), so that evidence signed under an old
+certificate still verifies. Revocation adds the serial number to ``crl.pem``; :class:`RevocationList`
+is how running nodes read it.
 
 Time is a parameter everywhere (``now=``), so expiry is testable; naive datetimes are refused.
 """
@@ -54,6 +60,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fincluster.errors import CertificateError, ConfigurationError, TrustError, TrustReason
 from fincluster.logs import get_logger
+from fincluster.trust.archive import ISSUED_DIR, CertificateArchive, IssueAction
 
 log = get_logger(__name__)
 
@@ -61,6 +68,17 @@ CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 CRL_FILE = "crl.pem"
 NODES_DIR = "nodes"
+
+#: Default lifetimes (``certs/README.md`` has the renewal cycle built on them): node certificates
+#: live two days and are renewed daily, so a missed renewal leaves a day to notice; the CA lives a year.
+NODE_CERTIFICATE_TTL = timedelta(hours=48)
+CA_TTL = timedelta(days=365)
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+_ISSUE_EVENTS = {
+    IssueAction.ISSUE: "certificate_issued",
+    IssueAction.RENEW: "certificate_renewed",
+    IssueAction.ROTATE: "certificate_rotated",
+}
 
 # Validity starts this much before "now", so a node whose clock is slightly behind the CA's
 # does not reject a certificate that was issued a moment ago.
@@ -151,7 +169,7 @@ class CertificateAuthority:
         directory: Path,
         *,
         trust_domain: str,
-        ttl: timedelta = timedelta(days=365),
+        ttl: timedelta = CA_TTL,
         now: datetime | None = None,
     ) -> CertificateAuthority:
         """Create a new CA (``ca.pem``, ``ca.key``, an empty signed ``crl.pem``) in ``directory``.
@@ -241,24 +259,94 @@ class CertificateAuthority:
             raise CertificateError(f"{directory / CA_CERT_FILE} does not name a SPIFFE trust domain: {ca_id}")
         return cls(directory, trust_domain=trust_domain, certificate=certificate, private_key=private_key)
 
+    @property
+    def archive(self) -> CertificateArchive:
+        """Every node certificate this CA issued (``<directory>/issued/``), kept for verifiers."""
+        return CertificateArchive(self.directory / ISSUED_DIR)
+
     def issue(
         self,
         role: Role,
         name: str,
         *,
-        ttl: timedelta = timedelta(hours=24),
-        hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+        ttl: timedelta = NODE_CERTIFICATE_TTL,
+        hosts: Sequence[str] = DEFAULT_HOSTS,
+        now: datetime | None = None,
+        out_dir: Path | None = None,
+        action: IssueAction = IssueAction.ISSUE,
+    ) -> Credential:
+        """Issue a node certificate with a new key and write the key and the certificate.
+
+        Files go to ``<out_dir or directory/nodes>/<role>-<name>.pem`` and ``.key`` and replace any
+        earlier ones atomically, key first; the certificate is also kept in :attr:`archive`. ``hosts``
+        (DNS names or IP addresses) only apply to servers and the registry; a client certificate is
+        never valid for serving. A certificate never outlives the CA: its lifetime is cut at the CA's
+        expiry. Issuing again for a node that has a certificate is a rotation (:meth:`rotate`).
+        """
+        role = Role(role)
+        private_key = ec.generate_private_key(ec.SECP256R1())
+        certificate = self._sign(role, name, private_key.public_key(), ttl=ttl, hosts=hosts, now=now)
+        credential = self._credential_at(role, name, out_dir)
+        # Key first: a reader that sees the new certificate always finds its key already in place
+        # (tls.server_credentials also refuses a pair that does not match, for the moment in between).
+        _write_atomic(credential.key_path, _private_key_pem(private_key), mode=0o600)
+        self._publish(credential, certificate, action)
+        return credential
+
+    def rotate(
+        self,
+        role: Role,
+        name: str,
+        *,
+        ttl: timedelta = NODE_CERTIFICATE_TTL,
+        hosts: Sequence[str] | None = None,
         now: datetime | None = None,
         out_dir: Path | None = None,
     ) -> Credential:
-        """Issue (or re-issue: that is rotation) a node certificate and write its key and certificate.
+        """Replace a node's key and certificate with new ones (the node then needs a new attestation:
+        attestations bind the key). ``hosts`` default to those of the current certificate."""
+        current = self._current_certificate(Role(role), name, out_dir, now=now)
+        hosts = _host_sans(current, self.trust_domain) if hosts is None else hosts
+        return self.issue(
+            role, name, ttl=ttl, hosts=hosts, now=now, out_dir=out_dir, action=IssueAction.ROTATE
+        )
 
-        Files go to ``<out_dir or directory/nodes>/<role>-<name>.pem`` and ``.key`` and replace any
-        earlier ones atomically, key first. ``hosts`` (DNS names or IP addresses) only apply to servers
-        and the registry; a client certificate is never valid for serving. A certificate never
-        outlives the CA: its lifetime is cut at the CA's expiry.
-        """
+    def renew(
+        self,
+        role: Role,
+        name: str,
+        *,
+        ttl: timedelta = NODE_CERTIFICATE_TTL,
+        hosts: Sequence[str] | None = None,
+        now: datetime | None = None,
+        out_dir: Path | None = None,
+    ) -> Credential:
+        """Re-issue a node's certificate for the key it already has: only the certificate file is
+        replaced, so the node's attestation (bound to the key) stays valid. Needs no private key: the
+        new certificate certifies the public key of the current one, which must be this CA's, for this
+        node, and not revoked. ``hosts`` default to those of the current certificate."""
         role = Role(role)
+        current = self._current_certificate(role, name, out_dir, now=now)
+        public_key = current.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise CertificateError(f"the certificate of {role.value}-{name} has no ECDSA key to renew")
+        hosts = _host_sans(current, self.trust_domain) if hosts is None else hosts
+        certificate = self._sign(role, name, public_key, ttl=ttl, hosts=hosts, now=now)
+        credential = self._credential_at(role, name, out_dir)
+        self._publish(credential, certificate, IssueAction.RENEW)
+        return credential
+
+    def _sign(
+        self,
+        role: Role,
+        name: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        ttl: timedelta,
+        hosts: Sequence[str],
+        now: datetime | None,
+    ) -> x509.Certificate:
+        """A node certificate for ``public_key``, signed by this CA."""
         identity = spiffe_id(self.trust_domain, role, name)
         _check_ttl(ttl)
         now = _now(now)
@@ -271,15 +359,12 @@ class CertificateAuthority:
                 "certificate_lifetime_capped", spiffe_id=identity, ca_not_after=ca_not_after.isoformat()
             )
             not_after = ca_not_after
-
-        private_key = ec.generate_private_key(ec.SECP256R1())
-        public_key = private_key.public_key()
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if role is not Role.CLIENT:
             usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
             names.extend(self._host_names(role, name, hosts))
-        certificate = (
+        return (
             x509.CertificateBuilder()
             .subject_name(
                 x509.Name(
@@ -320,27 +405,51 @@ class CertificateAuthority:
             .sign(self._private_key, hashes.SHA256())
         )
 
+    def _credential_at(self, role: Role, name: str, out_dir: Path | None) -> Credential:
         directory = Path(out_dir) if out_dir is not None else self.nodes_dir
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         stem = f"{role.value}-{name}"
-        credential = Credential(
+        return Credential(
             cert_path=directory / f"{stem}.pem",
             key_path=directory / f"{stem}.key",
             ca_cert_path=self.cert_path,
-            spiffe_id=identity,
+            spiffe_id=spiffe_id(self.trust_domain, role, name),
         )
-        # Key first: a reader that sees the new certificate always finds its key already in place
-        # (tls.server_credentials also refuses a pair that does not match, for the moment in between).
-        _write_atomic(credential.key_path, _private_key_pem(private_key), mode=0o600)
-        _write_atomic(credential.cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+
+    def _current_certificate(
+        self, role: Role, name: str, out_dir: Path | None, *, now: datetime | None
+    ) -> x509.Certificate:
+        """The node's certificate now in place: this CA's, for this node, not revoked."""
+        path = self._credential_at(role, name, out_dir).cert_path
+        if not path.is_file():
+            raise CertificateError(f"{path} does not exist: issue a first certificate with certs issue")
+        current = load_certificate(_read(path))
+        _check_issued_by(current, self.certificate)
+        if spiffe_id_of(current) != spiffe_id(self.trust_domain, role, name):
+            raise CertificateError(f"{path} is not the certificate of {role.value}-{name}")
+        if is_revoked(current, load_crl(self.crl_path, self.certificate, now=now)):
+            raise CertificateError(f"{path} is revoked; issue a new certificate (certs issue) instead")
+        return current
+
+    def _publish(self, credential: Credential, certificate: x509.Certificate, action: IssueAction) -> None:
+        """Archive the certificate (kept for good), then put it in place for the node."""
+        cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        with _exclusive_lock(self.directory):
+            self.archive.add(
+                certificate,
+                spiffe_id=credential.spiffe_id,
+                fingerprint=certificate_fingerprint(cert_pem),
+                key_sha256=public_key_digest(cert_pem),
+                action=action,
+            )
+        _write_atomic(credential.cert_path, cert_pem)
         log.info(
-            "certificate_issued",
-            spiffe_id=identity,
+            _ISSUE_EVENTS[action],
+            spiffe_id=credential.spiffe_id,
             serial=f"{certificate.serial_number:x}",
             not_after=certificate.not_valid_after_utc.isoformat(),
             cert_path=str(credential.cert_path),
         )
-        return credential
 
     def revoke(
         self,
@@ -504,7 +613,7 @@ def certificate_fingerprint(cert_pem: bytes) -> str:
 def public_key_digest(cert_pem: bytes) -> str:
     """SHA-256 hex of the certificate's SubjectPublicKeyInfo DER: what attestations bind to.
 
-    It survives re-issuance only if the key does; ``issue`` makes a new key every time.
+    It survives :meth:`CertificateAuthority.renew` (same key), not ``issue`` or ``rotate`` (new key).
     """
     spki = (
         load_certificate(cert_pem)
@@ -608,6 +717,18 @@ def _single_spiffe_uri(cert: x509.Certificate) -> str:
     if len(uris) != 1:
         raise CertificateError(f"the certificate must carry exactly one spiffe:// URI SAN, found {len(uris)}")
     return uris[0]
+
+
+def _host_sans(cert: x509.Certificate, trust_domain: str) -> tuple[str, ...]:
+    """The DNS and IP names a node certificate is valid for, less its identity host name (re-added
+    by every issuance): what a renewal or rotation keeps."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    identity = tuple(f".{role.value}.{trust_domain}" for role in Role)  # never granted as a host
+    dns = [name for name in san.get_values_for_type(x509.DNSName) if not name.lower().endswith(identity)]
+    return (*dns, *(str(address) for address in san.get_values_for_type(x509.IPAddress)))
 
 
 def _check_issued_by(cert: x509.Certificate, ca_certificate: x509.Certificate) -> None:

@@ -8,7 +8,9 @@ What each side gets:
   rotation keep the old certificate until they close; set the server option
   ``grpc.max_connection_age_ms`` well below the certificate lifetime to bound that.
 * :func:`channel_credentials` — clients present their own certificate and trust only the swarm CA.
-  The files are read when it is called: after a rotation, build new credentials and a new channel.
+  The files are read when it is called: after a rotation, build new credentials and a new channel;
+  :class:`RenewingChannel` does that by itself (a server's channel to the registry uses it, so that
+  after a rotation the registry sees the key the server's new attestation is bound to).
 * :func:`expected_server_identity` — channel options that make the TLS handshake check *which* server
   answered. gRPC checks the target host against the server certificate's DNS/IP SANs, and every
   server certificate carries ``127.0.0.1`` and ``localhost``, so on its own the handshake only proves
@@ -79,6 +81,35 @@ def channel_credentials(credential: Credential) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
+
+
+class RenewingChannel:
+    """A channel to one address whose TLS credentials follow the node's certificate files: the next
+    call after a renewal or rotation goes over a new channel (the old one is left to finish)."""
+
+    def __init__(
+        self, address: str, credential: Credential, *, options: tuple[tuple[str, Any], ...] = ()
+    ) -> None:
+        self.address = address
+        self.credential = credential
+        self._options = options
+        self._lock = threading.Lock()
+        self._state: object = None
+        self._channel: grpc.Channel | None = None
+
+    def current(self) -> grpc.Channel:
+        with self._lock:
+            state = self.credential.file_state()
+            if self._channel is None or state != self._state:
+                try:
+                    credentials = channel_credentials(self.credential)
+                except CertificateError:
+                    if self._channel is None:
+                        raise
+                    return self._channel  # key and certificate are being replaced: keep the old pair
+                self._channel = grpc.secure_channel(self.address, credentials, options=self._options)
+                self._state = state
+            return self._channel
 
 
 def expected_server_identity(spiffe_id: str) -> tuple[tuple[str, str], ...]:

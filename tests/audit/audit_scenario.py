@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fincluster.audit import (
+    AttestationClaims,
     AttestationFailureEvent,
     DenialEvent,
     FailoverEvent,
@@ -124,9 +125,8 @@ class Swarm:
             model_id=MODEL,
             manifest_digest=MANIFEST,
             node_id=node_id,
-            node_tier=self.tiers[node_id],
             cert_fingerprint=cert_fingerprint(node_id),
-            attestation_id=f"att-{node_id.rsplit('/', 1)[-1]}-1",
+            attestation=self.claims(node_id),
             block_span=block_span,
             num_tokens=num_tokens,
             input_sha256=sha256_hex(sent),
@@ -143,9 +143,23 @@ class Swarm:
         return RouteHop(
             block_span=BlockSpan(start=span[0], end=span[1]),
             node_id=node_id,
-            node_tier=self.tiers[node_id],
-            attestation_id=f"att-{node_id.rsplit('/', 1)[-1]}-1",
+            attestation=self.claims(node_id),
             policy_decision_id=f"dec-{session_id}-{node_id.rsplit('/', 1)[-1]}",
+        )
+
+    def claims(self, node_id: str) -> AttestationClaims:
+        """What the node's (stand-in) attestation says: its tier, in Frankfurt, valid for a day."""
+        return AttestationClaims(
+            attestation_id=f"att-{node_id.rsplit('/', 1)[-1]}-1",
+            tier=self.tiers[node_id],
+            zone="eu-fra",
+            hardware="h100-cc" if self.tiers[node_id] == "trusted" else "l40s",
+            software_version="fincluster-0.1.0",
+            model_manifest_sha256=MANIFEST,
+            authority_key_id="authority-key-2025",
+            evidence_kind="signed-software",
+            issued_at=T0 - timedelta(hours=1),
+            expires_at=T0 + timedelta(days=1),
         )
 
 

@@ -7,6 +7,8 @@ import fincluster.audit as audit
 
 def test_public_api_is_pinned() -> None:
     assert sorted(audit.__all__) == [
+        "AnnounceEvent",
+        "AttestationClaims",
         "AttestationFailureEvent",
         "AuditEvent",
         "AuditLog",

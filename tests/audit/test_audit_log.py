@@ -8,7 +8,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from audit_scenario import CLIENT, NODE_A, FakeClock, Swarm, check_vector, ed25519_key, p256_key
+from audit_scenario import (
+    CLIENT,
+    NODE_A,
+    FakeClock,
+    Swarm,
+    cert_fingerprint,
+    check_vector,
+    ed25519_key,
+    p256_key,
+)
 
 from fincluster.audit import (
     AuditLog,
@@ -21,6 +30,7 @@ from fincluster.audit import (
 )
 from fincluster.audit.checkpoints import sign_checkpoint
 from fincluster.audit.merkle import EMPTY_ROOT, Frontier, leaf_hash, verify_consistency, verify_inclusion
+from fincluster.audit.signing import SignerIdentity
 from fincluster.errors import AuditError, ClosedError, ConfigurationError
 
 
@@ -261,14 +271,14 @@ def test_jsonl_export_reproduces_the_stored_records(tmp_path, writer_key, clock,
 
 
 def test_checkpoint_matches_the_known_answer_vector() -> None:
-    """Pins the checkpoint format: canonical body and Ed25519 signature over a fixed tree."""
+    """Pins the checkpoint format: canonical body (naming the signer's key and certificate) and the
+    Ed25519 signature over a fixed tree."""
     frontier = Frontier()
     for i in range(5):
         frontier.append(leaf_hash(f"record {i}".encode()))
     clock = FakeClock()
-    checkpoint = sign_checkpoint(
-        ed25519_key("client audit writer"), origin="client.analyst-1", frontier=frontier, time=clock()
-    )
+    signer = SignerIdentity.of(ed25519_key("client audit writer"), cert_fingerprint=cert_fingerprint(CLIENT))
+    checkpoint = sign_checkpoint(signer, origin="client.analyst-1", frontier=frontier, time=clock())
     check_vector(
         "checkpoint.json",
         {

@@ -123,7 +123,14 @@ def test_html_shows_integrity_first_and_is_well_formed(report) -> None:
     parser.feed(html)
     assert parser.problems == [] and parser.open == []
     assert parser.sections[0] == "integrity"
-    assert parser.sections[1:4] == ["summary", "sessions", "nodes"]
+    assert parser.sections[1:] == [
+        "summary",
+        "sessions",
+        "people",
+        "nodes",
+        "unattributed",
+        "glossary",
+    ]
     assert "Integrity: VERIFIED" in html
 
 

@@ -203,24 +203,23 @@ def test_the_browser_dom_shows_integrity_first_and_the_reports_numbers(
     assert data["integrity"]["root_hash"] in text
     totals = data["totals"]
     assert (totals["sessions"], totals["nodes"], totals["tokens"]) == (3, 4, 72)
-    summary_row = " ".join(
-        str(totals[key])
-        for key in (
-            "events",
-            "sessions",
-            "nodes",
-            "transfers",
-            "tokens",
-            "failovers",
-            "denials",
-            "attestation_failures",
-        )
-    )
-    assert summary_row in text
+    for key, label in (
+        ("events", "Events"),
+        ("sessions", "Sessions"),
+        ("failed_sessions", "Failed sessions"),
+        ("nodes", "Nodes"),
+        ("transfers", "Transfers"),
+        ("tokens", "Tokens"),
+        ("failovers", "Failovers"),
+        ("denials", "Denials"),
+        ("attestation_failures", "Attestation failures"),
+    ):
+        assert f"{totals[key]} {label}" in text
     for node in data["nodes"]:
         assert node["node_id"] in text
     for session in data["sessions"]:
-        assert f"Session {session['session_id']}" in text
+        name = session["client_id"].rsplit("/", 1)[1]
+        assert f"{session['session_id']} client {name} · {session['department']}" in text  # its line
         assert f"Transfers / tokens {session['transfers']} / {session['tokens']}" in text
 
 

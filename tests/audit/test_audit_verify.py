@@ -39,7 +39,9 @@ def rows(db: sqlite3.Connection) -> list[tuple[int, bytes, bytes, str, bytes]]:
 
 def rewrite(db: sqlite3.Connection, new_rows: list[tuple[int, bytes, bytes, str, bytes]]) -> None:
     db.execute("DELETE FROM records")
-    db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", new_rows)
+    db.executemany(
+        "INSERT INTO records (idx, body, leaf_hash, key_id, seal) VALUES (?, ?, ?, ?, ?)", new_rows
+    )
 
 
 # -- mutations: each changes the file and returns the index verify must name (None: no record) --------
