@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from fincluster.errors import ConfigurationError
+
 
 class Backoff:
     """``next_delay()`` gives ``initial``, ``2·initial``, ``4·initial`` … (each jittered), capped at
@@ -24,7 +26,7 @@ class Backoff:
         uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
         if not 0 < initial <= maximum or factor < 1:
-            raise ValueError("need 0 < initial <= maximum and factor >= 1")
+            raise ConfigurationError("backoff needs 0 < initial <= maximum and factor >= 1")
         self.initial = initial
         self.maximum = maximum
         self.factor = factor

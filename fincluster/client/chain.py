@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
-from fincluster.client.failover import Backoff, is_node_failure
+from fincluster.backoff import Backoff
+from fincluster.client.failover import is_node_failure
 from fincluster.client.transport import SpanClient, SpanSessionClient
 from fincluster.errors import (
     ClosedError,
@@ -61,8 +62,15 @@ class FailoverPolicy:
     """How many replacements to try for one failed hop, and how long to wait between tries."""
 
     attempts: int = 3
-    backoff: Backoff = field(default_factory=lambda: Backoff(0.2, 2.0))
+    backoff_seconds: float = 0.2
+    backoff_max_seconds: float = 2.0
     sleep: Callable[[float], None] = time.sleep
+
+    def backoff(self) -> Backoff:
+        """A fresh series of waits for one failed hop."""
+        return Backoff(
+            initial=self.backoff_seconds, maximum=max(self.backoff_seconds, self.backoff_max_seconds)
+        )
 
 
 FailoverListener = Callable[[str, BlockSpan, str, Sequence[SpanClient], BaseException, int], None]
@@ -81,10 +89,11 @@ def _replacements(
 ) -> Sequence[SpanClient]:
     """Replacements for ``failed`` on which ``rebuild`` succeeded, trying again (with backoff) when a
     replacement fails too; raises the last error once the attempts are used up."""
+    waits = policy.backoff()
     for attempt in range(policy.attempts):
         log.warning("hop_failed", node=failed.node_id, blocks=str(span), session=session_id, error=str(error))
         if attempt:
-            policy.sleep(policy.backoff.seconds(attempt - 1))
+            policy.sleep(waits.next_delay())
         try:
             clients = planner.replace(span, session_id=session_id, failed=failed, error=error)
         except RoutingError as no_route:

@@ -1,5 +1,5 @@
 """When a hop fails: which errors move its blocks to another node, how long the failed node is avoided,
-and how long to wait between attempts.
+and how long to wait between attempts (``fincluster.backoff``).
 
 A node that cannot be reached, does not answer in time, lost the session, is full, is now refused by
 policy, or sent something that does not verify is *failed*: the client bans it for a while and asks
@@ -10,11 +10,9 @@ are raised to the caller.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 
@@ -42,19 +40,6 @@ def is_node_failure(error: BaseException) -> bool:
         error,
         UnavailableError | SessionError | CapacityError | RefusedError | TrustError | InvalidResponseError,
     ) or (isinstance(error, RemoteError) and error.status is not None)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Waits that double from ``base_seconds`` up to ``max_seconds``, with up to 50 % random jitter."""
-
-    base_seconds: float
-    max_seconds: float
-    jitter: Callable[[], float] = random.random
-
-    def seconds(self, attempt: int) -> float:
-        wait: float = min(self.base_seconds * 2**attempt, self.max_seconds)
-        return wait * (0.5 + 0.5 * self.jitter())
 
 
 class Bans:

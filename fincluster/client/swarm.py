@@ -17,7 +17,7 @@ from fincluster.audit import AuditLog, AuditSettings, AuditSink
 from fincluster.audit.node import open_node_audit_log
 from fincluster.client.audit_trail import ClientAuditTrail
 from fincluster.client.chain import FailoverPolicy
-from fincluster.client.failover import Backoff, Bans
+from fincluster.client.failover import Bans
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
 from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
@@ -149,9 +149,8 @@ class Swarm:
         self.bans = Bans(self.settings.ban_seconds)
         self.failover = FailoverPolicy(
             attempts=self.settings.failover_attempts,
-            backoff=Backoff(
-                self.settings.failover_backoff_seconds, self.settings.failover_backoff_max_seconds
-            ),
+            backoff_seconds=self.settings.failover_backoff_seconds,
+            backoff_max_seconds=self.settings.failover_backoff_max_seconds,
         )
         self._credentials = channel_credentials(credential)
         self._channels: dict[str, grpc.Channel] = {}
