@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from concurrent import futures
-
-import grpc
+from collections.abc import Callable
 
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError
 from fincluster.logs import get_logger
+from fincluster.net import join_host_port
 from fincluster.registry.audit_trail import RegistryAuditTrail
 from fincluster.registry.backend import InMemoryRegistry, Registry
 from fincluster.registry.service import RegistryServicer
+from fincluster.rpc import AioServerThread, run_on_loop
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, load_certificate
-from fincluster.trust.tls import PeerCheckInterceptor, server_credentials
+from fincluster.trust.tls import server_credentials
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 
 log = get_logger(__name__)
@@ -42,25 +42,21 @@ class RegistryServer:
             trust = TrustContext.public_only(load_certificate(credential.read()[0]))
         self.trust = trust
         self._servicer = RegistryServicer(self.backend, trust=trust, audit=RegistryAuditTrail(audit))
-        self._grpc: grpc.Server | None = None
+        self._grpc: AioServerThread | None = None
         self._closed = False
         self.address: str | None = None
 
     def start(self) -> str:
         if self._closed:
             raise ClosedError("this registry was stopped; create a new one")
-        interceptors = []
-        if self.trust.revocations is not None:
-            interceptors.append(PeerCheckInterceptor(self.trust.revocations))
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-rpc"),
-            interceptors=interceptors,
+        self._grpc = AioServerThread(
+            lambda server: pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server),  # type: ignore[no-untyped-call]
+            address=f"{self.host}:{self.port}",
+            credentials=server_credentials(self.credential),
+            name="registry-rpc",
         )
-        pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
-        port = server.add_secure_port(f"{self.host}:{self.port}", server_credentials(self.credential))
-        server.start()
-        self._grpc = server
-        self.address = f"{self.host}:{port}"
+        port = self._grpc.start()
+        self.address = join_host_port(self.host, port)
         log.info("registry_started", address=self.address)
         return self.address
 
@@ -68,13 +64,13 @@ class RegistryServer:
         if self._closed:
             return
         self._closed = True
-        self._servicer.stop_watches()
         if self._grpc is not None:
-            self._grpc.stop(grace_seconds).wait()
+            run_on_loop(_call_soon(self._servicer.stop_watches), timeout=10)
+            self._grpc.stop(grace_seconds)
 
     def wait(self) -> None:
         if self._grpc is not None:
-            self._grpc.wait_for_termination()
+            self._grpc.wait()
 
     def __enter__(self) -> RegistryServer:
         self.start()
@@ -82,3 +78,8 @@ class RegistryServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _call_soon(function: Callable[[], None]) -> None:
+    """Run ``function`` on the event loop (the watch hubs' queues belong to it)."""
+    function()

@@ -8,14 +8,20 @@ sensitive blocks). Accepted and refused announcements go to the registry's audit
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import grpc
+from cryptography import x509
 
+from fincluster.admission import Admission, Limits
+from fincluster.backoff import Backoff
 from fincluster.errors import (
+    CertificateError,
     InvalidRequestError,
     PolicyError,
     RefusedError,
@@ -29,12 +35,12 @@ from fincluster.registry.audit_trail import RegistryAuditTrail
 from fincluster.registry.backend import Registry
 from fincluster.trust.attestation import VerifiedClaims
 from fincluster.trust.enforcement import TrustContext
-from fincluster.trust.pki import Role, parse_spiffe_id
+from fincluster.trust.pki import Role, parse_spiffe_id, spiffe_id_of
 from fincluster.trust.policy import Decision
-from fincluster.trust.tls import RenewingChannel, peer_certificate, peer_identity
+from fincluster.trust.tls import RenewingChannel, check_certificate_current, peer_certificate
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.status import abort_for
+from fincluster.wire.status import answer_for
 
 log = get_logger(__name__)
 
@@ -42,67 +48,158 @@ MAX_TTL_SECONDS = 300
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def _storage(context: grpc.ServicerContext, method: str) -> Iterator[None]:
-    """A failing backend (etcd down) reaches the caller as a retryable UNAVAILABLE; the reason is logged."""
-    try:
-        yield
-    except RegistryError as error:
-        log.warning("registry_storage_failed", error=str(error))
-        abort_for(context, UnavailableError("registry storage unavailable; retry later"), method=method)
+@dataclass(frozen=True)
+class RegistryLimits:
+    """What one peer may hold open on the registry: its heartbeats and lists must never starve."""
+
+    max_watches: int = 256
+    max_watches_per_peer: int = 4
+    max_calls_per_peer: int = 16
+
+
+class _WatchHub:
+    """One backend watch per model, fanned out to every Watch stream of that model: a stream is a
+    queue, not a thread. The hub's thread ends when its last subscriber leaves."""
+
+    def __init__(self, backend: Registry, model_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._backend = backend
+        self._model_id = model_id
+        self._loop = loop
+        self._subscribers: set[asyncio.Queue[pb.RegistryEvent | None]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"registry-watch-{model_id}", daemon=True)
+        self._thread.start()
+
+    def subscribe(self) -> asyncio.Queue[pb.RegistryEvent | None]:
+        queue: asyncio.Queue[pb.RegistryEvent | None] = asyncio.Queue(maxsize=1024)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[pb.RegistryEvent | None]) -> bool:
+        """Forget ``queue``; True when no subscriber is left (the hub then stops)."""
+        self._subscribers.discard(queue)
+        if not self._subscribers:
+            self._stop.set()
+            return True
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        for queue in list(self._subscribers):
+            self._deliver(queue, None)
+
+    def _deliver(self, queue: asyncio.Queue[pb.RegistryEvent | None], event: pb.RegistryEvent | None) -> None:
+        def put() -> None:
+            if queue.full():  # a reader that does not read loses its stream, not the others' events
+                self._subscribers.discard(queue)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+                queue.put_nowait(None)
+                return
+            queue.put_nowait(event)
+
+        self._loop.call_soon_threadsafe(put)
+
+    def _pump(self) -> None:
+        waits = Backoff(initial=0.5, maximum=5.0)
+        while not self._stop.is_set():
+            try:
+                for event in self._backend.watch(self._model_id, self._stop):
+                    for queue in list(self._subscribers):
+                        self._deliver(queue, event)
+                    waits.reset()
+            except RegistryError as error:
+                log.warning("registry_watch_failed", model=self._model_id, error=str(error))
+                self._stop.wait(waits.next_delay())
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    """The registry's handlers (``grpc.aio``): every call authenticated (revocation, expiry) and
+    bounded per peer; backend calls run off the event loop; watches share one backend watch."""
+
     def __init__(
-        self, backend: Registry, *, trust: TrustContext, audit: RegistryAuditTrail | None = None
+        self,
+        backend: Registry,
+        *,
+        trust: TrustContext,
+        audit: RegistryAuditTrail | None = None,
+        limits: RegistryLimits | None = None,
     ) -> None:
         self._backend = backend
         self._trust = trust
         self._audit = audit or RegistryAuditTrail(None)
-        self._stopping = threading.Event()
+        self._limits = limits or RegistryLimits()
+        self._admission = Admission(
+            Limits(
+                max_streams=self._limits.max_watches,
+                max_streams_per_client=self._limits.max_watches_per_peer,
+                max_calls_per_client=self._limits.max_calls_per_peer,
+            )
+        )
+        self._hubs: dict[str, _WatchHub] = {}
 
     def stop_watches(self) -> None:
-        self._stopping.set()
+        for hub in list(self._hubs.values()):
+            hub.stop()
+        self._hubs.clear()
 
-    def Announce(self, request: pb.AnnounceRequest, context: grpc.ServicerContext) -> pb.AnnounceResponse:
-        caller = peer_identity(context)
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, x509.Certificate]:
+        try:
+            certificate = peer_certificate(context)  # type: ignore[arg-type]
+            check_certificate_current(certificate, self._trust.revocations, now=self._trust.clock())
+            return spiffe_id_of(certificate), certificate
+        except (CertificateError, TrustError) as error:
+            log.warning("peer_rejected", peer=context.peer(), reason=str(error))
+            raise _Unauthenticated() from None
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except _Unauthenticated:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted")
+        except RegistryError as error:  # etcd down: a retryable UNAVAILABLE; the reason is logged
+            log.warning("registry_storage_failed", error=str(error))
+            await context.abort(
+                *answer_for(UnavailableError("registry storage unavailable; retry later"), method=method)
+            )
+        except Exception as error:
+            await context.abort(*answer_for(error, method=method))
+        raise AssertionError("context.abort returned")  # pragma: no cover - grpc always raises
+
+    async def Announce(
+        self, request: pb.AnnounceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AnnounceResponse:
+        async def work() -> pb.AnnounceResponse:
+            caller, peer = self._authenticate(context)
+            with self._admission.call(caller):
+                return await asyncio.to_thread(self._announce, request, caller, peer)
+
+        return await self._answer(context, "Announce", work())
+
+    def _announce(
+        self, request: pb.AnnounceRequest, caller: str, peer: x509.Certificate
+    ) -> pb.AnnounceResponse:
         _, role, _ = parse_spiffe_id(caller)
-        if role is not Role.SERVER or request.record.node_id != caller:
-            log.warning(
-                "announce_refused", caller=caller, record_node=request.record.node_id, reason="identity"
-            )
-            self._audit.refused(
-                caller, request.record, ("a server may announce only its own identity",), None
-            )
-            abort_for(context, RefusedError("a server may announce only its own identity"), method="Announce")
-        if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
-            abort_for(
-                context,
-                InvalidRequestError(f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}"),
-                method="Announce",
-            )
         record = request.record
+        if role is not Role.SERVER or record.node_id != caller:
+            log.warning("announce_refused", caller=caller, record_node=record.node_id, reason="identity")
+            self._audit.refused(caller, record, ("a server may announce only its own identity",), None)
+            raise RefusedError("a server may announce only its own identity")
+        if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidRequestError(f"ttl_seconds must be within 1..{MAX_TTL_SECONDS}")
         if not record.address or not record.model_id or record.span.end <= record.span.start:
-            abort_for(
-                context,
-                InvalidRequestError("record needs address, model_id and a non-empty span"),
-                method="Announce",
-            )
-        peer = peer_certificate(context)
+            raise InvalidRequestError("record needs address, model_id and a non-empty span")
         try:
             claims, decision = self._trust.decide_announce(record, peer)
         except (PolicyError, TrustError) as error:
-            self._refuse(context, caller, record, (str(error),), None)
+            self._refuse(caller, record, (str(error),), None)
         if not decision.allow:
-            self._refuse(context, caller, record, decision.reasons, decision, claims)
+            self._refuse(caller, record, decision.reasons, decision, claims)
         self._audit.accepted(record, peer, claims, decision)
-        with _storage(context, "Announce"):
-            expires = self._backend.announce(record, request.ttl_seconds)
-        return pb.AnnounceResponse(expires_at_unix=expires)
+        return pb.AnnounceResponse(expires_at_unix=self._backend.announce(record, request.ttl_seconds))
 
     def _refuse(
         self,
-        context: grpc.ServicerContext,
         caller: str,
         record: pb.ServerRecord,
         reasons: tuple[str, ...],
@@ -116,32 +213,61 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             decision=decision.decision_id if decision is not None else None,
         )
         self._audit.refused(caller, record, reasons, decision, claims)
-        abort_for(context, RefusedError("announcement refused by policy"), method="Announce")
+        raise RefusedError("announcement refused by policy")
 
-    def Withdraw(self, request: pb.WithdrawRequest, context: grpc.ServicerContext) -> pb.WithdrawResponse:
-        if request.node_id != peer_identity(context):
-            abort_for(context, RefusedError("a server may withdraw only its own record"), method="Withdraw")
-        with _storage(context, "Withdraw"):
-            self._backend.withdraw(request.node_id)
-        return pb.WithdrawResponse()
+    async def Withdraw(
+        self, request: pb.WithdrawRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WithdrawResponse:
+        async def work() -> pb.WithdrawResponse:
+            caller, _ = self._authenticate(context)
+            if request.node_id != caller:
+                raise RefusedError("a server may withdraw only its own record")
+            with self._admission.call(caller):
+                await asyncio.to_thread(self._backend.withdraw, request.node_id)
+            return pb.WithdrawResponse()
 
-    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        with _storage(context, "List"):
-            return pb.ListResponse(records=self._backend.list(request.model_id))
+        return await self._answer(context, "Withdraw", work())
 
-    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RegistryEvent]:
-        done = threading.Event()
-        context.add_callback(done.set)
-        stop = threading.Event()
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
+        async def work() -> pb.ListResponse:
+            caller, _ = self._authenticate(context)
+            with self._admission.call(caller):
+                records = await asyncio.to_thread(self._backend.list, request.model_id)
+            return pb.ListResponse(records=records)
 
-        def relay() -> None:
-            while not (done.wait(0.2) or self._stopping.is_set()):
-                pass
-            stop.set()
+        return await self._answer(context, "List", work())
 
-        threading.Thread(target=relay, daemon=True, name="registry-watch-relay").start()
-        with _storage(context, "Watch"):
-            yield from self._backend.watch(request.model_id, stop)
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RegistryEvent]:
+        hub: _WatchHub | None = None
+        with contextlib.ExitStack() as held:
+            try:
+                caller, _ = self._authenticate(context)
+                held.enter_context(self._admission.stream(caller))
+                hub = self._hubs.get(request.model_id)
+                if hub is None:
+                    hub = self._hubs[request.model_id] = _WatchHub(
+                        self._backend, request.model_id, asyncio.get_running_loop()
+                    )
+                queue = hub.subscribe()
+                current = await asyncio.to_thread(self._backend.list, request.model_id)
+            except _Unauthenticated:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted")
+            except Exception as error:
+                await context.abort(*answer_for(error, method="Watch"))
+            try:
+                for record in current:
+                    yield pb.RegistryEvent(kind=pb.RegistryEvent.PUT, record=record)
+                while (event := await queue.get()) is not None:
+                    yield event
+            finally:
+                if hub is not None and hub.unsubscribe(queue):
+                    self._hubs.pop(request.model_id, None)
+
+
+class _Unauthenticated(Exception):
+    """The caller's certificate is not (or no longer) accepted."""
 
 
 class RegistryClient:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from fincluster.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError
 from fincluster.logs import get_logger
 from fincluster.net import check_advertised, join_host_port
 from fincluster.registry.backend import Registry
 from fincluster.rpc import AioServerThread
-from fincluster.serving.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.guard import ServeGuard

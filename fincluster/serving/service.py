@@ -1,7 +1,7 @@
 """gRPC transport of a block server (``grpc.aio``): authenticate, admit, authorise, queue, answer.
 
 Every handler is a coroutine, so an idle stream holds no thread. A call first passes
-:class:`~fincluster.serving.admission.Admission` (per-client and per-department limits), then the
+:class:`~fincluster.admission.Admission` (per-client and per-department limits), then the
 serve policy (again during sessions), then waits for its turn on the
 :class:`~fincluster.serving.scheduler.ComputeQueue`, where the computation, its encoding, digests and
 receipt are made. The server's audit record is written by :class:`AuditWriter` off the response path;
@@ -25,6 +25,7 @@ from typing import TypeVar
 import grpc
 from cryptography import x509
 
+from fincluster.admission import Admission
 from fincluster.errors import (
     CertificateError,
     IdleError,
@@ -35,7 +36,6 @@ from fincluster.errors import (
     WireError,
 )
 from fincluster.logs import get_logger
-from fincluster.serving.admission import Admission
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.scheduler import ComputeQueue, Priority
@@ -43,7 +43,7 @@ from fincluster.serving.sessions import Session, SessionManager
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import MIN_NONCE_BYTES
 from fincluster.trust.pki import RevocationList, spiffe_id_of
-from fincluster.trust.tls import peer_certificate
+from fincluster.trust.tls import check_certificate_current, peer_certificate
 from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
@@ -168,11 +168,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted") from None
 
     def _check_peer(self, certificate: x509.Certificate) -> None:
-        now = self._clock()
-        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise CertificateError("peer certificate outside its validity period")
-        if self._revocations is not None and self._revocations.is_revoked(certificate, now=now):
-            raise CertificateError(f"peer certificate (serial {certificate.serial_number:x}) is revoked")
+        check_certificate_current(certificate, self._revocations, now=self._clock())
 
     def _ready(self) -> None:
         if self._audit.failure is not None:  # fail closed: no record, no service
@@ -449,7 +445,7 @@ class _Stream:
         and the serve decision again once the last one is a few seconds old."""
         try:
             self.servicer._check_peer(self.certificate)
-        except CertificateError as error:
+        except TrustError as error:
             log.warning("peer_rejected", session=session.session_id, reason=str(error))
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted") from None
         if time.monotonic() >= self.authorized_until:

@@ -3,7 +3,8 @@
 The high-level recipes most code needs: :class:`CertificateAuthority` (``init`` / ``load`` / ``issue``
 / ``renew`` / ``rotate`` / ``revoke``, and the archive of every certificate it issued),
 :func:`server_credentials` and :func:`channel_credentials` for gRPC, :func:`peer_identity` and
-:class:`PeerCheckInterceptor` on the serving side. ``pki`` and ``tls`` explain the design.
+:func:`check_certificate_current` (every call, every session step) on the serving side. ``pki`` and
+``tls`` explain the design.
 """
 
 from fincluster.trust.pki import (
@@ -23,8 +24,8 @@ from fincluster.trust.pki import (
     spiffe_id_of,
 )
 from fincluster.trust.tls import (
-    PeerCheckInterceptor,
     channel_credentials,
+    check_certificate_current,
     check_peer_not_revoked,
     expected_server_identity,
     peer_certificate,
@@ -35,11 +36,11 @@ from fincluster.trust.tls import (
 __all__ = [
     "CertificateAuthority",
     "Credential",
-    "PeerCheckInterceptor",
     "RevocationList",
     "Role",
     "certificate_fingerprint",
     "channel_credentials",
+    "check_certificate_current",
     "check_peer_not_revoked",
     "expected_server_identity",
     "identity_host_name",

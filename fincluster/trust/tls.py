@@ -28,13 +28,13 @@ Revocation. gRPC Python cannot consult a CRL during the handshake, so it is enfo
 * :func:`check_peer_not_revoked` takes the client certificate that TLS already verified from the
   call's auth context and refuses it if it is revoked, or expired since the connection was opened
   (HTTP/2 connections outlive short certificates). It returns the peer's SPIFFE id.
-* :class:`PeerCheckInterceptor` runs that check before every handler of a (synchronous) gRPC server,
-  so a revoked node is cut off at its next call even on a connection it already has. The peer sees
-  only ``UNAUTHENTICATED``; the reason goes to the local log.
+* The servers (block servers and the registry, both ``grpc.aio``) run
+  :func:`check_certificate_current` at the start of every call and again at every step of an
+  inference session, so a revoked node is cut off at its next call or step even on a connection or
+  stream it already has. The peer sees only ``UNAUTHENTICATED``; the reason goes to the local log.
 
 Clients check a server's certificate against the CRL when the server presents it in the signed
-proof at session open (the transport cannot show it to them). ``grpc.aio`` servers call
-:func:`check_peer_not_revoked` themselves (the interceptor here is for synchronous servers).
+proof at session open (the transport cannot show it to them).
 
 What a refused peer sees (gRPC 1.85): every failure in the handshake — no client certificate, one
 from another CA, an expired one, a plaintext client, a server of another CA or not the pinned one —
@@ -44,7 +44,6 @@ reaches the client as ``UNAVAILABLE``; a per-call refusal is ``UNAUTHENTICATED``
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -147,10 +146,18 @@ def check_peer_not_revoked(
     :class:`TrustError` if it is revoked or expired, or if the CRL cannot be trusted (fail closed);
     :class:`CertificateError` if the peer has no usable certificate.
     """
-    now = now if now is not None else datetime.now(UTC)
     certificate = peer_certificate(context)
+    check_certificate_current(certificate, revocations, now=now if now is not None else datetime.now(UTC))
+    return spiffe_id_of(certificate)
+
+
+def check_certificate_current(
+    certificate: x509.Certificate, revocations: RevocationList | None, *, now: datetime
+) -> None:
+    """:class:`TrustError` unless ``certificate`` is inside its validity period at ``now`` and not on the
+    CA's revocation list (checked on every call and every session step: authorisation is continuous)."""
     identity = spiffe_id_of(certificate)
-    if revocations.is_revoked(certificate, now=now):
+    if revocations is not None and revocations.is_revoked(certificate, now=now):
         raise TrustError(
             TrustReason.REVOKED,
             f"certificate (serial {certificate.serial_number:x}) is revoked",
@@ -163,69 +170,6 @@ def check_peer_not_revoked(
             f"certificate is outside its validity ({not_before.isoformat()} to {not_after.isoformat()})",
             node_id=identity,
         )
-    return identity
-
-
-class PeerCheckInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Runs :func:`check_peer_not_revoked` before every handler; refused calls get ``UNAUTHENTICATED``.
-
-    For ``grpc.server(..., interceptors=[PeerCheckInterceptor(revocations)])`` (not ``grpc.aio``).
-    ``clock`` returns the current time; tests pass a fixed one.
-    """
-
-    def __init__(self, revocations: RevocationList, *, clock: Callable[[], datetime] | None = None) -> None:
-        self._revocations = revocations
-        self._clock = clock if clock is not None else (lambda: datetime.now(UTC))
-
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        check = self._check
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            unary_unary = handler.unary_unary
-
-            def checked_unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                return unary_unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(checked_unary_unary, **codec)
-        if handler.unary_stream is not None:
-            unary_stream = handler.unary_stream
-
-            def checked_unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                check(context)
-                yield from unary_stream(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(checked_unary_stream, **codec)
-        if handler.stream_unary is not None:
-            stream_unary = handler.stream_unary
-
-            def checked_stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                check(context)
-                return stream_unary(requests, context)
-
-            return grpc.stream_unary_rpc_method_handler(checked_stream_unary, **codec)
-        stream_stream = handler.stream_stream
-
-        def checked_stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            check(context)
-            yield from stream_stream(requests, context)
-
-        return grpc.stream_stream_rpc_method_handler(checked_stream_stream, **codec)
-
-    def _check(self, context: grpc.ServicerContext) -> None:
-        try:
-            check_peer_not_revoked(context, self._revocations, now=self._clock())
-        except (CertificateError, TrustError) as error:
-            log.warning("peer_rejected", peer=context.peer(), reason=str(error))
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, _PEER_REJECTED)
 
 
 class _ServerCertificateLoader:

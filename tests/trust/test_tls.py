@@ -19,8 +19,6 @@ from fincluster.errors import CertificateError
 from fincluster.trust import (
     CertificateAuthority,
     Credential,
-    PeerCheckInterceptor,
-    RevocationList,
     Role,
     channel_credentials,
     expected_server_identity,
@@ -265,48 +263,6 @@ def test_server_credentials_refuse_inconsistent_files(ca: CertificateAuthority, 
         server_credentials(
             Credential(server.cert_path, stranger.key_path, server.ca_cert_path, server.spiffe_id)
         )
-
-
-@pytest.mark.parametrize("kind", ["UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream"])
-def test_revoked_client_is_cut_off_on_its_open_connection(
-    serve: Serve, ca: CertificateAuthority, server: Credential, client: Credential, kind: str
-) -> None:
-    port = serve(server, interceptors=[PeerCheckInterceptor(RevocationList(ca.crl_path, ca.certificate))])
-    with secure(port, client) as channel:
-        assert invoke(channel, kind) == b"spiffe://bank.test/client/analyst"
-        ca.revoke(client.cert_path)
-        with pytest.raises(grpc.RpcError) as raised:
-            invoke(channel, kind)
-    assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    assert raised.value.details() == "peer certificate not accepted"
-
-
-def test_other_clients_are_served_after_a_revocation(
-    serve: Serve, ca: CertificateAuthority, server: Credential, client: Credential
-) -> None:
-    port = serve(server, interceptors=[PeerCheckInterceptor(RevocationList(ca.crl_path, ca.certificate))])
-    ca.revoke(ca.issue(Role.CLIENT, "leaver").cert_path)
-    assert call(secure(port, client)) == b"spiffe://bank.test/client/analyst"
-
-
-def test_certificate_expired_since_the_connection_opened_is_refused(
-    serve: Serve, ca: CertificateAuthority, server: Credential, client: Credential
-) -> None:
-    after_expiry = x509.load_pem_x509_certificate(client.cert_path.read_bytes()).not_valid_after_utc
-    after_expiry += timedelta(seconds=1)
-    interceptor = PeerCheckInterceptor(
-        RevocationList(ca.crl_path, ca.certificate), clock=lambda: after_expiry
-    )
-    port = serve(server, interceptors=[interceptor])
-    assert refusal(secure(port, client)) is grpc.StatusCode.UNAUTHENTICATED
-
-
-def test_missing_crl_refuses_everyone(
-    serve: Serve, ca: CertificateAuthority, server: Credential, client: Credential
-) -> None:
-    port = serve(server, interceptors=[PeerCheckInterceptor(RevocationList(ca.crl_path, ca.certificate))])
-    ca.crl_path.unlink()
-    assert refusal(secure(port, client)) is grpc.StatusCode.UNAUTHENTICATED
 
 
 class _Context:
