@@ -54,11 +54,11 @@ def test_public_names_are_pinned() -> None:
     assert sorted(fincluster.trust.__all__) == [
         "CertificateAuthority",
         "Credential",
-        "PeerCheckInterceptor",
         "RevocationList",
         "Role",
         "certificate_fingerprint",
         "channel_credentials",
+        "check_certificate_current",
         "check_peer_not_revoked",
         "expected_server_identity",
         "identity_host_name",
