@@ -29,6 +29,7 @@ class Limits:
     max_streams: int
     max_streams_per_client: int
     max_calls_per_client: int
+    stream_kind: str = "inference streams"
 
 
 class Admission:
@@ -69,16 +70,18 @@ class Admission:
         with self._lock:
             total = sum(self._streams.values())
             if total >= self._limits.max_streams:
-                raise CapacityError(f"server is at its limit of {self._limits.max_streams} inference streams")
+                raise CapacityError(
+                    f"server is at its limit of {self._limits.max_streams} {self._limits.stream_kind}"
+                )
             if self._streams[client] >= self._limits.max_streams_per_client:
                 raise CapacityError(
-                    f"this client already holds {self._limits.max_streams_per_client} inference streams "
+                    f"this client already holds {self._limits.max_streams_per_client} {self._limits.stream_kind} "
                     "on this server (its limit); close one first"
                 )
             allowed = max(1, math.floor(share * self._limits.max_streams))
             if self._department_streams[department] >= allowed:
                 raise CapacityError(
-                    f"department {department!r} holds {allowed} inference streams on this server, its "
+                    f"department {department!r} holds {allowed} {self._limits.stream_kind} on this server, its "
                     f"share ({share:g}) of {self._limits.max_streams}"
                 )
             self._streams[client] += 1

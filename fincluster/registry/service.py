@@ -134,6 +134,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
                 max_streams=self._limits.max_watches,
                 max_streams_per_client=self._limits.max_watches_per_peer,
                 max_calls_per_client=self._limits.max_calls_per_peer,
+                stream_kind="watch streams",
             )
         )
         self._hubs: dict[str, _WatchHub] = {}
