@@ -64,24 +64,24 @@ class Admission:
 
     @contextlib.contextmanager
     def stream(self, client: str) -> Iterator[None]:
-        """Hold one inference stream for ``client`` while the block runs."""
+        """Hold one long-lived stream (inference session, registry watch) for ``client`` while the block
+        runs."""
         department = self._department_of(client)
         share = self.quota_of(client).session_share
+        kind = self._limits.stream_kind
         with self._lock:
             total = sum(self._streams.values())
             if total >= self._limits.max_streams:
-                raise CapacityError(
-                    f"server is at its limit of {self._limits.max_streams} {self._limits.stream_kind}"
-                )
+                raise CapacityError(f"server is at its limit of {self._limits.max_streams} {kind}")
             if self._streams[client] >= self._limits.max_streams_per_client:
                 raise CapacityError(
-                    f"this client already holds {self._limits.max_streams_per_client} {self._limits.stream_kind} "
+                    f"this client already holds {self._limits.max_streams_per_client} {kind} "
                     "on this server (its limit); close one first"
                 )
             allowed = max(1, math.floor(share * self._limits.max_streams))
             if self._department_streams[department] >= allowed:
                 raise CapacityError(
-                    f"department {department!r} holds {allowed} {self._limits.stream_kind} on this server, its "
+                    f"department {department!r} holds {allowed} {kind} on this server, its "
                     f"share ({share:g}) of {self._limits.max_streams}"
                 )
             self._streams[client] += 1
