@@ -243,6 +243,7 @@ class TrustKit:
         clearances: dict[str, str] | None = None,
         crl: bool = False,
         authority: Ed25519PrivateKey | None = None,
+        clock=None,
     ) -> TrustContext:
         from fincluster.trust.attestation import AuthorityKeys
         from fincluster.trust.pki import RevocationList
@@ -256,6 +257,7 @@ class TrustKit:
             verifiers=VerifierSet([SignedSoftwareVerifier(keys)]),
             revocations=RevocationList(self.pki.ca.crl_path, self.pki.ca.certificate) if crl else None,
             clearances={k: Classification(v) for k, v in (clearances or {}).items()},
+            **({"clock": clock} if clock is not None else {}),
         )
 
     def attest(

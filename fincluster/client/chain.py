@@ -50,10 +50,12 @@ class HopPlanner(Protocol):
         """Span clients covering every block, for ``session_id``."""
         ...
 
-    def replace(
-        self, span: BlockSpan, *, session_id: str, failed: SpanClient, error: BaseException
-    ) -> Sequence[SpanClient]:
-        """Ban ``failed`` and return span clients that cover ``span`` under the same policy."""
+    def failed(self, span: BlockSpan, *, session_id: str, node: SpanClient, error: BaseException) -> None:
+        """``node`` failed on ``span`` with ``error``: record why, and avoid the node if it is unhealthy."""
+        ...
+
+    def replace(self, span: BlockSpan, *, session_id: str, exclude: frozenset[str]) -> Sequence[SpanClient]:
+        """Span clients that cover ``span`` under the same policy and pins, none of ``exclude``."""
         ...
 
 
@@ -87,21 +89,27 @@ def _replacements(
     error: BaseException,
     rebuild: Callable[[Sequence[SpanClient]], None],
 ) -> Sequence[SpanClient]:
-    """Replacements for ``failed`` on which ``rebuild`` succeeded, trying again (with backoff) when a
-    replacement fails too; raises the last error once the attempts are used up."""
+    """Replacements for ``failed`` on which ``rebuild`` succeeded. When none is allowed yet, or a
+    replacement fails too, it tries again after a backoff (new servers may be announcing); once the
+    attempts are used up it raises a RoutingError that names the first failure."""
+    first_node, first_error = failed, error
+    exclude: set[str] = set()
     waits = policy.backoff()
-    for attempt in range(policy.attempts):
-        log.warning("hop_failed", node=failed.node_id, blocks=str(span), session=session_id, error=str(error))
+    no_route: RoutingError | None = None
+    for attempt in range(max(policy.attempts, 1)):
+        if failed.node_id not in exclude:
+            log.warning(
+                "hop_failed", node=failed.node_id, blocks=str(span), session=session_id, error=str(error)
+            )
+            planner.failed(span, session_id=session_id, node=failed, error=error)
+            exclude.add(failed.node_id)
         if attempt:
             policy.sleep(waits.next_delay())
         try:
-            clients = planner.replace(span, session_id=session_id, failed=failed, error=error)
-        except RoutingError as no_route:
-            raise RoutingError(
-                f"{failed.node_id} failed on blocks {span} ({error}); no other allowed server can take them "
-                f"over ({no_route})",
-                missing_blocks=no_route.missing_blocks,
-            ) from error
+            clients = planner.replace(span, session_id=session_id, exclude=frozenset(exclude))
+        except RoutingError as refused:
+            no_route = refused
+            continue
         try:
             rebuild(clients)
         except FinclusterError as again:
@@ -112,7 +120,11 @@ def _replacements(
             error = again
             continue
         return clients
-    raise error
+    detail = f"no other allowed server can take them over ({no_route})" if no_route else f"then {error}"
+    raise RoutingError(
+        f"{first_node.node_id} failed on blocks {span} ({first_error}); {detail}",
+        missing_blocks=no_route.missing_blocks if no_route else tuple(span.blocks),
+    ) from first_error
 
 
 # -- stateless passes ---------------------------------------------------------------------------------

@@ -239,16 +239,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             if trail is not None:
                 trail.session_close(session.session_id, ok=ok)
 
-    def replace(
-        self, span: BlockSpan, *, session_id: str, failed: SpanClient, error: BaseException
-    ) -> Sequence[SpanClient]:
-        """``HopPlanner``: span clients for ``span`` without ``failed``'s node (which the swarm bans),
-        judged by the same policy and pins as the first routing. Why the hop failed goes to the audit
-        trail first (a refusal with its decision id, a failed proof or receipt)."""
-        request = self._placement_request()
+    def failed(self, span: BlockSpan, *, session_id: str, node: SpanClient, error: BaseException) -> None:
+        """``HopPlanner``: why the hop failed goes to the audit trail (a refusal with its decision id, a
+        failed proof or receipt); the swarm avoids the node if it is unhealthy."""
         if self.swarm.trail is not None and isinstance(error, FinclusterError):
-            self.swarm.trail.failure(session_id, request, error)
-        return self.swarm.replace_hops(request, span, session_id=session_id, failed=failed, error=error)
+            self.swarm.trail.failure(session_id, self._placement_request(), error)
+        self.swarm.node_failed(node, error, span=span)
+
+    def replace(self, span: BlockSpan, *, session_id: str, exclude: frozenset[str]) -> Sequence[SpanClient]:
+        """``HopPlanner``: span clients for ``span``, none of ``exclude``, judged by the same policy and
+        pins as the first routing."""
+        return self.swarm.plan_chain(self._placement_request(), span, session_id=session_id, exclude=exclude)
 
     def move_hop(self, index: int, node_id: str) -> int:
         """Move hop ``index`` of the active session to server ``node_id`` (same blocks), replaying the

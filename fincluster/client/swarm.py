@@ -28,6 +28,7 @@ from fincluster.errors import (
     RegistryError,
     RemoteError,
     RoutingError,
+    SessionError,
 )
 from fincluster.logs import get_logger
 from fincluster.registry.backend import Registry
@@ -66,18 +67,15 @@ class ChainPlanner(Protocol):
         ...
 
     def plan_chain(
-        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
-    ) -> Sequence[SpanClient]: ...
-
-    def replace_hops(
         self,
         request: PlacementRequest,
         blocks: BlockSpan,
         *,
         session_id: str,
-        failed: SpanClient,
-        error: BaseException,
+        exclude: frozenset[str] = frozenset(),
     ) -> Sequence[SpanClient]: ...
+
+    def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None: ...
 
 
 class LocalSwarm:
@@ -92,20 +90,19 @@ class LocalSwarm:
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
 
-    def replace_hops(
+    def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None:
+        """In-process spans are never avoided (there is nothing else)."""
+
+    def plan_chain(
         self,
         request: PlacementRequest,
         blocks: BlockSpan,
         *,
         session_id: str,
-        failed: SpanClient,
-        error: BaseException,
+        exclude: frozenset[str] = frozenset(),
     ) -> Sequence[SpanClient]:
-        raise RoutingError(f"in-process spans have no replacement for blocks {blocks}: {error}")
-
-    def plan_chain(
-        self, request: PlacementRequest, blocks: BlockSpan, *, session_id: str
-    ) -> Sequence[SpanClient]:
+        if exclude:
+            raise RoutingError(f"in-process spans have no replacement for blocks {blocks}")
         covered = [c.span for c in self.clients]
         if (
             not covered
@@ -306,24 +303,14 @@ class Swarm:
             for hop, verdict in self.route(request, blocks, session_id=session_id, exclude=exclude)
         ]
 
-    def replace_hops(
-        self,
-        request: PlacementRequest,
-        blocks: BlockSpan,
-        *,
-        session_id: str,
-        failed: SpanClient,
-        error: BaseException,
-    ) -> list[SpanClient]:
-        """Route ``blocks`` again (same policy, pins and audit) without ``failed``'s node. A node that is
-        unhealthy (unreachable, too slow, lost the session, misbehaved) is also banned for a while; one
-        that refused this request (policy, full) is only left out of this replacement."""
-        if not isinstance(error, RefusedError | CapacityError):
-            seconds = self.bans.ban(failed.node_id, str(error))
-            log.warning(
-                "node_banned", node=failed.node_id, seconds=seconds, blocks=str(blocks), reason=str(error)
-            )
-        return self.plan_chain(request, blocks, session_id=session_id, exclude=frozenset({failed.node_id}))
+    def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None:
+        """A node that is unhealthy (unreachable, too slow, lost the session, misbehaved) is banned for
+        a while; one that refused this request (policy, full) or lost its session (expired, restarted)
+        is only left out of its replacement."""
+        if isinstance(error, RefusedError | CapacityError | SessionError):
+            return
+        seconds = self.bans.ban(node.node_id, str(error))
+        log.warning("node_banned", node=node.node_id, seconds=seconds, blocks=str(span), reason=str(error))
 
     def pinned_hop(
         self, request: PlacementRequest, span: BlockSpan, node_id: str, *, session_id: str

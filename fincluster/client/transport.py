@@ -173,6 +173,7 @@ class GrpcSpanSession:
 
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
         """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
+        self._client.check_still_trusted()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
         result = self._exchange(pb.InferenceRequest(step=request), "step").step
@@ -284,8 +285,23 @@ class GrpcSpanClient:
             client_id=self.client_id,
         )
 
+    def check_still_trusted(self) -> None:
+        """Trust holds for every call, not only at the proof: the node's certificate is still valid and
+        not revoked, and its attestation (if routing relied on one) has not expired. TrustError
+        otherwise, and the hop fails over to a node policy allows now."""
+        if self.certificate is not None:
+            self.certificates.check_current(self.certificate, node_id=self.node_id)
+        claims = self.binding.claims
+        if claims is not None and claims.expires_at <= self.certificates.clock():
+            raise TrustError(
+                TrustReason.EXPIRED,
+                f"attestation {claims.attestation_id} expired at {claims.expires_at.isoformat()}",
+                node_id=self.node_id,
+            )
+
     def _ensure_proven(self) -> None:
         if self.certificate is not None:
+            self.check_still_trusted()
             return
         nonce = new_nonce()
         challenge_id = f"challenge-{nonce.hex()[:16]}"

@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import grpc
@@ -54,7 +54,7 @@ from fincluster.wire.tensors import decode, digest, encode
 log = get_logger(__name__)
 T = TypeVar("T")
 TransferHook = Callable[["Transfer"], None]
-REAUTHORIZE_SECONDS = 5.0
+REAUTHORIZE_AFTER = timedelta(seconds=5)
 """How long a session step may rely on the last serve decision before policy is asked again."""
 
 
@@ -356,7 +356,7 @@ class _Stream:
         self.certificate = certificate
         self.session: Session | None = None
         self.classification = ""
-        self.authorized_until = 0.0
+        self.authorized_until: datetime | None = None
 
     async def _next(self, iterator: AsyncIterator[pb.InferenceRequest]) -> pb.InferenceRequest | None:
         limits = self.servicer._limits
@@ -423,7 +423,7 @@ class _Stream:
             session_id=session_id,
         )
         self.session, self.classification = session, request.classification
-        self.authorized_until = time.monotonic() + REAUTHORIZE_SECONDS
+        self.authorized_until = self._authorized_until()
         log.info("session_opened", session=session.session_id, client=self.client_id, blocks=str(span))
         proof = servicer._guard.prove(
             nonce=request.nonce, session_id=session.session_id, client_id=self.client_id
@@ -448,11 +448,18 @@ class _Stream:
         except TrustError as error:
             log.warning("peer_rejected", session=session.session_id, reason=str(error))
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "peer certificate not accepted") from None
-        if time.monotonic() >= self.authorized_until:
+        if self.authorized_until is None or self.servicer._clock() >= self.authorized_until:
             self.servicer._guard.authorize(
                 self.client_id, self.classification, session.span, session_id=session.session_id
             )
-            self.authorized_until = time.monotonic() + REAUTHORIZE_SECONDS
+            self.authorized_until = self._authorized_until()
+
+    def _authorized_until(self) -> datetime:
+        """When the last serve decision must be made again: a few seconds on, or when this server's own
+        attestation expires (whichever comes first), on the trust context's clock."""
+        until = self.servicer._clock() + REAUTHORIZE_AFTER
+        claims = self.servicer._guard.own_claims
+        return min(until, claims.expires_at) if claims is not None else until
 
     async def _step(self, request: pb.SessionStep) -> tuple[pb.InferenceResponse, Transfer]:
         servicer = self.servicer

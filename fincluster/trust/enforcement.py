@@ -75,6 +75,12 @@ class CertificateCheck:
             raise TrustError(
                 TrustReason.WRONG_NODE, f"certificate is for {spiffe_id_of(certificate)}", node_id=node_id
             )
+        self.check_current(certificate, node_id=node_id)
+        return certificate
+
+    def check_current(self, certificate: x509.Certificate, *, node_id: str) -> None:
+        """TrustError unless ``certificate`` is inside its validity period now and not revoked (clients
+        check this at every step, not only when the node proved its key)."""
         now = self.clock()
         if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
             raise TrustError(
@@ -82,7 +88,6 @@ class CertificateCheck:
             )
         if self.revocations is not None and self.revocations.is_revoked(certificate, now=now):
             raise TrustError(TrustReason.REVOKED, "certificate is revoked", node_id=node_id)
-        return certificate
 
 
 @dataclass(frozen=True)
