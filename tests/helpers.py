@@ -123,8 +123,12 @@ class Cluster:
         attestation: str | None = None,
         received: list[Transfer] | None = None,
         audit=None,
+        corrupt=None,
         **settings: object,
     ) -> BlockServer:
+        """``corrupt``: a function applied to every output the server's blocks compute — a node that
+        holds a valid certificate and attestation and changes the answer (the receipts it signs are
+        over what it really sends)."""
         from fincluster.registry.service import RegistryClient
         from fincluster.trust.tls import RenewingChannel
 
@@ -136,6 +140,9 @@ class Cluster:
             dtype=TensorDType(options.pop("dtype", "float32")),
             device="cpu",
         )
+        if corrupt is not None:
+            honest = model.forward
+            model.forward = lambda *args, **kwargs: corrupt(honest(*args, **kwargs))  # type: ignore[method-assign]
         server = BlockServer(
             model,
             ServedModel.of(self.store),

@@ -83,3 +83,28 @@ def test_local_blocks_run_in_process_and_the_rest_on_the_hops(arch_store) -> Non
     assert model.local is not None and model.local.span == BlockSpan.parse(first)
     expected = reference.generate(ids, max_new_tokens=6, do_sample=False)
     assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+
+
+def test_models_built_in_four_threads_at_once_are_all_complete_and_torch_is_left_unpatched(
+    arch_store,
+) -> None:
+    """No process-global patch while building: every model gets its weights, and torch.nn.init and
+    nn.Module are what they were."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arch, reference, store = arch_store
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(12))
+    expected = reference.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+    init_before = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    register_before = torch.nn.Module.register_parameter
+
+    def build_and_generate(_: int) -> list[list[int]]:
+        model = in_process_model(store, SPLITS[arch])
+        assert not any(p.is_meta for p in model.parameters())
+        return model.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(build_and_generate, range(4)))
+    assert results == [expected] * 4
+    assert {name: getattr(torch.nn.init, name) for name in init_before} == init_before
+    assert torch.nn.Module.register_parameter is register_before

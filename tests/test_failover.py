@@ -248,3 +248,25 @@ def test_the_only_trusted_node_dying_fails_closed_and_no_standard_node_sees_the_
     assert elapsed < 20
     # the standard node served blocks 2:6 of every step and never saw the prefix
     assert standard and {str(t.span) for t in standard} == {"2:6"}
+
+
+def test_a_dead_node_is_dropped_from_routing_at_once(pki: Pki, tiny_llama_store: ModelStore) -> None:
+    """After a node fails, the next request is not routed to it from cached round trips: it is banned."""
+    with running_cluster(pki, tiny_llama_store, []) as cluster:
+        cluster.add_server("d-alive", "0:6")
+        dead = spawn_server(pki, tiny_llama_store, "d-dead", "0:6", cluster.registry_address, ttl_seconds=30)
+        try:
+            cluster.wait_until_listed(2)
+            recorder = AuditRecorder()
+            with cluster.swarm(audit=recorder, settings=ClientSettings()) as swarm, torch.no_grad():
+                model = cluster.model(swarm)
+                swarm.rtt(swarm.registry.list(tiny_llama_store.model_id)[0])  # measured: both reachable
+                dead.kill()
+                for _ in range(3):  # still listed (TTL 30 s), but never routed to again after one failure
+                    model(PROMPT)
+                routes = [hop.record.node_id for hop, _ in swarm.last_route]
+        finally:
+            dead.kill()
+    failovers = recorder.of_kind(FailoverEvent)
+    assert len(failovers) <= 1 and all(f.failed_node_id == dead.node_id for f in failovers)
+    assert routes == [cluster.servers[0].node_id]

@@ -203,6 +203,60 @@ def test_without_a_policy_engine_only_public_data_is_served(tiny_cluster: Cluste
     assert_still_serving(stub)
 
 
+def test_without_a_policy_engine_only_client_workloads_are_served(tiny_cluster: Cluster) -> None:
+    """Roles hold without a policy: a server- or registry-role certificate gets no activations."""
+    for role, name in ((Role.SERVER, "s-probe"), (Role.REGISTRY, "r-probe")):
+        credential = tiny_cluster.pki.credential(role, name)
+        channel = grpc.secure_channel(tiny_cluster.servers[0].address, channel_credentials(credential))
+        error = refused(lambda channel=channel: forward(pb_grpc.BlockServiceStub(channel), inputs()))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        channel.close()
+    assert_still_serving(stub_for(tiny_cluster))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (float("nan"), "hidden_states: NaN or infinite values"),
+        (float("inf"), "hidden_states: NaN or infinite values"),
+    ],
+)
+def test_non_finite_hidden_states_are_refused(tiny_cluster: Cluster, bad: float, message: str) -> None:
+    stub = stub_for(tiny_cluster)
+    hidden = torch.randn(1, 3, HIDDEN)
+    hidden[0, 1, 5] = bad
+    message_in = inputs()
+    message_in.hidden_states.CopyFrom(encode(hidden))
+    error = refused(lambda: forward(stub, message_in))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == message
+    assert_still_serving(stub)
+
+
+def test_positions_beyond_the_models_range_are_refused(tiny_cluster: Cluster) -> None:
+    stub = stub_for(tiny_cluster)
+    message = inputs()
+    message.position_ids.CopyFrom(encode(torch.tensor([[0, 1, 10**12]])))
+    error = refused(lambda: forward(stub, message))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "position_ids: positions must lie within 0..255 (the model's range)"
+    assert_still_serving(stub)
+
+
+def test_a_stateless_call_longer_than_a_session_may_be_is_refused(pki: Pki, tiny_llama_store) -> None:
+    with running_cluster(pki, tiny_llama_store, ["0:2"], max_session_length=32) as cluster:
+        stub = stub_for(cluster)
+        long_inputs = inputs(seq=33)
+        long_inputs.position_ids.CopyFrom(encode(torch.zeros(1, 33, dtype=torch.int64)))
+        error = refused(lambda: forward(stub, long_inputs))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == (
+            "hidden_states: 33 tokens in one stateless call; this server takes at most 32 (use an inference "
+            "session, or shorter sequences)"
+        )
+        assert_still_serving(stub)
+
+
 def test_missing_session_id(tiny_cluster: Cluster) -> None:
     stub = stub_for(tiny_cluster)
     request = pb.ForwardRequest(span=pb.BlockSpan(start=0, end=2), inputs=inputs(), classification="public")

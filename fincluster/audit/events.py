@@ -36,7 +36,7 @@ EnforcementPoint = Literal["registry", "router", "server"]
 
 
 class _EventBase(FrozenModel):
-    version: Literal[3] = 3
+    version: Literal[4] = 4
     time: UtcTime
     observer: Observer
 
@@ -109,6 +109,9 @@ class TransferEvent(_Attested, _EventBase):
     policy_decision_id: OpaqueId | None = None
     policy_bundle_digest: Sha256Hex | None = None
     receipt: ReceiptField | None = None
+    #: Why the client refused the node's receipt (None: it verified). The transfer happened all the
+    #: same: the activations left the client, so it is recorded.
+    receipt_problem: ReasonText | None = None
 
 
 class SessionOpenEvent(_EventBase):

@@ -145,6 +145,8 @@ def _sort_key(key: TransferKey) -> tuple[str, int, str, int, str]:
 def _disagreement(
     client: TransferEvent, server: TransferEvent, node_keys: Mapping[str, PublicKey] | KeyRing | None
 ) -> str | None:
+    if client.receipt_problem is not None:
+        return f"the client refused the node's receipt: {client.receipt_problem}"
     if client.output_sha256 != server.output_sha256:
         return "the output digests differ"
     if client.receipt != server.receipt:

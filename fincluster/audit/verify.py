@@ -68,6 +68,8 @@ ProblemCode = Literal[
     "checkpoint_beyond_log",
     "anchor_mismatch",
     "untrusted_signer",
+    "no_checkpoint",
+    "close_not_checkpointed",
 ]
 
 
@@ -127,6 +129,8 @@ class _Scan:
     roots: dict[int, bytes] = field(default_factory=dict)
     unverifiable: dict[str, tuple[list[int], list[int], set[str]]] = field(default_factory=dict)
     """reason -> (record indexes, checkpoint sizes, key ids) whose signer no trusted key answers for."""
+    closes: list[int] = field(default_factory=list)
+    """Indexes of session-close records (each must be covered by a checkpoint)."""
 
     def unverifiable_signer(
         self, reason: str, kid: str, *, record: int | None = None, size: int | None = None
@@ -242,6 +246,8 @@ def _verify_store(store: SqliteStore, keys: KeyRing, anchor: Checkpoint | None) 
     anchored_size = max(start, last_good.tree_size if last_good else 0)
     if anchor is not None and _check_anchor(anchor, origin, keys, tree_size, scan):
         anchored_size = max(anchored_size, anchor.body.tree_size)
+    written = max((size for size, _ in store.checkpoints()), default=start)
+    _check_anchoring(scan, tree_size=tree_size, start=start, checkpointed=max(written, anchored_size))
     scan.report_unverifiable()
     return VerifyReport(
         path=str(store.path),
@@ -311,6 +317,25 @@ def _parse_checkpoints(rows: list[tuple[int, bytes]], origin: str, scan: _Scan) 
     return checkpoints
 
 
+def _check_anchoring(scan: _Scan, *, tree_size: int, start: int, checkpointed: int) -> None:
+    """The writer signs a checkpoint at every session close and when it closes: records with no
+    checkpoint at all, or a session close that no checkpoint covers, mean checkpoints were removed
+    (or the writer died at that moment) — never a clean log. ``checkpointed``: the size of the newest
+    checkpoint in the file (whether it verified is reported elsewhere)."""
+    if tree_size > start and checkpointed == start:
+        scan.add("no_checkpoint", f"the log has {tree_size - start} records and no checkpoint")
+        return
+    anchored_size = checkpointed
+    uncovered = [index for index in scan.closes if index >= anchored_size]
+    if uncovered:
+        scan.add(
+            "close_not_checkpointed",
+            f"session close at record {uncovered[0]} is not covered by any checkpoint "
+            f"({len(uncovered)} such close(s)): checkpoints after record {anchored_size - 1} are missing",
+            record=uncovered[0],
+        )
+
+
 def _check_record(record: StoredRecord, origin: str, keys: KeyRing, scan: _Scan) -> bytes:
     """Report the first thing wrong with one record; return its recomputed leaf hash."""
     index, leaf = record.index, leaf_hash(record.body)
@@ -319,6 +344,8 @@ def _check_record(record: StoredRecord, origin: str, keys: KeyRing, scan: _Scan)
     except ValidationError:
         scan.add("malformed_record", f"record {index} is not a valid audit event", record=index)
         return leaf
+    if event.kind == "session_close":
+        scan.closes.append(index)
     if canonical_json(event) != record.body:
         scan.add("non_canonical_record", f"record {index} is not in canonical form", record=index)
     elif leaf != record.leaf_hash:

@@ -17,8 +17,9 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import torch
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-from fincluster.audit import verify_receipt
+from fincluster.audit import receipt_body, verify_receipt
 from fincluster.audit.signing import PublicKey
 from fincluster.errors import (
     AuditIntegrityError,
@@ -89,10 +90,19 @@ class CallRecord:
     num_tokens: int
     input_sha256: str
     output_sha256: str
-    receipt: pb.Receipt
+    receipt: pb.Receipt | None
+    receipt_problem: str | None = None
 
 
 CallObserver = Callable[[CallRecord], None]
+
+
+def _parses(receipt: pb.Receipt) -> bool:
+    try:
+        receipt_body(receipt)
+    except AuditIntegrityError:
+        return False
+    return True
 
 
 class GrpcSpanSession:
@@ -318,9 +328,17 @@ class GrpcSpanClient:
         received: pb.Tensor,
         receipt: pb.Receipt,
     ) -> None:
-        """Check the receipt against what was really sent and received, then report the call."""
+        """Check the receipt against what was really sent and received, then report the call — also
+        when the receipt does not verify (the activations did leave the client); then raise."""
         input_sha256, output_sha256 = digest(sent), digest(received)
-        body = self._checked_receipt(receipt, session_id, step, input_sha256, output_sha256)
+        problem: TrustError | None = None
+        try:
+            fingerprint = self._checked_receipt(
+                receipt, session_id, step, input_sha256, output_sha256
+            ).cert_fingerprint
+        except TrustError as error:
+            problem = error
+            fingerprint = self._proven_fingerprint()
         if self._observer is not None:
             self._observer(
                 CallRecord(
@@ -330,13 +348,22 @@ class GrpcSpanClient:
                     node_id=self.node_id,
                     span=self.span,
                     binding=self.binding,
-                    cert_fingerprint=body.cert_fingerprint,
+                    cert_fingerprint=fingerprint,
                     num_tokens=wire_tokens(sent),
                     input_sha256=input_sha256,
                     output_sha256=output_sha256,
-                    receipt=receipt,
+                    receipt=receipt if problem is None or _parses(receipt) else None,
+                    receipt_problem=str(problem) if problem is not None else None,
                 )
             )
+        if problem is not None:
+            raise problem
+
+    def _proven_fingerprint(self) -> str:
+        """The certificate the node proved its key with (what a refused receipt is recorded under)."""
+        if self.certificate is None:
+            return "sha256:" + "0" * 64
+        return "sha256:" + self.certificate.fingerprint(hashes.SHA256()).hex()
 
     def _checked_receipt(
         self, receipt: pb.Receipt, session_id: str, step: int, input_sha256: str, output_sha256: str

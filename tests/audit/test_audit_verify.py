@@ -272,3 +272,30 @@ def test_a_missing_file_or_a_foreign_database_is_an_audit_error(tmp_path) -> Non
         db.execute("CREATE TABLE t (x)")
     with pytest.raises(AuditError):
         verify(foreign, [])
+
+
+def test_deleting_every_checkpoint_is_reported(big_log: Path, writer_key, tmp_path) -> None:
+    copy = tmp_path / "no-checkpoints.db"
+    shutil.copyfile(big_log, copy)
+    with sqlite3.connect(copy) as db:
+        db.execute("DELETE FROM checkpoints")
+    report = verify(copy, [writer_key.public_key()])
+    assert not report.ok
+    assert [p.code for p in report.problems] == ["no_checkpoint"]
+    assert report.problems[0].detail == "the log has 52 records and no checkpoint"
+
+
+def test_cutting_the_tail_with_the_checkpoints_behind_it_is_reported_at_the_session_close(
+    write_log, scenario: ScenarioLogs, writer_key, tmp_path
+) -> None:
+    """Records and the checkpoints that covered them are cut; a session close is left uncovered."""
+    path = write_log(scenario.client_events, checkpoint_every_records=1000)  # checkpoints at closes only
+    with sqlite3.connect(path) as db:
+        sizes = [size for (size,) in db.execute("SELECT tree_size FROM checkpoints ORDER BY tree_size")]
+        assert len(sizes) >= 2
+        db.execute("DELETE FROM checkpoints WHERE tree_size > ?", (sizes[0],))
+    report = verify(path, [writer_key.public_key()])
+    assert not report.ok
+    (problem,) = [p for p in report.problems if p.code == "close_not_checkpointed"]
+    assert problem.detail.startswith("session close at record ")
+    assert f"checkpoints after record {sizes[0] - 1} are missing" in problem.detail
