@@ -135,6 +135,11 @@ class ClientSettings(BaseModel):
         default=10.0, gt=0, description="a failed node is not routed to for this long (doubling on repeats)"
     )
     rtt_refresh_seconds: float = Field(default=30.0, gt=0, description="round trips are measured again after")
+    quarantine_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a node whose output verification found wrong is not routed to for this long",
+    )
 
     store: Path | None = Field(default=None, description="model store with the client part (generate)")
 

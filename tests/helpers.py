@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -100,14 +101,17 @@ class Cluster:
         audit=None,
         settings: ClientSettings | None = None,
     ) -> Swarm:
-        """A client connection; audit goes to ``audit`` (an in-memory recorder when not given)."""
-        return Swarm(
+        """A client connection; audit goes to ``audit`` (an in-memory recorder when not given). Which
+        outputs verification samples is drawn from a seeded generator, so runs repeat exactly."""
+        swarm = Swarm(
             registry=self.registry_address,
             credential=self.pki.credential(Role.CLIENT, client),
             trust=trust,
             audit=AuditRecorder() if audit is None else audit,
             settings=settings,
         )
+        swarm.rng = random.Random(0)
+        return swarm
 
     def model(self, swarm: Swarm, classification: str = "public") -> DistributedModelForCausalLM:
         return DistributedModelForCausalLM.from_pretrained(
@@ -124,11 +128,13 @@ class Cluster:
         received: list[Transfer] | None = None,
         audit=None,
         corrupt=None,
+        tamper=None,
         **settings: object,
     ) -> BlockServer:
         """``corrupt``: a function applied to every output the server's blocks compute — a node that
         holds a valid certificate and attestation and changes the answer (the receipts it signs are
-        over what it really sends)."""
+        over what it really sends). ``tamper(honest_forward, hidden_states, *args, **kwargs)`` replaces
+        the computation itself (e.g. returns its input: a node that skips its blocks)."""
         from fincluster.registry.service import RegistryClient
         from fincluster.trust.tls import RenewingChannel
 
@@ -140,9 +146,11 @@ class Cluster:
             dtype=TensorDType(options.pop("dtype", "float32")),
             device="cpu",
         )
+        honest = model.forward
         if corrupt is not None:
-            honest = model.forward
             model.forward = lambda *args, **kwargs: corrupt(honest(*args, **kwargs))  # type: ignore[method-assign]
+        if tamper is not None:
+            model.forward = lambda *args, **kwargs: tamper(honest, *args, **kwargs)  # type: ignore[method-assign]
         server = BlockServer(
             model,
             ServedModel.of(self.store),

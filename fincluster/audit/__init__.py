@@ -26,6 +26,7 @@ from fincluster.audit.events import (
     SessionCloseEvent,
     SessionOpenEvent,
     TransferEvent,
+    VerificationEvent,
 )
 from fincluster.audit.export import export_jsonl
 from fincluster.audit.log import AuditLog, AuditSettings
@@ -68,6 +69,7 @@ __all__ = [
     "SessionOpenEvent",
     "TransferEvent",
     "TransferKey",
+    "VerificationEvent",
     "VerifyReport",
     "build_report",
     "canonical_json",

@@ -14,6 +14,8 @@ report can say under which attestation each block ran without the token. Fields 
 (an unattested node's claims, a decision made without a policy bundle) are recorded as ``null``.
 
 Version 3: claims instead of bare tier / attestation id, announcements, the reason a session closed.
+Version 4: the client's verdict on each receipt (``receipt_problem``). Version 5: verification events
+(re-execution of a node's output elsewhere, :mod:`fincluster.client.verification`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ EnforcementPoint = Literal["registry", "router", "server"]
 
 
 class _EventBase(FrozenModel):
-    version: Literal[4] = 4
+    version: Literal[5] = 5
     time: UtcTime
     observer: Observer
 
@@ -197,6 +199,26 @@ class FailoverEvent(_EventBase):
     replayed_steps: int = Field(ge=0)
 
 
+class VerificationEvent(_EventBase):
+    """A node's output re-executed on other allowed nodes and compared. ``checked_output_sha256`` is
+    the wire digest its signed receipt covers, so a wrong output is attributable to the node's key;
+    ``max_abs_diff`` is None when the shapes differ or the difference is not finite."""
+
+    kind: Literal["verification"] = "verification"
+    observer: Literal["client"] = "client"
+    session_id: OpaqueId
+    step: int = Field(ge=0)
+    block_span: BlockSpan
+    checked_node_id: SpiffeId
+    verifier_node_ids: tuple[SpiffeId, ...] = Field(min_length=1)
+    checked_output_sha256: Sha256Hex
+    verifier_output_sha256: Sha256Hex
+    max_abs_diff: float | None = Field(default=None, ge=0)
+    agreed: bool
+    referee_node_ids: tuple[SpiffeId, ...] = ()
+    quarantined_node_id: SpiffeId | None = None
+
+
 class AttestationFailureEvent(_EventBase):
     """A node's attestation or proof of possession did not verify; the node was not used."""
 
@@ -216,7 +238,8 @@ AuditEvent = Annotated[
     | DenialEvent
     | FailoverEvent
     | AttestationFailureEvent
-    | AnnounceEvent,
+    | AnnounceEvent
+    | VerificationEvent,
     Field(discriminator="kind"),
 ]
 """Any audit event; the ``kind`` field selects the model."""
@@ -235,5 +258,7 @@ def event_nodes(event: AuditEvent) -> tuple[str, ...]:
             return (event.node_id,) if event.node_id else ()
         case FailoverEvent():
             return tuple(n for n in (event.failed_node_id, event.replacement_node_id) if n)
+        case VerificationEvent():
+            return (event.checked_node_id, *event.verifier_node_ids, *event.referee_node_ids)
         case _:
             return ()

@@ -1,7 +1,8 @@
 """The report as one CSV table (long format), for spreadsheets and SIEM imports.
 
 Every row names its ``section``: ``integrity``, ``session``, ``placement`` (one per session, block
-span and node, with the attestation claims and policy decisions), ``failover``, ``denial``,
+span and node, with the attestation claims and policy decisions), ``failover``,
+``verification_failure`` (an output another node recomputed differently), ``denial``,
 ``attestation_failure``, ``announcement`` (a registry's log), ``node``, ``user``, ``department`` and
 ``exposure`` (one per node and block). Several values in one cell are joined with ``|``. The numbers
 are those of the JSON report.
@@ -110,6 +111,19 @@ def _rows(report: Report) -> Iterator[Row]:
                 "detail": f"replacement={f.replacement_node_id or '-'}; replayed_steps={f.replayed_steps}; "
                 f"reason={f.reason}",
             }
+        for v in s.verification_failures:
+            yield {
+                "section": "verification_failure",
+                "session_id": v.session_id,
+                "node_id": v.checked_node_id,
+                **_span(v.block_span),
+                "time": format_utc(v.time),
+                "detail": f"step={v.step}; verifiers={_join(v.verifier_node_ids)}; "
+                f"referees={_join(v.referee_node_ids) or '-'}; quarantined={v.quarantined_node_id or '-'}; "
+                f"max_abs_diff={'-' if v.max_abs_diff is None else f'{v.max_abs_diff:.6g}'}; "
+                f"checked_output_sha256={v.checked_output_sha256}; "
+                f"verifier_output_sha256={v.verifier_output_sha256}",
+            }
         yield from _denials(s.denials)
         yield from _attestation_failures(s.attestation_failures)
     yield from _denials(report.denials_without_session)
@@ -137,7 +151,8 @@ def _rows(report: Report) -> Iterator[Row]:
             "tokens": n.tokens,
             "detail": f"block_spans={_join(str(span) for span in n.block_spans)}; failovers={n.failovers}; "
             f"denials={n.denials}; attestation_failures={n.attestation_failures}; "
-            f"announcements={n.announcements}",
+            f"announcements={n.announcements}; outputs_checked={n.outputs_checked}; "
+            f"outputs_found_wrong={n.outputs_found_wrong}",
         }
     for u in report.users:
         yield {

@@ -5,7 +5,8 @@ It opens from disk in any browser and prints cleanly. Summaries come before deta
 1. integrity (status, the keys and certificates that verified the log), then the totals;
 2. sessions that failed, with the refusals and attestation failures that made them fail;
 3. one line per session, then each session's detail collapsed (``<details>``): placement with the
-   attestation claims and policy decisions, failovers, denials, attestation failures;
+   attestation claims and policy decisions, failovers, verification failures (an output another
+   node recomputed differently), denials, attestation failures;
 4. clients and departments, nodes (with their attestations and certificates), the exposure matrix
    (an SVG heat map whose cells show the exact token counts), announcements a registry accepted or
    refused, events outside any session, and a glossary.
@@ -34,6 +35,7 @@ from fincluster.audit.report_model import (
     Report,
     SessionReport,
     UserRow,
+    VerificationRow,
 )
 from fincluster.spans import BlockSpan
 
@@ -236,6 +238,8 @@ def _summary(report: Report) -> str:
         ("Denials", t.denials, t.denials > 0),
         ("Attestation failures", t.attestation_failures, t.attestation_failures > 0),
         ("Announcements", t.announcements, False),
+        ("Outputs verified", t.verifications, False),
+        ("Verification failures", t.verification_failures, t.verification_failures > 0),
     ]
     body = "".join(
         f'<div class="card{" alert" if alert else ""}"><b>{value}</b>{_e(label)}</div>'
@@ -289,6 +293,7 @@ def _session(s: SessionReport, expand: bool) -> str:
         ("Opened", _time(s.opened_at) if s.opened_at else None),
         ("State", s.state),
         ("Transfers / tokens", f"{s.transfers} / {s.tokens}"),
+        ("Outputs verified elsewhere", f"{s.verifications} ({len(s.verification_failures)} disagreed)"),
     ]
     failed = ' <span class="failed-mark">failed</span>' if s.failed else ""
     short = s.session_id if len(s.session_id) <= 18 else s.session_id[:16] + "…"
@@ -307,6 +312,7 @@ def _session(s: SessionReport, expand: bool) -> str:
         + "</summary>"
         f"{_dl((label, value) for label, value in facts if value is not None)}"
         f"<h4>Placement</h4>{_placement(s.placement)}<h4>Failovers</h4>{_failovers(s.failovers)}"
+        f"<h4>Verification failures</h4>{_verification_failures(s.verification_failures)}"
         f"<h4>Denials</h4>{_denials(s.denials)}<h4>Attestation failures</h4>"
         f"{_attestation_failures(s.attestation_failures)}</details>"
     )
@@ -377,6 +383,37 @@ def _failovers(rows: Sequence[FailoverRow]) -> str:
                 _e(f.reason),
             ]
             for f in rows
+        ),
+    )
+
+
+def _verification_failures(rows: Sequence[VerificationRow]) -> str:
+    return _table(
+        [
+            "Time",
+            "Step",
+            "Blocks",
+            "Checked node",
+            "Recomputed by",
+            "Referee",
+            "Quarantined",
+            "Max difference",
+            "Output digests",
+        ],
+        (
+            [
+                _e(_time(v.time)),
+                v.step,
+                _span(v.block_span),
+                _node(v.checked_node_id),
+                "<br>".join(_node(n) for n in v.verifier_node_ids),
+                "<br>".join(_node(n) for n in v.referee_node_ids) or "-",
+                _node(v.quarantined_node_id) if v.quarantined_node_id else "-",
+                _e("-" if v.max_abs_diff is None else f"{v.max_abs_diff:.3g}"),
+                f"{_code(_short_digest(v.checked_output_sha256))} vs "
+                f"{_code(_short_digest(v.verifier_output_sha256))}",
+            ]
+            for v in rows
         ),
     )
 
@@ -458,6 +495,8 @@ def _nodes(nodes: Sequence[NodeReport], exposure: ExposureMatrix) -> str:
             "Failed",
             "Denials",
             "Attestation failures",
+            "Outputs verified",
+            "Found wrong",
         ],
         (
             [
@@ -471,6 +510,8 @@ def _nodes(nodes: Sequence[NodeReport], exposure: ExposureMatrix) -> str:
                 n.failovers,
                 n.denials,
                 n.attestation_failures,
+                n.outputs_checked,
+                n.outputs_found_wrong,
             ]
             for n in nodes
         ),

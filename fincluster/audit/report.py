@@ -34,6 +34,7 @@ from fincluster.audit.events import (
     SessionCloseEvent,
     SessionOpenEvent,
     TransferEvent,
+    VerificationEvent,
     event_nodes,
 )
 from fincluster.audit.fields import format_utc
@@ -56,6 +57,7 @@ from fincluster.audit.report_model import (
     SessionReport,
     Totals,
     UserRow,
+    VerificationRow,
 )
 from fincluster.audit.signing import PublicKey
 from fincluster.audit.verify import VerifyReport, verify
@@ -109,6 +111,8 @@ def build_report(
             denials=sum(1 for e in events if isinstance(e, DenialEvent)),
             attestation_failures=sum(1 for e in events if isinstance(e, AttestationFailureEvent)),
             announcements=sum(1 for a in announcements if a.outcome == "accepted"),
+            verifications=sum(1 for e in events if isinstance(e, VerificationEvent)),
+            verification_failures=sum(1 for e in events if isinstance(e, VerificationEvent) and not e.agreed),
         ),
         sessions=sessions,
         nodes=nodes,
@@ -305,6 +309,10 @@ def _session_report(
         failovers=tuple(_failover_row(e) for e in events if isinstance(e, FailoverEvent)),
         denials=denials,
         attestation_failures=failures,
+        verifications=sum(1 for e in events if isinstance(e, VerificationEvent)),
+        verification_failures=tuple(
+            _verification_row(e) for e in events if isinstance(e, VerificationEvent) and not e.agreed
+        ),
     )
 
 
@@ -332,6 +340,22 @@ def _failover_row(e: FailoverEvent) -> FailoverRow:
         replacement_node_id=e.replacement_node_id,
         reason=e.reason,
         replayed_steps=e.replayed_steps,
+    )
+
+
+def _verification_row(e: VerificationEvent) -> VerificationRow:
+    return VerificationRow(
+        time=e.time,
+        session_id=e.session_id,
+        step=e.step,
+        block_span=e.block_span,
+        checked_node_id=e.checked_node_id,
+        verifier_node_ids=e.verifier_node_ids,
+        referee_node_ids=e.referee_node_ids,
+        quarantined_node_id=e.quarantined_node_id,
+        max_abs_diff=e.max_abs_diff,
+        checked_output_sha256=e.checked_output_sha256,
+        verifier_output_sha256=e.verifier_output_sha256,
     )
 
 
@@ -371,6 +395,7 @@ def _node_report(node_id: str, events: Sequence[AuditEvent]) -> NodeReport:
     hops = [hop for e in events if isinstance(e, RoutingEvent) for hop in e.chain if hop.node_id == node_id]
     claims: dict[str, AttestationClaims] = {}
     refused = [e for e in events if isinstance(e, DenialEvent) and e.node_id == node_id]
+    verifications = [e for e in events if isinstance(e, VerificationEvent)]
     for placed in (*transfers, *hops, *announced, *refused):
         if placed.attestation is not None:
             claims.setdefault(placed.attestation.attestation_id, placed.attestation)
@@ -391,6 +416,8 @@ def _node_report(node_id: str, events: Sequence[AuditEvent]) -> NodeReport:
             1 for e in events if isinstance(e, AttestationFailureEvent) and e.node_id == node_id
         ),
         announcements=len(announced),
+        outputs_checked=sum(1 for e in verifications if e.checked_node_id == node_id),
+        outputs_found_wrong=sum(1 for e in verifications if e.quarantined_node_id == node_id),
     )
 
 

@@ -50,6 +50,9 @@ class Totals(FrozenModel):
     attestation_failures: int
     announcements: int
     """Announcements the registry accepted (refused ones count as denials)."""
+    verifications: int
+    """Outputs re-executed on other nodes and compared (``fincluster.client.verification``)."""
+    verification_failures: int
 
 
 class PlacementRow(FrozenModel):
@@ -81,6 +84,22 @@ class FailoverRow(FrozenModel):
     replacement_node_id: str | None
     reason: str
     replayed_steps: int
+
+
+class VerificationRow(FrozenModel):
+    """A re-execution that disagreed with the checked node's output (agreements are only counted)."""
+
+    time: UtcTime
+    session_id: str
+    step: int
+    block_span: BlockSpan
+    checked_node_id: str
+    verifier_node_ids: tuple[str, ...]
+    referee_node_ids: tuple[str, ...]
+    quarantined_node_id: str | None
+    max_abs_diff: float | None
+    checked_output_sha256: str
+    verifier_output_sha256: str
 
 
 class DenialRow(FrozenModel):
@@ -123,6 +142,9 @@ class SessionReport(FrozenModel):
     failovers: tuple[FailoverRow, ...]
     denials: tuple[DenialRow, ...]
     attestation_failures: tuple[AttestationFailureRow, ...]
+    #: Outputs of this session's hops re-executed elsewhere, and the ones that disagreed.
+    verifications: int
+    verification_failures: tuple[VerificationRow, ...]
 
 
 class NodeReport(FrozenModel):
@@ -139,6 +161,10 @@ class NodeReport(FrozenModel):
     denials: int
     attestation_failures: int
     announcements: int
+    outputs_checked: int
+    """Outputs of this node re-executed elsewhere."""
+    outputs_found_wrong: int
+    """Comparisons after which this node (as the checked node or a verifier) was quarantined."""
 
 
 class UserRow(FrozenModel):

@@ -1,7 +1,8 @@
 """What the client writes to its audit log: metadata and digests of every transfer, never raw data.
 
 One ``ClientAuditTrail`` per swarm connection turns what routing and the span clients report into
-audit events: routing decisions, denials, attestation failures, session open/close, failovers, and
+audit events: routing decisions, denials, attestation failures, session open/close, failovers,
+re-executions of a node's output elsewhere (verification), and
 one transfer record per call per node with the server's checked receipt. A call that fails is
 recorded too (:meth:`ClientAuditTrail.recording`): a server's refusal as a denial at the server, a
 failed possession proof or receipt (key mismatch, revoked certificate) as an attestation failure,
@@ -27,11 +28,13 @@ from fincluster.audit import (
     SessionCloseEvent,
     SessionOpenEvent,
     TransferEvent,
+    VerificationEvent,
     record_event,
     record_events,
 )
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.transport import CallRecord
+from fincluster.client.verification import Comparison
 from fincluster.errors import FinclusterError, RefusedError, RoutingError, TrustError
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import ATTESTATION_REJECTED
@@ -264,5 +267,23 @@ class ClientAuditTrail:
                 replacement_node_id=replacement,
                 reason=short_reason(reason),
                 replayed_steps=replayed,
+            )
+        )
+
+    def verification(self, comparison: Comparison) -> None:
+        self._record(
+            VerificationEvent(
+                time=self._clock(),
+                session_id=comparison.session_id,
+                step=comparison.step,
+                block_span=comparison.span,
+                checked_node_id=comparison.checked_node_id,
+                verifier_node_ids=comparison.verifier_node_ids,
+                checked_output_sha256=comparison.checked_sha256,
+                verifier_output_sha256=comparison.verifier_sha256,
+                max_abs_diff=comparison.max_abs_diff,
+                agreed=comparison.agreed,
+                referee_node_ids=comparison.referee_node_ids,
+                quarantined_node_id=comparison.quarantined_node_id,
             )
         )

@@ -7,6 +7,9 @@ Two ways through the chain:
 * :class:`InferenceSession` — KV-cached, step by step (generation); every hop keeps the inputs it
   received so that a replacement node can rebuild its cache.
 
+Outputs of attested nodes may be re-executed elsewhere as they arrive (``HopPlanner.verify``); one
+found wrong fails its hop over like any other misbehaving node.
+
 When a hop fails (see :func:`~fincluster.client.failover.is_node_failure`), the :class:`HopPlanner`
 bans the node and routes its blocks again — under the same policy and pins, possibly split
 differently — and the inputs the failed hop had received are replayed through the replacements
@@ -21,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +32,7 @@ import torch
 from fincluster.backoff import Backoff
 from fincluster.client.failover import is_node_failure
 from fincluster.client.transport import SpanClient, SpanSessionClient
+from fincluster.client.verification import concatenated
 from fincluster.errors import (
     ClosedError,
     FinclusterError,
@@ -56,6 +61,20 @@ class HopPlanner(Protocol):
 
     def replace(self, span: BlockSpan, *, session_id: str, exclude: frozenset[str]) -> Sequence[SpanClient]:
         """Span clients that cover ``span`` under the same policy and pins, none of ``exclude``."""
+        ...
+
+    def verify(
+        self,
+        node: SpanClient,
+        inputs: Callable[[], SpanInputs],
+        output: torch.Tensor,
+        *,
+        session_id: str,
+        step: int,
+    ) -> None:
+        """Re-execute a sample of ``node``'s outputs elsewhere (:mod:`fincluster.client.verification`):
+        ``inputs()`` gives the stateless inputs whose last positions ``output`` is. Raises
+        InvalidResponseError naming ``node`` when its output is found wrong (the hop then fails over)."""
         ...
 
 
@@ -191,12 +210,21 @@ class _HopGroup:
         hidden = inputs.hidden_states
         while index < len(self.parts):
             part = self.parts[index]
-            part.inputs = SpanInputs(hidden, inputs.attention_mask, inputs.position_ids)
+            part_inputs = part.inputs = SpanInputs(hidden, inputs.attention_mask, inputs.position_ids)
             try:
-                hidden = part.client.forward(part.inputs, session_id=self.one_pass.session_id)
+                output = part.client.forward(part_inputs, session_id=self.one_pass.session_id)
+                if self.one_pass.planner is not None:
+                    self.one_pass.planner.verify(
+                        part.client,
+                        partial(_same, part_inputs),
+                        output,
+                        session_id=self.one_pass.session_id,
+                        step=0,
+                    )
             except FinclusterError as error:
                 self._replace(index, error, self.one_pass.session_id)
                 continue  # the first replacement takes the same inputs
+            hidden = output
             index += 1
         return hidden
 
@@ -232,6 +260,10 @@ class _HopGroup:
         inputs = SpanInputs(hidden, known.attention_mask, known.position_ids)
         self.parts[index].inputs = inputs
         return inputs
+
+
+def _same(inputs: SpanInputs) -> SpanInputs:
+    return inputs
 
 
 class _RemoteSpanFunction(torch.autograd.Function):
@@ -378,13 +410,21 @@ class InferenceSession:
                             batch_size=self._batch_size,
                             session_id=self.session_id,
                         )
-                    hidden = hop.session.step(inputs)
+                    output = hop.session.step(inputs)
+                    self._planner.verify(
+                        hop.client,
+                        partial(concatenated, [*hop.history, inputs]),
+                        output,
+                        session_id=self.session_id,
+                        step=len(hop.history),
+                    )
                 except FinclusterError as error:
                     if not is_node_failure(error):
                         raise
                     self._fail_over(index, error)
                     continue  # the replacements take this step's inputs
                 hop.history.append(inputs)
+                hidden = output
                 index += 1
         except Exception:
             self.failed = True

@@ -53,15 +53,20 @@ class Bans:
         self._strikes: dict[str, int] = {}
         self._reasons: dict[str, str] = {}
 
-    def ban(self, node_id: str, reason: str) -> float:
-        """Ban ``node_id`` for ``reason``; returns the seconds it stays banned."""
+    def ban(self, node_id: str, reason: str, *, seconds: float | None = None) -> float:
+        """Ban ``node_id`` for ``reason`` (for ``seconds``, or the doubling ban time); returns the seconds
+        it stays banned. A longer ban in force (a quarantine) is never shortened."""
         with self._lock:
-            self._reasons[node_id] = reason
             strikes = self._strikes.get(node_id, 0) + 1
             self._strikes[node_id] = strikes
-            seconds: float = self._ban_seconds * min(2 ** (strikes - 1), 8)
-            self._until[node_id] = self._clock() + seconds
-            return seconds
+            if seconds is None:
+                seconds = self._ban_seconds * min(2 ** (strikes - 1), 8)
+            now = self._clock()
+            current = self._until.get(node_id, now)
+            if now + seconds >= current:
+                self._until[node_id] = now + seconds
+                self._reasons[node_id] = reason
+            return max(current, now + seconds) - now
 
     def is_banned(self, node_id: str) -> bool:
         with self._lock:

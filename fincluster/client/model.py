@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.store.partition import cut_config, empty_model
 from fincluster.trust.policy import Classification, ModelRef
+from fincluster.wire.codec import SpanInputs
 
 
 def _client_modules(
@@ -250,6 +252,45 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         """``HopPlanner``: span clients for ``span``, none of ``exclude``, judged by the same policy and
         pins as the first routing."""
         return self.swarm.plan_chain(self._placement_request(), span, session_id=session_id, exclude=exclude)
+
+    def verify(
+        self,
+        node: SpanClient,
+        inputs: Callable[[], SpanInputs],
+        output: torch.Tensor,
+        *,
+        session_id: str,
+        step: int,
+    ) -> None:
+        """``HopPlanner``: re-execute a sample of ``node``'s outputs on other nodes the same policy and
+        pins allow, as the policy data's verification section asks for this call's classification."""
+        request = self._placement_request()
+        checker = self.swarm.spot_checker(
+            request.classification, partial(self._run_elsewhere, request, session_id=session_id)
+        )
+        if checker is None or not checker.wants(node.tier):
+            return
+        checker.check(node.node_id, node.span, inputs(), output, session_id=session_id, step=step)
+
+    def _run_elsewhere(
+        self,
+        request: PlacementRequest,
+        span: BlockSpan,
+        inputs: SpanInputs,
+        exclude: frozenset[str],
+        *,
+        session_id: str,
+    ) -> tuple[tuple[str, ...], torch.Tensor]:
+        """One stateless pass of ``inputs`` over ``span`` on allowed nodes none of ``exclude``, chosen
+        at random so a node cannot predict who checks it. Its transfers are the session's: those nodes
+        see its activations, and the audit trail says so."""
+        clients = self.swarm.plan_chain(request, span, session_id=session_id, exclude=exclude, at_random=True)
+        hidden = inputs.hidden_states
+        for client in clients:
+            hidden = client.forward(
+                SpanInputs(hidden, inputs.attention_mask, inputs.position_ids), session_id=session_id
+            )
+        return tuple(client.node_id for client in clients), hidden
 
     def move_hop(self, index: int, node_id: str) -> int:
         """Move hop ``index`` of the active session to server ``node_id`` (same blocks), replaying the

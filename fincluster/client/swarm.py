@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from fincluster.client.failover import Bans
 from fincluster.client.placement import PlacementGuard, PlacementRequest, Verdict
 from fincluster.client.routing import Hop, plan_route
 from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBinding, SpanClient
+from fincluster.client.verification import SpanRunner, SpotChecker, VerificationPolicy
 from fincluster.errors import (
     CapacityError,
     ClosedError,
@@ -37,6 +39,7 @@ from fincluster.settings import ClientSettings
 from fincluster.spans import BlockSpan
 from fincluster.trust.enforcement import TrustContext
 from fincluster.trust.pki import Credential, load_certificate
+from fincluster.trust.policy import Classification
 from fincluster.trust.tls import channel_credentials, expected_server_identity
 from fincluster.wire import fincluster_pb2 as pb
 
@@ -73,9 +76,14 @@ class ChainPlanner(Protocol):
         *,
         session_id: str,
         exclude: frozenset[str] = frozenset(),
+        at_random: bool = False,
     ) -> Sequence[SpanClient]: ...
 
     def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None: ...
+
+    def spot_checker(self, classification: Classification, run_elsewhere: SpanRunner) -> SpotChecker | None:
+        """What re-executes a sample of nodes' outputs for ``classification`` (None: nothing is)."""
+        ...
 
 
 class LocalSwarm:
@@ -93,6 +101,9 @@ class LocalSwarm:
     def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None:
         """In-process spans are never avoided (there is nothing else)."""
 
+    def spot_checker(self, classification: Classification, run_elsewhere: SpanRunner) -> None:
+        """In-process spans are not attested, so nothing is re-executed."""
+
     def plan_chain(
         self,
         request: PlacementRequest,
@@ -100,6 +111,7 @@ class LocalSwarm:
         *,
         session_id: str,
         exclude: frozenset[str] = frozenset(),
+        at_random: bool = False,
     ) -> Sequence[SpanClient]:
         if exclude:
             raise RoutingError(f"in-process spans have no replacement for blocks {blocks}")
@@ -144,6 +156,13 @@ class Swarm:
         self.last_guard: PlacementGuard | None = None
         self.last_route: list[tuple[Hop, Verdict]] = []
         self.bans = Bans(self.settings.ban_seconds)
+        self.verification = (
+            VerificationPolicy.from_policy_data(trust.policy.bundle.data)
+            if trust.policy is not None
+            else VerificationPolicy()
+        )
+        # which outputs are re-executed must not be predictable by the nodes (tests may seed one)
+        self.rng: random.Random = random.SystemRandom()
         self.failover = FailoverPolicy(
             attempts=self.settings.failover_attempts,
             backoff_seconds=self.settings.failover_backoff_seconds,
@@ -243,6 +262,11 @@ class Swarm:
             self._rtt[record.address] = cached
         return cached[1]
 
+    def _random_cost(self, record: pb.ServerRecord) -> float:
+        """A random cost for every reachable node: routing then picks any allowed node, still
+        preferring fewer hops."""
+        return math.inf if math.isinf(self.rtt(record)) else self.rng.random()
+
     def route(
         self,
         request: PlacementRequest,
@@ -250,8 +274,10 @@ class Swarm:
         *,
         session_id: str,
         exclude: frozenset[str] = frozenset(),
+        at_random: bool = False,
     ) -> list[tuple[Hop, Verdict]]:
-        """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow.
+        """The cheapest chain over ``blocks`` of nodes that attestation, policy and pins allow
+        (``at_random``: a random one among them, for verifiers a checked node cannot predict).
 
         The decision (or the denials that made it impossible) goes to the audit trail.
         """
@@ -262,7 +288,9 @@ class Swarm:
         self.last_guard = guard
         try:
             for _ in range(MAX_REPLANS):
-                hops = plan_route(records, blocks, rtt=self.rtt, allow=guard.allows)
+                hops = plan_route(
+                    records, blocks, rtt=self._random_cost if at_random else self.rtt, allow=guard.allows
+                )
                 if not guard.confirm([(hop.record, hop.span) for hop in hops]):
                     break
             else:
@@ -290,6 +318,7 @@ class Swarm:
         *,
         session_id: str,
         exclude: frozenset[str] = frozenset(),
+        at_random: bool = False,
     ) -> list[SpanClient]:
         observer = partial(self.trail.transfer, request)
         return [
@@ -300,7 +329,9 @@ class Swarm:
                 observer=observer,
                 span=hop.span,
             )
-            for hop, verdict in self.route(request, blocks, session_id=session_id, exclude=exclude)
+            for hop, verdict in self.route(
+                request, blocks, session_id=session_id, exclude=exclude, at_random=at_random
+            )
         ]
 
     def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None:
@@ -311,6 +342,24 @@ class Swarm:
             return
         seconds = self.bans.ban(node.node_id, str(error))
         log.warning("node_banned", node=node.node_id, seconds=seconds, blocks=str(span), reason=str(error))
+
+    def quarantine(self, node_id: str, reason: str) -> None:
+        """Verification found ``node_id``'s output wrong: route around it for ``quarantine_seconds``."""
+        seconds = self.bans.ban(node_id, f"quarantined: {reason}", seconds=self.settings.quarantine_seconds)
+        log.warning("node_quarantined", node=node_id, seconds=seconds, reason=reason)
+
+    def spot_checker(self, classification: Classification, run_elsewhere: SpanRunner) -> SpotChecker | None:
+        sampling = self.verification.sampling(classification)
+        if sampling.rate <= 0 or not sampling.tiers:
+            return None
+        return SpotChecker(
+            sampling,
+            self.verification.tolerance_for,
+            run_elsewhere=run_elsewhere,
+            quarantine=self.quarantine,
+            record=self.trail.verification,
+            rng=self.rng,
+        )
 
     def pinned_hop(
         self, request: PlacementRequest, span: BlockSpan, node_id: str, *, session_id: str

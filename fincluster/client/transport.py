@@ -32,7 +32,7 @@ from fincluster.errors import (
 )
 from fincluster.net import explain_connection_failure
 from fincluster.spans import BlockSpan
-from fincluster.trust.attestation import VerifiedClaims, new_nonce
+from fincluster.trust.attestation import TrustTier, VerifiedClaims, new_nonce
 from fincluster.trust.enforcement import CertificateCheck, check_possession
 from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
@@ -53,10 +53,12 @@ class SpanSessionClient(Protocol):
 
 
 class SpanClient(Protocol):
-    """One hop. ``session_id`` is shared by the hops of one pass or one inference session."""
+    """One hop. ``session_id`` is shared by the hops of one pass or one inference session. ``tier``
+    is the node's attested tier (None when it is not attested, e.g. blocks run by the client)."""
 
     node_id: str
     span: BlockSpan
+    tier: TrustTier | None
 
     def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor: ...
 
@@ -244,6 +246,7 @@ class GrpcSpanClient:
         self.client_id = client_id
         self.classification = classification
         self.binding = binding
+        self.tier = binding.claims.tier if binding.claims is not None else None
         self.certificates = certificates
         self.certificate: x509.Certificate | None = None
         self._observer = observer

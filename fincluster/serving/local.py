@@ -16,6 +16,7 @@ from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import SpanModel
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
+from fincluster.trust.attestation import TrustTier
 from fincluster.wire.codec import SpanInputs
 
 
@@ -34,6 +35,8 @@ class LocalSpanSession:
 
 class LocalSpanClient:
     """A span run in this process: its activations never leave it."""
+
+    tier: TrustTier | None = None  # not attested: the client's own blocks are never re-executed elsewhere
 
     def __init__(self, model: SpanModel, *, node_id: str = "local") -> None:
         self.node_id = node_id

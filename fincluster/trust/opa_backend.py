@@ -56,6 +56,10 @@ class OpaEngine:
         _log.info("policy_engine_ready", backend="opa", url=url, bundle_digest=bundle.digest)
 
     @property
+    def bundle(self) -> PolicyBundle:
+        return self._bundle
+
+    @property
     def bundle_digest(self) -> str:
         return self._bundle.digest
 

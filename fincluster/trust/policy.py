@@ -117,6 +117,12 @@ class Decision(FrozenModel):
 
 class PolicyEngine(Protocol):
     @property
+    def bundle(self) -> PolicyBundle:
+        """The policy modules and data this engine decides with (data also configures, e.g., which
+        share of standard nodes' work is re-executed)."""
+        ...
+
+    @property
     def bundle_digest(self) -> str: ...
 
     def decide(self, query: DecisionKind, input: PolicyInput) -> Decision: ...

@@ -59,6 +59,10 @@ class RegopyEngine:
         _log.info("policy_engine_ready", backend="regopy", bundle_digest=bundle.digest)
 
     @property
+    def bundle(self) -> PolicyBundle:
+        return self._bundle
+
+    @property
     def bundle_digest(self) -> str:
         return self._bundle.digest
 

@@ -29,6 +29,7 @@ def test_public_api_is_pinned() -> None:
         "SessionOpenEvent",
         "TransferEvent",
         "TransferKey",
+        "VerificationEvent",
         "VerifyReport",
         "build_report",
         "canonical_json",
