@@ -14,6 +14,7 @@ import torch
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fincluster.audit import AuditLog, AuditSettings, TransferEvent, read_events, reconcile, verify
+from fincluster.cli import main
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.errors import ConfigurationError
 from fincluster.store import ModelStore
@@ -241,3 +242,32 @@ def test_audit_cannot_be_turned_off_for_internal_data(audited) -> None:
             DistributedModelForCausalLM.from_pretrained(cluster.store, swarm=swarm, classification="public")(
                 PROMPT
             )
+
+
+def test_audit_usage_counts_tokens_per_client_department_and_node_as_both_sides_recorded(
+    audited, pki: Pki, tmp_path: Path
+) -> None:
+    """``fincluster audit usage`` over the servers' logs gives, per node, the tokens the client's log
+    says it sent there; departments come from the policy data."""
+    cluster, trust, client_log, logs = audited
+    with cluster.swarm(trust=trust, audit=client_log) as swarm:
+        cluster.model(swarm, classification="internal").generate(PROMPT, max_new_tokens=4, do_sample=False)
+    client_log.checkpoint()
+    analyst = pki.credential(Role.CLIENT, "analyst").spiffe_id
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"fincluster": {"departments": {analyst: "research"}}}))
+    sent = transfers(client_log.path)
+    server_events(logs, transfers_at_least=len(sent))
+    for observer, paths in (("server", [log.path for log in logs.values()]), ("client", [client_log.path])):
+        out = tmp_path / f"usage-{observer}.json"
+        argv = ["audit", "usage", *map(str, paths), "--observer", observer, "--policy-data", str(data)]
+        assert main([*argv, "--format", "json", "--out", str(out)]) == 0
+        rows = json.loads(out.read_text())
+        assert {row["department"] for row in rows} == {"research"}
+        assert {row["client_id"] for row in rows} == {analyst}
+        expected = Counter()
+        for event in sent:
+            expected[event.node_id] += event.num_tokens
+        assert {row["node_id"]: row["tokens"] for row in rows} == dict(expected)
+        blocks = {event.node_id: len(event.block_span) for event in sent}
+        assert all(row["token_blocks"] == row["tokens"] * blocks[row["node_id"]] for row in rows)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from fincluster.audit import AuditLog, AuditRecorder, AuditSettings, VerificationEvent, build_report
 from fincluster.audit.render_csv import render_csv
 from fincluster.audit.render_html import render_html
+from fincluster.client import DistributedModelForCausalLM
 from fincluster.client.verification import (
     Comparison,
     Sampling,
@@ -372,3 +373,33 @@ def test_verification_is_in_the_compliance_report(
     html = render_html(report)
     assert "Verification failures" in html and "Outputs verified" in html
     assert "verification_failure" in render_csv(report)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_honest_half_precision_nodes_stay_within_the_shipped_tolerance(
+    pki: Pki, tiny_llama_store: ModelStore, tmp_path: Path, dtype: str
+) -> None:
+    """A recomputed session step is one pass over every position instead of a cached step: in half
+    precision the two differ by rounding, which the shipped tolerance for the dtype must absorb."""
+    kit = kit_with(pki, tmp_path, internal={"rate": 1.0, "tiers": ["standard"]})
+    trust = kit.context(clearances={kit.pki.credential(Role.CLIENT, "analyst").spiffe_id: "internal"})
+    generator = torch.Generator().manual_seed(9)
+    with running_cluster(kit.pki, tiny_llama_store, [], registry_trust=trust) as cluster:
+        cluster.add_server(
+            "t", "0:2", trust=trust, attestation=kit.attest("t", tiny_llama_store), dtype=dtype
+        )
+        for name, span in {"a1": "2:4", "a2": "2:4", "b1": "4:6", "b2": "4:6"}.items():
+            attestation = kit.attest(name, tiny_llama_store, tier="standard")
+            cluster.add_server(name, span, trust=trust, attestation=attestation, dtype=dtype)
+        cluster.wait_until_listed(5)
+        recorder = AuditRecorder()
+        with cluster.swarm(trust=trust, audit=recorder) as swarm:
+            model = DistributedModelForCausalLM.from_pretrained(
+                tiny_llama_store, swarm=swarm, classification="internal", dtype=getattr(torch, dtype)
+            )
+            for index in range(10):
+                prompt = torch.randint(3, 128, (1, 4 + index), generator=generator)
+                model.generate(prompt, max_new_tokens=6, do_sample=False)
+    events = recorder.of_kind(VerificationEvent)
+    assert len(events) == 10 * 6 * 2
+    assert all(e.agreed for e in events), max(e.max_abs_diff or 0 for e in events)

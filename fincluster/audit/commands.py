@@ -1,4 +1,4 @@
-"""``fincluster audit``: verify a log, write compliance reports, export, reconcile, prune.
+"""``fincluster audit``: verify a log, write compliance reports, export, reconcile, usage, prune.
 
 Handlers return the exit code: 0 when the answer is good, 1 when the log failed verification (also
 for ``report``, which still writes the report) or the logs do not reconcile, so scripts and CI can
@@ -9,6 +9,9 @@ not a key) raises :class:`~fincluster.errors.FinclusterError`, which the CLI tur
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -33,6 +36,7 @@ from fincluster.audit.render_pdf import render_pdf
 from fincluster.audit.report import build_report, matched_nothing, render_json
 from fincluster.audit.signing import PrivateKey, PublicKey, algorithm_of, key_id, public_key_of
 from fincluster.audit.store import SqliteStore
+from fincluster.audit.usage import UsageRow, usage
 from fincluster.audit.verify import verify
 from fincluster.errors import AuditError, ConfigurationError
 
@@ -151,6 +155,71 @@ def cmd_audit_reconcile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_audit_usage(args: argparse.Namespace) -> int:
+    logs = sort_logs(args.logs)
+    side = logs.server if args.observer == "server" else logs.client
+    if not side:
+        other = "client" if args.observer == "server" else "server"
+        raise ConfigurationError(
+            f"no {args.observer} log among the logs given (a {args.observer} log holds "
+            f"{args.observer} transfers); --observer {other} counts the {other}s' records"
+        )
+    rows = usage(
+        (event for log in side for event in log.events),
+        observer=args.observer,
+        departments=load_departments(args.policy_data) if args.policy_data else {},
+        since=_instant(args.since, "--since"),
+        until=_instant(args.until, "--until"),
+    )
+    if args.format == "json":
+        text = json.dumps([row.model_dump(mode="json") for row in rows], indent=2) + "\n"
+    elif args.format == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(UsageRow.model_fields), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(row.model_dump(mode="json") for row in rows)
+        text = out.getvalue()
+    else:
+        text = _usage_table(rows)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        _write_text(args.out, text)
+        print(f"wrote usage of {len(rows)} client/node pairs to {args.out}")
+    return 0
+
+
+def _usage_table(rows: Sequence[UsageRow]) -> str:
+    if not rows:
+        return "no transfers in these logs (and window)\n"
+    header = ("department", "client", "node", "transfers", "tokens", "token-blocks")
+    cells = [
+        (
+            r.department,
+            node_name(r.client_id),
+            node_name(r.node_id),
+            str(r.transfers),
+            str(r.tokens),
+            str(r.token_blocks),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in (header, *cells)) for i in range(len(header))]
+    lines = []
+    for row in (header, *cells):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    by_department: dict[str, int] = {}
+    for r in rows:
+        by_department[r.department] = by_department.get(r.department, 0) + r.token_blocks
+    lines.append("")
+    lines += [f"{department}: {blocks} token-blocks" for department, blocks in sorted(by_department.items())]
+    return "\n".join(lines) + "\n"
+
+
 def cmd_audit_prune(args: argparse.Namespace) -> int:
     signing_key = _private_key(args.key_file)
     origin = _writer_origin(args.db, signing_key)
@@ -166,7 +235,7 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``audit`` command group to the ``fincluster`` parser's subcommands."""
-    audit = commands.add_parser("audit", help="audit logs: verify, report, export, reconcile, prune")
+    audit = commands.add_parser("audit", help="audit logs: verify, report, export, reconcile, usage, prune")
     group = audit.add_subparsers(dest="audit_command", required=True)
     key_help = "trusted writer key: PEM public key or X.509 certificate (repeatable)"
     anchor_help = "a checkpoint kept outside the log (JSON), to catch truncation"
@@ -223,6 +292,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _add_archive(pair)
     pair.add_argument("--all", action="store_true", help=f"list every gap, not only the first {_LISTED}")
     pair.set_defaults(handler=cmd_audit_reconcile)
+
+    spent = group.add_parser(
+        "usage",
+        help="tokens per client, department and node, from audit logs",
+        description="Count the work each node did for each client (transfers, tokens, token-blocks: "
+        "tokens times blocks, what department quotas are charged in), from the servers' logs (default) "
+        "or the clients' (--observer client). Give log files or directories of logs.",
+    )
+    spent.add_argument("logs", nargs="+", type=Path, metavar="LOG_OR_DIR", help="audit logs or directories")
+    spent.add_argument(
+        "--observer", choices=["server", "client"], default="server", help="whose records count"
+    )
+    spent.add_argument(
+        "--policy-data",
+        type=Path,
+        help="policy data (policies/data.json) whose fincluster.departments name departments",
+    )
+    spent.add_argument("--since", help="from this time on, ISO 8601 with a zone, e.g. 2025-03-01T09:00Z")
+    spent.add_argument("--until", help="before this time, ISO 8601 with a zone")
+    spent.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    spent.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    spent.set_defaults(handler=cmd_audit_usage)
 
     prune = group.add_parser(
         "prune", help="delete records older than the retention period (stop the log's writer first)"
