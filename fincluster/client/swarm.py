@@ -24,12 +24,14 @@ from fincluster.client.transport import CallObserver, GrpcSpanClient, NodeBindin
 from fincluster.errors import (
     CapacityError,
     ClosedError,
+    MovedError,
     RefusedError,
     RegistryError,
     RemoteError,
     RoutingError,
 )
 from fincluster.logs import get_logger
+from fincluster.metrics import ClientMetrics
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.settings import ClientSettings
@@ -124,8 +126,9 @@ class Swarm:
     ``Registry`` object. ``trust`` enables attestation checks and route policy (without it only public
     data may leave the client: :meth:`TrustContext.public_only`). ``audit`` is where the client's audit
     trail goes: by default an ``AuditLog`` in ``./fincluster-audit/client-<name>.sqlite`` signed with
-    the client's TLS key; ``None`` turns it off, which only public data allows. Channels are cached per
-    address and closed, with a default audit log, by ``close()``.
+    the client's TLS key; ``None`` turns it off, which only public data allows. ``metrics`` counts
+    routes and failovers (Prometheus; serve them with ``fincluster.metrics.MetricsEndpoint``).
+    Channels are cached per address and closed, with a default audit log, by ``close()``.
     """
 
     def __init__(
@@ -136,8 +139,10 @@ class Swarm:
         settings: ClientSettings | None = None,
         trust: TrustContext | None = None,
         audit: AuditSink | Literal["default"] | None = "default",
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.credential = credential
+        self.metrics = metrics
         self.client_id = credential.spiffe_id
         self.settings = settings or ClientSettings()
         if trust is None:
@@ -282,6 +287,21 @@ class Swarm:
             ) from None
         chosen = [(hop, guard.judge(hop.record, hop.span)) for hop in hops]
         self.last_route = chosen
+        log.debug(
+            "route_planned",
+            session=session_id,
+            blocks=str(blocks),
+            hops=[
+                {
+                    "node": hop.record.node_id,
+                    "blocks": str(hop.span),
+                    **(hop.cost.as_log() if hop.cost else {}),
+                }
+                for hop in hops
+            ],
+        )
+        if self.metrics is not None:
+            self.metrics.routes.inc()
         self.trail.judged(guard, session_id)
         self.trail.routing(session_id, [(hop.span, verdict) for hop, verdict in chosen])
         return chosen
@@ -317,8 +337,11 @@ class Swarm:
     ) -> list[SpanClient]:
         """Route ``blocks`` again (same policy, pins and audit) without ``failed``'s node. A node that is
         unhealthy (unreachable, too slow, lost the session, misbehaved) is also banned for a while; one
-        that refused this request (policy, full) is only left out of this replacement."""
-        if not isinstance(error, RefusedError | CapacityError):
+        that refused this request (policy, full) or moved to other blocks is only left out of this
+        replacement."""
+        if self.metrics is not None:
+            self.metrics.failovers.labels(error=type(error).__name__).inc()
+        if not isinstance(error, RefusedError | CapacityError | MovedError):
             seconds = self.bans.ban(failed.node_id, str(error))
             log.warning(
                 "node_banned", node=failed.node_id, seconds=seconds, blocks=str(blocks), reason=str(error)

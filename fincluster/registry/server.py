@@ -5,9 +5,11 @@ from __future__ import annotations
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError
+from fincluster.health import REGISTRY_SERVICE, sync_health
 from fincluster.logs import get_logger
 from fincluster.registry.audit_trail import RegistryAuditTrail
 from fincluster.registry.backend import InMemoryRegistry, Registry
@@ -57,6 +59,8 @@ class RegistryServer:
             interceptors=interceptors,
         )
         pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
+        self._health = sync_health(REGISTRY_SERVICE)  # SERVING until stop()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = server.add_secure_port(f"{self.host}:{self.port}", server_credentials(self.credential))
         server.start()
         self._grpc = server
@@ -68,6 +72,8 @@ class RegistryServer:
         if self._closed:
             return
         self._closed = True
+        if self._grpc is not None:
+            self._health.enter_graceful_shutdown()
         self._servicer.stop_watches()
         if self._grpc is not None:
             self._grpc.stop(grace_seconds).wait()
