@@ -198,3 +198,27 @@ def test_a_session_through_a_server_that_moves_fails_over_and_the_mover_is_not_b
     moved = recorder.of_kind(FailoverEvent)[0]
     assert "blocks 0:3 moved away; this server now serves blocks 3:6" in moved.reason
     assert codes == ["ABORTED: blocks 0:3 moved away; this server now serves blocks 3:6", "OK"]
+
+
+def test_under_the_announce_policy_a_standard_node_avoids_the_prefix_and_a_trusted_one_takes_it(
+    pki: Pki, store30: ModelStore
+) -> None:
+    """The registry enforces the shipped announce policy (the first 8 of 30 blocks are sensitive);
+    each node asks that policy which blocks it may announce, so both are listed where they chose."""
+    from tests.helpers import TrustKit
+
+    kit = TrustKit.create(pki)
+    trust = kit.context()
+    with running_cluster(pki, store30, [], registry_trust=trust) as cluster:
+        cluster.add_auto_server(
+            "std-auto",
+            num_blocks=10,
+            trust=trust,
+            attestation=kit.attest("std-auto", store30, tier="standard"),
+        )
+        cluster.wait_until_listed(1)
+        cluster.add_auto_server(
+            "trusted-auto", num_blocks=12, trust=trust, attestation=kit.attest("trusted-auto", store30)
+        )
+        cluster.wait_until_listed(2)
+        assert spans(cluster) == {"std-auto": "8:18", "trusted-auto": "0:12"}

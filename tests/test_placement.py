@@ -108,6 +108,26 @@ def test_a_trusted_node_prefers_the_sensitive_prefix_unless_the_rest_is_much_wea
     assert choose_span(8, strong, trusted, 10.0) == BlockSpan(8, 16)
 
 
+def test_a_trusted_node_fills_a_sensitive_gap_before_any_other(policy_rules) -> None:
+    trusted, _ = policy_rules
+    # 0:8 and 18:30 are uncovered. A 12-block server at 18:30 would leave fewer blocks uncovered (8
+    # instead of 12), but only trusted nodes can ever cover the prefix
+    others = block_throughput([record("s", 8, 18)], 30)
+    assert choose_span(12, others, ANYONE, 10.0) == BlockSpan(18, 30)
+    assert choose_span(12, others, trusted, 10.0) == BlockSpan(0, 12)
+
+
+def test_throughputs_within_the_tolerance_do_not_decide() -> None:
+    """Measurements jitter: servers within 2% of each other are equally strong, so the new server
+    takes the lowest start, and a placed one stays."""
+    noisy = [record("a", 0, 10, rate=10.0), record("b", 10, 20, rate=10.15), record("c", 20, 30, rate=9.9)]
+    assert choose_span(10, block_throughput(noisy, 30), ANYONE, 10.0) == BlockSpan(0, 10)
+    placed = record("d", 10, 20)
+    assert plan_move(placed, [*noisy, placed], ANYONE, min_gain=0.0).target is None
+    weak = [record("a", 0, 10, rate=10.0), record("b", 10, 20, rate=9.0), record("c", 20, 30, rate=10.0)]
+    assert choose_span(10, block_throughput(weak, 30), ANYONE, 10.0) == BlockSpan(10, 20)  # 10% is real
+
+
 def test_a_standard_node_longer_than_the_open_blocks_takes_all_of_them(policy_rules) -> None:
     _, standard = policy_rules
     assert choose_first_span([], num_blocks=30, length=30, rules=standard) == BlockSpan(8, 30)

@@ -11,8 +11,9 @@ record (compute measured by the server itself, network by the round trip of its 
   other count as equal (measurements are noisier than that): a window must be clearly better to win,
   else the current span, then the lowest start, is kept. Only blocks policy lets this node announce are
   considered (:class:`BlockRules`, from ``TrustContext.announceable_blocks``). A node that may serve
-  the sensitive blocks sees their throughput at a discount (:data:`SENSITIVE_WEIGHT`): only such
-  nodes can serve them, so it goes there unless the rest of the swarm is much weaker.
+  the sensitive blocks sees their throughput at a discount (:data:`SENSITIVE_WEIGHT`), and a gap
+  there as worse than any other: only such nodes can serve them, so it goes there first, and stays
+  unless the rest of the swarm is much weaker.
 * :func:`plan_move` — whether a placed server should move: only when it would fill a gap or the
   weakest block would gain at least ``min_gain`` (hysteresis), and never when a block it serves would
   be left without another server. A server that announced it is moving (``moving_to``) counts as
@@ -92,9 +93,14 @@ def _placed(throughput: Sequence[float], span: BlockSpan, rate: float) -> list[f
 
 
 def _perceived(throughput: Sequence[float], rules: BlockRules) -> list[float]:
+    """What a node that may serve the sensitive blocks sees: their throughput at a discount, and a
+    sensitive block no server covers as worse (-1) than any other gap."""
     if not rules.serves_sensitive:
         return list(throughput)
-    return [t / SENSITIVE_WEIGHT if s else t for t, s in zip(throughput, rules.sensitive, strict=True)]
+    return [
+        (t / SENSITIVE_WEIGHT if t > 0 else -1.0) if s else t
+        for t, s in zip(throughput, rules.sensitive, strict=True)
+    ]
 
 
 def _clearly_better(a: Sequence[float], b: Sequence[float]) -> bool:
