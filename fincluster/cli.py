@@ -1,8 +1,9 @@
 """``fincluster``: the command line of a private LLM swarm.
 
 Commands: ``model`` (import, verify), ``certs`` (the swarm CA), ``attest`` (the attestation
-authority), ``registry`` and ``serve`` (the services), ``generate`` (an operator's smoke test),
-``audit`` (verify, report, export, reconcile, usage, prune) and ``demo`` (a whole swarm on this machine).
+authority), ``registry`` and ``serve`` (the services), ``status`` (the swarm at a glance),
+``generate`` (an operator's smoke test), ``audit`` (verify, report, export, reconcile, usage,
+prune) and ``demo`` (a whole swarm on this machine).
 Settings come from arguments, then ``FINCLUSTER_*`` environment variables, then a TOML file
 (``--config`` or ``FINCLUSTER_CONFIG``); each flag's help names its other forms.
 """
@@ -28,7 +29,11 @@ from fincluster.trust.commands import register as register_attest
 from fincluster.values import TensorDType
 
 if TYPE_CHECKING:
+    from fincluster.registry.backend import Registry
     from fincluster.settings import Settings
+    from fincluster.spans import BlockSpan
+    from fincluster.store import ModelStore
+    from fincluster.trust.enforcement import TrustContext
     from fincluster.trust.pki import Credential
 
 
@@ -152,7 +157,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fincluster.trust.tls import RenewingChannel
 
     overrides: dict[str, Any] = {
-        "server": _given(args, "store", "blocks", "host", "port", "public_address", "dtype", "device")
+        "server": _given(
+            args,
+            "store",
+            "blocks",
+            "num_blocks",
+            "memory_budget_bytes",
+            "host",
+            "port",
+            "public_address",
+            "dtype",
+            "device",
+            "metrics_port",
+            "metrics_host",
+        )
     }
     if args.registry:
         overrides["registry"] = {"address": args.registry}
@@ -163,7 +181,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FinclusterError("serve needs --store and --blocks (or FINCLUSTER_SERVER__STORE/BLOCKS)")
     credential = _credential(settings)
     store = ModelStore.open(settings.server.store)
-    span = settings.server.blocks
+    trust = trust_from_settings(settings.trust, credential)
+    registry_address = settings.registry.address
+    registry = None
+    if registry_address:
+        registry = RegistryClient(RenewingChannel(registry_address, credential), address=registry_address)
+    if settings.server.blocks == "auto":
+        if registry is None:
+            raise FinclusterError(
+                "--blocks auto needs --registry: the span is chosen from the swarm's records"
+            )
+        span = _first_placement(store, settings, credential, registry, trust)
+    else:
+        span = settings.server.blocks
     model = load_span_model(
         store,
         span,
@@ -171,11 +201,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=settings.server.device,
         progress=lambda done, total: _progress(f"loading blocks {span} of {store.model_id}", done, total),
     )
-    trust = trust_from_settings(settings.trust, credential)
-    registry_address = settings.registry.address
-    registry = None
-    if registry_address:
-        registry = RegistryClient(RenewingChannel(registry_address, credential), address=registry_address)
     with open_node_audit_log(settings.audit, credential) as audit_log:
         server = BlockServer(
             model,
@@ -187,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             trust=trust,
             attestation=settings.trust.attestation,  # the file: a replaced token is picked up while serving
             audit=audit_log,
+            store=store,
         )
         address = server.start()
         print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
@@ -194,6 +220,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("no registry configured: clients must be given this address", flush=True)
         _wait_for_signal(server.stop)
     return 0
+
+
+def _first_placement(
+    store: ModelStore, settings: Settings, credential: Credential, registry: Registry, trust: TrustContext
+) -> BlockSpan:
+    """The span a ``--blocks auto`` server starts with (the arithmetic goes to the log)."""
+    from fincluster.serving.rebalancer import first_placement
+    from fincluster.trust.own_attestation import OwnAttestation
+
+    claims = None
+    if settings.trust.attestation is not None:
+        claims = OwnAttestation(credential, trust, path=settings.trust.attestation).claims
+    return first_placement(
+        store, settings.server, registry=registry, trust=trust, node_id=credential.spiffe_id, claims=claims
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fincluster.status import gather_status, render_json, render_table
+
+    overrides: dict[str, Any] = {}
+    if args.registry:
+        overrides["registry"] = {"address": args.registry}
+    settings = _settings(args, **overrides)
+    if settings.registry.address is None:
+        raise FinclusterError("status needs --registry HOST:PORT (or registry.address)")
+    status = gather_status(
+        settings.registry.address,
+        args.model,
+        credential=_credential(settings),
+        trust_settings=settings.trust,
+        timeout_seconds=args.timeout,
+    )
+    print(render_json(status) if args.json else render_table(status))
+    return 0 if not status.gaps else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -328,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _command(commands, "serve", "serve a span of blocks")
     serve.add_argument("--store", type=Path, help=_setting(ServerSettings, "server", "store"))
     serve.add_argument("--blocks", help=_setting(ServerSettings, "server", "blocks"))
+    serve.add_argument("--num-blocks", type=int, help=_setting(ServerSettings, "server", "num_blocks"))
+    serve.add_argument(
+        "--memory-budget-bytes", type=int, help=_setting(ServerSettings, "server", "memory_budget_bytes")
+    )
+    serve.add_argument("--metrics-port", type=int, help=_setting(ServerSettings, "server", "metrics_port"))
+    serve.add_argument("--metrics-host", help=_setting(ServerSettings, "server", "metrics_host"))
     serve.add_argument("--host", help=_setting(ServerSettings, "server", "host"))
     serve.add_argument("--port", type=int, help=_setting(ServerSettings, "server", "port"))
     serve.add_argument("--public-address", help=_setting(ServerSettings, "server", "public_address"))
@@ -378,6 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_options(generate)
     generate.set_defaults(handler=cmd_generate)
+
+    status = _command(
+        commands,
+        "status",
+        "the swarm: nodes, spans, tiers, load, health, and how many nodes cover each block",
+    )
+    status.add_argument("--model", required=True, help="model id (as the servers announce it)")
+    status.add_argument(
+        "--registry", help=_setting(RegistrySettings, "registry", "address", "HOST:PORT of the registry")
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node")
+    _add_node_options(status)
+    status.set_defaults(handler=cmd_status)
 
     demo = _command(
         commands, "demo", "import the demo model, start a registry and 4 block servers, answer a question"

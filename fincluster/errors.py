@@ -19,6 +19,7 @@
     │   ├── CapacityError           KV-cache budget or other limits exhausted          RESOURCE_EXHAUSTED
     │   ├── RefusedError            refused by policy or trust checks (opaque)        PERMISSION_DENIED
     │   ├── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
+    │   ├── MovedError              the server moved to other blocks (placement)       ABORTED
     │   ├── IdleError               a stream that sent nothing for too long is ended   DEADLINE_EXCEEDED
     │   └── InvalidResponseError    a server's answer failed the client's checks (shape, dtype, values)
     ├── RegistryError               the registry could not be reached or refused an announcement
@@ -144,6 +145,11 @@ class RefusedError(RemoteError):
 
 class UnavailableError(RemoteError):
     """The server could not be reached, is stopping, did not answer in time, or cannot audit."""
+
+
+class MovedError(RemoteError):
+    """The server no longer serves these blocks: it moved to others (``--blocks auto``). The client
+    takes them elsewhere without holding it against the node, which may be what it needs next."""
 
 
 class IdleError(RemoteError):

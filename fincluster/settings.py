@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -85,7 +85,31 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     store: Path | None = Field(default=None, description="model store directory")
-    blocks: BlockSpan | None = Field(default=None, description="block span START:END this server hosts")
+    blocks: BlockSpan | Literal["auto"] | None = Field(
+        default=None,
+        description='block span START:END this server hosts, or "auto": chosen where the swarm needs it',
+    )
+    num_blocks: int | None = Field(
+        default=None, gt=0, description="with --blocks auto: how many blocks (none: as many as memory holds)"
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="with --blocks auto: bytes for weights + KV cache (none: the device's free memory)",
+    )
+    throughput: float | None = Field(
+        default=None,
+        gt=0,
+        description="blocks/s announced for routing and placement (none: measured at start and after moves)",
+    )
+    rebalance_seconds: float = Field(
+        default=60.0, gt=0, description="with --blocks auto: how often to check whether moving would help"
+    )
+    rebalance_min_gain: float = Field(
+        default=0.25,
+        ge=0,
+        description="with --blocks auto: move only if the weakest block's throughput gains this fraction",
+    )
     host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0: every interface)")
     port: int = Field(default=0, ge=0, le=65535, description="port to bind; 0 picks a free port")
     public_address: str | None = Field(
@@ -113,11 +137,18 @@ class ServerSettings(BaseModel):
     )
     announce_ttl_seconds: int = Field(default=15, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="HTTP port of Prometheus /metrics (none: off; 0: any free port); counts and timings only",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address the /metrics endpoint binds")
 
     @field_validator("blocks", mode="before")
     @classmethod
     def _parse_blocks(cls, value: object) -> object:
-        return BlockSpan.parse(value) if isinstance(value, str) else value
+        return BlockSpan.parse(value) if isinstance(value, str) and value != "auto" else value
 
 
 class ClientSettings(BaseModel):

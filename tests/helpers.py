@@ -135,17 +135,92 @@ class Cluster:
         holds a valid certificate and attestation and changes the answer (the receipts it signs are
         over what it really sends). ``tamper(honest_forward, hidden_states, *args, **kwargs)`` replaces
         the computation itself (e.g. returns its input: a node that skips its blocks)."""
+        options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
+        dtype = TensorDType(options.pop("dtype", "float32"))
+        return self._start(
+            name,
+            BlockSpan.parse(span),
+            ServerSettings(**options),  # type: ignore[arg-type]
+            dtype=dtype,
+            trust=trust,
+            attestation=attestation,
+            received=received,
+            audit=audit,
+            corrupt=corrupt,
+            tamper=tamper,
+        )
+
+    def add_auto_server(
+        self,
+        name: str,
+        *,
+        num_blocks: int | None = None,
+        trust: TrustContext | None = None,
+        attestation: str | None = None,
+        received: list[Transfer] | None = None,
+        audit=None,
+        **settings: object,
+    ) -> BlockServer:
+        """A server with ``blocks = "auto"``: it chooses its span from the registry's records (as
+        ``fincluster serve --blocks auto`` does) and re-checks every ``rebalance_seconds``."""
+        from fincluster.serving.rebalancer import first_placement
+        from fincluster.trust.own_attestation import verify_own_attestation
+        from fincluster.trust.pki import load_certificate
+
+        options = {
+            "announce_ttl_seconds": 2,
+            "shutdown_grace_seconds": 0.5,
+            "blocks": "auto",
+            "num_blocks": num_blocks,
+            **settings,
+        }
+        server_settings = ServerSettings(**options)  # type: ignore[arg-type]
+        credential = self.pki.credential(Role.SERVER, name)
+        context = trust or TrustContext.public_only(load_certificate(credential.read()[0]))
+        claims = verify_own_attestation(attestation, credential, context) if attestation else None
+        span = first_placement(
+            self.store,
+            server_settings,
+            registry=self.registry_client(name),
+            trust=context,
+            node_id=credential.spiffe_id,
+            claims=claims,
+        )
+        return self._start(
+            name,
+            span,
+            server_settings,
+            dtype=server_settings.dtype,
+            trust=trust,
+            attestation=attestation,
+            received=received,
+            audit=audit,
+        )
+
+    def registry_client(self, name: str):
         from fincluster.registry.service import RegistryClient
         from fincluster.trust.tls import RenewingChannel
 
         credential = self.pki.credential(Role.SERVER, name)
-        options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
-        model = load_span_model(
-            self.store,
-            BlockSpan.parse(span),
-            dtype=TensorDType(options.pop("dtype", "float32")),
-            device="cpu",
-        )
+        address = self.registry_address
+        return RegistryClient(RenewingChannel(address, credential), address=address)
+
+    def _start(
+        self,
+        name: str,
+        span: BlockSpan,
+        settings: ServerSettings,
+        *,
+        dtype: TensorDType,
+        trust: TrustContext | None,
+        attestation: str | None,
+        received: list[Transfer] | None,
+        audit,
+        corrupt=None,
+        tamper=None,
+    ) -> BlockServer:
+        credential = self.pki.credential(Role.SERVER, name)
+        model = load_span_model(self.store, span, dtype=dtype, device="cpu")
         honest = model.forward
         if corrupt is not None:
             model.forward = lambda *args, **kwargs: corrupt(honest(*args, **kwargs))  # type: ignore[method-assign]
@@ -154,16 +229,15 @@ class Cluster:
         server = BlockServer(
             model,
             ServedModel.of(self.store),
-            ServerSettings(**options),
+            settings,
             credential,
-            registry=RegistryClient(
-                RenewingChannel(self.registry_address, credential), address=self.registry_address
-            ),
+            registry=self.registry_client(name),
             registry_address=self.registry_address,
             trust=trust,
             attestation=attestation,
             audit=audit,
             on_transfer=received.append if received is not None else None,
+            store=self.store,
         )
         server.start()
         self.servers.append(server)

@@ -138,7 +138,7 @@ def test_top_level_help_lists_exactly_the_commands_that_exist(capsys) -> None:
         main(["--help"])
     text = capsys.readouterr().out
     listed = re.findall(r"^    (\w+) ", text, re.MULTILINE)
-    assert listed == ["attest", "audit", "certs", "model", "registry", "serve", "generate", "demo"]
+    assert listed == ["attest", "audit", "certs", "model", "registry", "serve", "generate", "status", "demo"]
     assert sorted(subcommands(build_parser())) == sorted(listed)
     mentioned = set(re.findall(r"``([a-z]+)``", text.split("positional arguments")[0])) - {"fincluster"}
     assert mentioned == set(listed)
@@ -242,3 +242,24 @@ def test_attest_issue_from_the_manifest_alone_binds_the_store_digest(
     (offline / "manifest.json").write_text("{}")
     assert main([*argv, "--manifest", str(offline / "manifest.json")]) == 2
     assert "is not a valid store manifest" in capsys.readouterr().err
+
+
+def test_serve_blocks_auto_needs_a_registry_to_place_against(pki, tiny_llama_store, capsys) -> None:
+    from fincluster.trust.pki import Role
+
+    credential = pki.credential(Role.SERVER, "auto-cli")
+    tls = ["--ca-cert", str(credential.ca_cert_path), "--cert", str(credential.cert_path)]
+    tls += ["--key", str(credential.key_path)]
+    argv = ["serve", "--store", str(tiny_llama_store.path), "--blocks", "auto", "--num-blocks", "3", *tls]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "fincluster: error: --blocks auto needs --registry: the span is chosen from the swarm's records\n"
+    )
+    serve = " ".join(subcommands(build_parser())["serve"].format_help().split())
+    assert 'block span START:END this server hosts, or "auto": chosen where the swarm needs it' in serve
+    assert (
+        "--num-blocks NUM_BLOCKS with --blocks auto: how many blocks (none: as many as memory holds)" in serve
+    )
+    assert (
+        "--metrics-port METRICS_PORT HTTP port of Prometheus /metrics (none: off; 0: any free port)" in serve
+    )

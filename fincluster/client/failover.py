@@ -2,8 +2,11 @@
 and how long to wait between attempts (``fincluster.backoff``).
 
 A node that cannot be reached, does not answer in time, lost the session, is full, is now refused by
-policy, or sent something that does not verify is *failed*: the client bans it for a while and asks
-routing, under the same policy and pins, for other nodes to take its blocks. Errors that say the
+policy, moved to other blocks (``MovedError``), or sent something that does not verify is *failed*:
+routing is asked, under the same policy and pins, for other nodes to take its blocks, and an
+unhealthy one is banned for a while (a full, refusing or moved node is only left out of that
+replacement). Blocks a server never served (OUT_OF_RANGE) are not a node failure: the client asked
+for what the server's record did not offer. Errors that say the
 request itself is wrong (a malformed request, a session past its length) are not node failures and
 are raised to the caller.
 """
@@ -20,6 +23,7 @@ from fincluster.errors import (
     CapacityError,
     InvalidRequestError,
     InvalidResponseError,
+    MovedError,
     OutOfRangeError,
     RefusedError,
     RemoteError,
@@ -38,7 +42,13 @@ def is_node_failure(error: BaseException) -> bool:
         return False  # this client's own certificate is refused: no other node will take it
     return isinstance(
         error,
-        UnavailableError | SessionError | CapacityError | RefusedError | TrustError | InvalidResponseError,
+        UnavailableError
+        | SessionError
+        | CapacityError
+        | RefusedError
+        | TrustError
+        | InvalidResponseError
+        | MovedError,
     ) or (isinstance(error, RemoteError) and error.status is not None)
 
 

@@ -26,6 +26,7 @@ from fincluster.client.verification import SpanRunner, SpotChecker, Verification
 from fincluster.errors import (
     CapacityError,
     ClosedError,
+    MovedError,
     RefusedError,
     RegistryError,
     RemoteError,
@@ -33,6 +34,7 @@ from fincluster.errors import (
     SessionError,
 )
 from fincluster.logs import get_logger
+from fincluster.metrics import ClientMetrics
 from fincluster.registry.backend import Registry
 from fincluster.registry.service import RegistryClient
 from fincluster.settings import ClientSettings
@@ -133,8 +135,9 @@ class Swarm:
     ``Registry`` object. ``trust`` enables attestation checks and route policy (without it only public
     data may leave the client: :meth:`TrustContext.public_only`). ``audit`` is where the client's audit
     trail goes: by default an ``AuditLog`` in ``./fincluster-audit/client-<name>.sqlite`` signed with
-    the client's TLS key; ``None`` turns it off, which only public data allows. Channels are cached per
-    address and closed, with a default audit log, by ``close()``.
+    the client's TLS key; ``None`` turns it off, which only public data allows. ``metrics`` counts
+    routes and failovers (Prometheus; serve them with ``fincluster.metrics.MetricsEndpoint``).
+    Channels are cached per address and closed, with a default audit log, by ``close()``.
     """
 
     def __init__(
@@ -145,8 +148,10 @@ class Swarm:
         settings: ClientSettings | None = None,
         trust: TrustContext | None = None,
         audit: AuditSink | Literal["default"] | None = "default",
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.credential = credential
+        self.metrics = metrics
         self.client_id = credential.spiffe_id
         self.settings = settings or ClientSettings()
         if trust is None:
@@ -307,6 +312,21 @@ class Swarm:
             ) from None
         chosen = [(hop, guard.judge(hop.record, hop.span)) for hop in hops]
         self.last_route = chosen
+        log.debug(
+            "route_planned",
+            session=session_id,
+            blocks=str(blocks),
+            hops=[
+                {
+                    "node": hop.record.node_id,
+                    "blocks": str(hop.span),
+                    **(hop.cost.as_log() if hop.cost else {}),
+                }
+                for hop in hops
+            ],
+        )
+        if self.metrics is not None:
+            self.metrics.routes.inc()
         self.trail.judged(guard, session_id)
         self.trail.routing(session_id, [(hop.span, verdict) for hop, verdict in chosen])
         return chosen
@@ -337,8 +357,10 @@ class Swarm:
     def node_failed(self, node: SpanClient, error: BaseException, *, span: BlockSpan) -> None:
         """A node that is unhealthy (unreachable, too slow, lost the session, misbehaved) is banned for
         a while; one that refused this request (policy, full) or lost its session (expired, restarted)
-        is only left out of its replacement."""
-        if isinstance(error, RefusedError | CapacityError | SessionError):
+        is only left out of its replacement, like one that moved to other blocks."""
+        if self.metrics is not None:
+            self.metrics.failovers.labels(error=type(error).__name__).inc()
+        if isinstance(error, RefusedError | CapacityError | SessionError | MovedError):
             return
         seconds = self.bans.ban(node.node_id, str(error))
         log.warning("node_banned", node=node.node_id, seconds=seconds, blocks=str(span), reason=str(error))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import grpc
+
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError
+from fincluster.health import REGISTRY_SERVICE, AioHealth
 from fincluster.logs import get_logger
 from fincluster.net import join_host_port
 from fincluster.registry.audit_trail import RegistryAuditTrail
@@ -43,19 +46,26 @@ class RegistryServer:
         self.trust = trust
         self._servicer = RegistryServicer(self.backend, trust=trust, audit=RegistryAuditTrail(audit))
         self._grpc: AioServerThread | None = None
+        self._health = AioHealth(REGISTRY_SERVICE)
         self._closed = False
         self.address: str | None = None
 
     def start(self) -> str:
         if self._closed:
             raise ClosedError("this registry was stopped; create a new one")
+
+        def register(server: grpc.aio.Server) -> None:
+            pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)  # type: ignore[no-untyped-call]
+            self._health.register(server)
+
         self._grpc = AioServerThread(
-            lambda server: pb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server),  # type: ignore[no-untyped-call]
+            register,
             address=f"{self.host}:{self.port}",
             credentials=server_credentials(self.credential),
             name="registry-rpc",
         )
         port = self._grpc.start()
+        self._health.set(True)  # SERVING until stop()
         self.address = join_host_port(self.host, port)
         log.info("registry_started", address=self.address)
         return self.address
@@ -65,6 +75,7 @@ class RegistryServer:
             return
         self._closed = True
         if self._grpc is not None:
+            self._health.drain()
             run_on_loop(_call_soon(self._servicer.stop_watches), timeout=10)
             self._grpc.stop(grace_seconds)
 

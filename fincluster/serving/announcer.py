@@ -3,11 +3,14 @@
 The record is refreshed every third of its TTL. When the registry cannot be reached or refuses, the
 announcer says so (``server_not_announced``, with the reason and the next attempt) and retries with
 exponential backoff and jitter instead of hammering it; the first success after that is logged as
-``server_announced``. :attr:`Announcer.announced` is the state clients of the server can check.
+``server_announced``. :attr:`Announcer.announced` is the state clients of the server can check. The
+round trip of the last announcement is kept (:attr:`Announcer.rtt_seconds`): it goes into the record
+as the server's network time, which placement weighs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -32,7 +35,9 @@ class Announcer:
         registry_address: str | None = None,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_result: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_result`` hears of every announcement attempt, True when it succeeded (metrics)."""
         self.registry = registry
         self.registry_address = registry_address
         self.ttl_seconds = ttl_seconds
@@ -43,6 +48,9 @@ class Announcer:
         self.announced = False
         self.last_error: str | None = None
         self.attempts_failed = 0
+        self.rtt_seconds = 0.0
+        self._on_result = on_result
+        self._lock = threading.Lock()  # the maintenance thread ticks; placement announces at once
 
     @property
     def status(self) -> str:
@@ -56,13 +64,25 @@ class Announcer:
 
     def tick(self) -> None:
         """Announce now if it is due (refresh or retry)."""
+        with self._lock:
+            if self._clock() >= self._next:
+                self._announce()
+
+    def announce_now(self) -> bool:
+        """Announce the current record at once (it changed); returns whether the registry took it."""
+        with self._lock:
+            self._announce()
+            return self.announced
+
+    def _announce(self) -> None:
         now = self._clock()
-        if now < self._next:
-            return
         record = self._record()
+        started = time.perf_counter()
         try:
             self.registry.announce(record, self.ttl_seconds)
         except RegistryError as error:
+            if self._on_result is not None:
+                self._on_result(False)
             delay = self._backoff.next_delay()
             self._next = now + delay
             self.attempts_failed += 1
@@ -77,6 +97,9 @@ class Announcer:
                 error=self.last_error,
             )
             return
+        self.rtt_seconds = time.perf_counter() - started
+        if self._on_result is not None:
+            self._on_result(True)
         if not self.announced:
             log.info(
                 "server_announced",
@@ -95,9 +118,11 @@ class Announcer:
         self._next = 0.0
 
     def withdraw(self, node_id: str) -> None:
-        if not self.announced:
-            return
-        self.announced = False
+        with self._lock:
+            if not self.announced:
+                return
+            self.announced = False
+            self._next = float("inf")  # no heartbeat brings the record back
         try:
             self.registry.withdraw(node_id)
         except RegistryError as error:

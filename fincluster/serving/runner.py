@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fincluster.errors import SessionError, SessionLengthError, WireError
+from fincluster.errors import MovedError, SessionError, SessionLengthError, WireError
 from fincluster.serving.sessions import Session
-from fincluster.serving.span_model import SpanModel
+from fincluster.serving.span_model import OffsetCache, SpanModel
 from fincluster.spans import BlockSpan
 from fincluster.wire.codec import SpanInputs
 from fincluster.wire.tensors import expect
@@ -23,9 +23,20 @@ class BlockRunner:
         self.hidden_size: int = model.config.hidden_size
         self.max_positions: int = int(getattr(model.config, "max_position_embeddings", 2**31 - 1))
         self.max_stateless_tokens = max_stateless_tokens
+        self.moved_from: list[BlockSpan] = []
+
+    def move_to(self, model: SpanModel) -> None:
+        """Serve ``model``'s span from now on (placement moved the server; call it on the compute
+        worker, between computations)."""
+        self.moved_from.append(self.span)
+        self.model, self.span = model, model.span
 
     def check_span(self, span: BlockSpan) -> None:
-        """Any contiguous part of the loaded span may be asked for."""
+        """Any contiguous part of the loaded span may be asked for; blocks this server served before
+        it moved are refused with MovedError (the caller's view of the swarm is stale; sessions opened
+        there before the move end this way at their next step)."""
+        if not self.span.contains(span) and any(old.overlaps(span) for old in self.moved_from):
+            raise MovedError(f"blocks {span} moved away; this server now serves blocks {self.span}")
         self.model.check(span)
 
     def validate(self, inputs: SpanInputs, *, batch_size: int | None = None, past_length: int = 0) -> None:
@@ -106,6 +117,9 @@ class BlockRunner:
                     f"exceeds max_length {session.max_length}",
                     session_id=session.session_id,
                 )
+            self.check_span(session.span)
+            if isinstance(session.cache, OffsetCache):  # layers count from the loaded span's start
+                session.cache.offset = session.span.start - self.span.start
             inputs = inputs.to(self.model.device)
             output = self.model(
                 inputs.hidden_states,

@@ -15,6 +15,7 @@ import enum
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,13 +41,21 @@ class _Job:
     sequence: int
     work: Callable[[], Any] = field(compare=False)
     done: Callable[[BaseException | None, Any], None] = field(compare=False)
+    queued_at: float = field(compare=False, default_factory=time.perf_counter)
 
 
 class ComputeQueue:
     """Runs jobs on one worker thread; ``run`` is awaited from the gRPC event loop."""
 
-    def __init__(self, *, weight_of: Callable[[str], float] = lambda _client: 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        weight_of: Callable[[str], float] = lambda _client: 1.0,
+        on_job: Callable[[Priority, float, float], None] | None = None,
+    ) -> None:
+        """``on_job(priority, seconds waited, seconds run)`` hears of every finished job (metrics)."""
         self._weight_of = weight_of
+        self._on_job = on_job
         self._heap: list[_Job] = []
         self._finish_tags: dict[str, float] = {}
         self._virtual_time = 0.0
@@ -110,9 +119,12 @@ class ComputeQueue:
                     return
                 job = heapq.heappop(self._heap)
                 self._virtual_time = max(self._virtual_time, job.start_tag)
+            started = time.perf_counter()
             try:
                 value = job.work()
             except BaseException as error:  # handed to the awaiting handler, which maps it to a status
                 job.done(error, None)
             else:
                 job.done(None, value)
+            if self._on_job is not None:
+                self._on_job(Priority(job.priority), started - job.queued_at, time.perf_counter() - started)

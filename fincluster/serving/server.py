@@ -1,8 +1,11 @@
 """A block server's lifecycle: load a span, serve it over mTLS gRPC, announce it, shut down cleanly.
 
 Constructing a ``BlockServer`` opens no socket; ``start()`` binds and starts the announce/reaper thread;
-``stop()`` withdraws the announcement, refuses new calls, lets running calls finish within the grace
-period, then closes every session and frees its cache.
+``stop()`` turns the health service to NOT_SERVING, withdraws the announcement, refuses new calls,
+lets running calls finish within the grace period, then closes every session and frees its cache.
+With ``blocks = "auto"`` a :class:`~fincluster.serving.rebalancer.Rebalancer` may move the server
+to other blocks while it runs (:meth:`BlockServer.switch_to`); metrics (``fincluster.metrics``) and
+the gRPC health service (``fincluster.health``) are kept here.
 """
 
 from __future__ import annotations
@@ -13,22 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
+from transformers import DynamicCache
 
 from fincluster.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.audit import AuditSink
-from fincluster.errors import ClosedError, ConfigurationError
+from fincluster.errors import ClosedError, ConfigurationError, MovedError
+from fincluster.health import BLOCK_SERVICE, AioHealth
 from fincluster.logs import get_logger
+from fincluster.metrics import MetricsEndpoint, ServerMetrics, session_end
 from fincluster.net import check_advertised, join_host_port
 from fincluster.registry.backend import Registry
-from fincluster.rpc import AioServerThread
+from fincluster.rpc import AioServerThread, run_on_loop
 from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
-from fincluster.serving.guard import ServeGuard
+from fincluster.serving.guard import Denial, ServeGuard
+from fincluster.serving.rebalancer import Rebalancer, block_rules
 from fincluster.serving.runner import BlockRunner
-from fincluster.serving.scheduler import ComputeQueue
+from fincluster.serving.scheduler import ComputeQueue, Priority
 from fincluster.serving.service import AuditWriter, BlockServicer, StreamLimits, Transfer, TransferHook
-from fincluster.serving.sessions import CacheBudget, SessionManager
+from fincluster.serving.sessions import CacheBudget, Session, SessionManager
 from fincluster.serving.span_model import SpanModel, cache_bytes_per_token
 from fincluster.settings import ServerSettings
 from fincluster.spans import BlockSpan
@@ -107,24 +115,52 @@ class BlockServer:
         attestation: str | Path | None = None,
         audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
+        store: ModelStore | None = None,
     ) -> None:
         """``trust`` is what the server enforces (default: public data only, no revocation list);
         ``attestation`` is the server's token, or the file it is in (re-read when it changes);
         ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
         ``AuditLog``); ``on_transfer`` is an extra observer (tests). ``registry_address`` names the
-        registry in logs and :attr:`announce_status`."""
+        registry in logs and :attr:`announce_status`. ``store`` is where a server with
+        ``blocks = "auto"`` loads the blocks it moves to (it needs a registry too)."""
+        if settings.blocks == "auto" and (store is None or registry is None):
+            raise ConfigurationError('blocks = "auto" needs the model store and a registry to place against')
+        self.store = store
         self.model = model
         self.served = served
         self.settings = settings
         self.credential = credential
         self.node_id = credential.spiffe_id
         self.registry = registry
+        self.budget = CacheBudget(settings.cache_budget_bytes)
+        self.compute = ComputeQueue(
+            weight_of=lambda client: self.admission.weight_of(client),
+            on_job=lambda priority, waited, ran: self.metrics.job_done(priority.name.lower(), waited, ran),
+        )
+        self.sessions = SessionManager(
+            self.budget,
+            new_cache=self._new_cache,
+            bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
+            max_session_length=settings.max_session_length,
+            idle_timeout_seconds=settings.session_idle_timeout_seconds,
+            wait_seconds=settings.cache_wait_seconds,
+            on_close=self._session_closed,
+        )
+        self.metrics = ServerMetrics(
+            sessions_open=lambda: len(self.sessions),
+            cache_bytes_used=lambda: self.budget.total_bytes - self.budget.free_bytes,
+            cache_bytes_total=lambda: self.budget.total_bytes,
+            queue_length=lambda: self.compute.length,
+        )
+        self.health = AioHealth(BLOCK_SERVICE)
+        self.moving_to: BlockSpan | None = None
         self.announcer = (
             Announcer(
                 registry,
                 self.record,
                 ttl_seconds=settings.announce_ttl_seconds,
                 registry_address=registry_address,
+                on_result=self.metrics.announced,
             )
             if registry is not None
             else None
@@ -146,20 +182,11 @@ class BlockServer:
             id=served.model_id, num_blocks=served.num_blocks, manifest_sha256=served.manifest_digest
         )
         self.audit = ServerAuditTrail(audit, node_id=self.node_id, model=model_ref, claims=self.claims)
+        self.model_ref = model_ref
         self.guard = ServeGuard(
-            credential, model_ref, trust=trust, own_claims=self.claims, on_denial=self.audit.denial
+            credential, model_ref, trust=trust, own_claims=self.claims, on_denial=self._denied
         )
         self._on_transfer = on_transfer
-        self.budget = CacheBudget(settings.cache_budget_bytes)
-        self.sessions = SessionManager(
-            self.budget,
-            new_cache=model.new_cache,
-            bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
-            max_session_length=settings.max_session_length,
-            idle_timeout_seconds=settings.session_idle_timeout_seconds,
-            wait_seconds=settings.cache_wait_seconds,
-            on_close=self.audit.session_closed,
-        )
         self.throughput = 0.0
         self.admission = Admission(
             Limits(
@@ -170,8 +197,11 @@ class BlockServer:
             department_of=lambda client: settings.departments.get(client, DEFAULT_DEPARTMENT),
             quotas=settings.quotas,
         )
-        self.compute = ComputeQueue(weight_of=self.admission.weight_of)
         self.address: str | None = None
+        self._runner: BlockRunner | None = None
+        self._rebalancer: Rebalancer | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self.metrics_port: int | None = None
         self._grpc: AioServerThread | None = None
         self._audit_writer: AuditWriter | None = None
         self._stopping = threading.Event()
@@ -215,6 +245,12 @@ class BlockServer:
             num_blocks=self.served.num_blocks,
             attestation=self.attestation or "",
             evidence_kind=SIGNED_SOFTWARE_EVIDENCE if self.attestation else "",
+            queue_length=self.compute.length,
+            cache_bytes_total=self.budget.total_bytes,
+            network_rtt_seconds=self.announcer.rtt_seconds if self.announcer is not None else 0.0,
+            moving_to=span_to_wire(self.moving_to) if self.moving_to is not None else None,
+            open_sessions=len(self.sessions),
+            auto_placed=self.settings.blocks == "auto",
         )
 
     def start(self) -> str:
@@ -229,13 +265,14 @@ class BlockServer:
             flag="--public-address (server.public_address)",
             registry_address=self.announcer.registry_address if self.announcer is not None else None,
         )
-        self.throughput = measure_throughput(self.model)
+        self.throughput = self.settings.throughput or measure_throughput(self.model)
         limit = self.settings.max_message_bytes
         settings = self.settings
         self.compute.start()
         self._audit_writer = AuditWriter(self._observe)
+        self._runner = BlockRunner(self.model, max_stateless_tokens=settings.max_session_length)
         servicer = BlockServicer(
-            BlockRunner(self.model, max_stateless_tokens=settings.max_session_length),
+            self._runner,
             self.sessions,
             self.guard,
             self.info,
@@ -249,8 +286,14 @@ class BlockServer:
             audit=self._audit_writer,
             clock=self.trust.clock,
         )
+
+        def register(server: grpc.aio.Server) -> None:
+            pb_grpc.add_BlockServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+            self.health.register(server)
+
+        self.health.set(self.announcer is None)  # NOT_SERVING until announced
         self._grpc = AioServerThread(
-            lambda server: pb_grpc.add_BlockServiceServicer_to_server(servicer, server),  # type: ignore[no-untyped-call]
+            register,
             address=f"{settings.host}:{settings.port}",
             credentials=server_credentials(self.credential),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
@@ -258,6 +301,26 @@ class BlockServer:
         )
         port = self._grpc.start()
         self.address = self.settings.public_address or join_host_port(self.settings.host, port)
+        if settings.metrics_port is not None:
+            self._metrics_endpoint = MetricsEndpoint(
+                self.metrics.registry, host=settings.metrics_host, port=settings.metrics_port
+            )
+            self.metrics_port = self._metrics_endpoint.start()
+            log.info("metrics_serving", address=join_host_port(settings.metrics_host, self.metrics_port))
+        if settings.blocks == "auto" and self.store is not None and self.registry is not None:
+            store = self.store
+            self._rebalancer = Rebalancer(
+                self,
+                self.registry,
+                model_id=self.served.model_id,
+                rules=lambda: block_rules(
+                    self.trust, self.model_ref, node_id=self.node_id, claims=self.claims
+                ),
+                load=lambda span: load_span_model(store, span, dtype=settings.dtype, device=settings.device),
+                interval_seconds=settings.rebalance_seconds,
+                min_gain=settings.rebalance_min_gain,
+            )
+            self._rebalancer.start()
         self._background = threading.Thread(target=self._maintain, name="server-maintenance", daemon=True)
         self._background.start()
         log.info("server_started", node=self.node_id, address=self.address, blocks=str(self.model.span))
@@ -265,8 +328,53 @@ class BlockServer:
 
     def _observe(self, transfer: Transfer) -> None:
         self.audit.transfer(transfer)
+        self.metrics.steps.labels(operation=transfer.operation).inc()
+        self.metrics.tokens.labels(operation=transfer.operation).inc(transfer.num_tokens)
         if self._on_transfer is not None:
             self._on_transfer(transfer)
+
+    def _denied(self, denial: Denial) -> None:
+        self.metrics.policy_denials.inc()
+        self.audit.denial(denial)
+
+    def _session_closed(self, session: Session, reason: str) -> None:
+        self.metrics.sessions_closed.labels(end=session_end(reason)).inc()
+        self.audit.session_closed(session, reason)
+
+    def _new_cache(self, span: BlockSpan) -> DynamicCache:
+        model = self.model
+        if not model.span.contains(span):  # moved between the open's span check and here
+            raise MovedError(f"blocks {span} moved away; this server now serves blocks {model.span}")
+        return model.new_cache(span)
+
+    # -- moving (blocks = "auto"; see fincluster.serving.rebalancer) ------------------------------
+
+    def announce_intent(self, target: BlockSpan | None) -> bool:
+        """Tell the registry this server is about to move to ``target`` (None: no longer)."""
+        self.moving_to = target
+        return self.announcer.announce_now() if self.announcer is not None else False
+
+    def switch_to(self, model: SpanModel) -> None:
+        """Serve ``model`` from now on: switch between two computations, then announce the new span.
+        Sessions outside it end at their next step (MovedError: their clients fail over and close
+        them)."""
+        throughput = self.settings.throughput or measure_throughput(model)
+        runner = self._runner
+        if runner is None or self._closed:
+            raise ClosedError("the server is not running")
+
+        def switch() -> None:
+            self.model = model
+            runner.move_to(model)
+
+        run_on_loop(
+            self.compute.run(switch, client=self.node_id, tokens=1, priority=Priority.INTERACTIVE),
+            timeout=60,
+        )
+        self.throughput, self.moving_to = throughput, None
+        self.metrics.span_moves.inc()
+        if self.announcer is not None:
+            self.announcer.announce_now()
 
     def _maintain(self) -> None:
         """Refresh the announcement (TTL heartbeat) and expire idle sessions until stopped."""
@@ -282,6 +390,8 @@ class BlockServer:
                 self.audit.sink.checkpoint_if_due()
             if self.announcer is not None:
                 self.announcer.tick()
+            healthy = self.announcer is None or self.announcer.announced
+            self.health.set(healthy and (self._audit_writer is None or self._audit_writer.failure is None))
             self._stopping.wait(0.2)
 
     def stop(self, grace_seconds: float | None = None) -> None:
@@ -289,7 +399,11 @@ class BlockServer:
         if self._closed:
             return
         self._closed = True
+        if self._grpc is not None:
+            self.health.drain()
         self._stopping.set()
+        if self._rebalancer is not None:
+            self._rebalancer.stop()
         if self._background is not None:
             self._background.join()
         if self.announcer is not None:
@@ -301,6 +415,8 @@ class BlockServer:
         if self._audit_writer is not None:
             self._audit_writer.close()
         self.sessions.close_all()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
         log.info("server_stopped", node=self.node_id)
 
     def wait(self) -> None:

@@ -236,6 +236,23 @@ class TrustContext:
             ),
         )
 
+    def announceable_blocks(
+        self, model: ModelRef, *, node_id: str, claims: VerifiedClaims | None
+    ) -> tuple[bool, ...]:
+        """For each block of ``model``, whether the announce policy lets node ``node_id`` with verified
+        ``claims`` announce it (asked block by block). Placement stays where the registry will list
+        it; asked with ``claims=None`` it learns which blocks are sensitive (closed to unattested
+        nodes) without knowing how the policy decides. Without a policy engine every block is open."""
+        if self.policy is None:
+            return (True,) * model.num_blocks
+        node = NodeRef(id=node_id, claims=claims)
+        return tuple(
+            self.policy.decide(
+                DecisionKind.ANNOUNCE, PolicyInput(model=model, span=BlockSpan(block, block + 1), node=node)
+            ).allow
+            for block in range(model.num_blocks)
+        )
+
 
 def _is_client(identity: str) -> bool:
     try:

@@ -690,6 +690,12 @@ class ServerRecord(_message.Message):
     ATTESTATION_FIELD_NUMBER: _builtins.int
     EVIDENCE_KIND_FIELD_NUMBER: _builtins.int
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    QUEUE_LENGTH_FIELD_NUMBER: _builtins.int
+    CACHE_BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    NETWORK_RTT_SECONDS_FIELD_NUMBER: _builtins.int
+    MOVING_TO_FIELD_NUMBER: _builtins.int
+    OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
+    AUTO_PLACED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     model_id: _builtins.str
@@ -702,8 +708,26 @@ class ServerRecord(_message.Message):
     evidence_kind: _builtins.str
     num_blocks: _builtins.int
     """Blocks of the whole model (registry policy needs it to locate the sensitive prefix)."""
+    queue_length: _builtins.int
+    """Load and placement, refreshed with every announcement: hints for routing and placement, not
+    evidence (a node could misstate them; they never widen what policy allows).
+    Compute jobs waiting on the server's queue.
+    """
+    cache_bytes_total: _builtins.int
+    """The KV-cache budget; cache_bytes_free of it is unreserved."""
+    network_rtt_seconds: _builtins.float
+    """Round trip of the server's last announcement, seconds: its network as the registry sees it."""
+    open_sessions: _builtins.int
+    auto_placed: _builtins.bool
+    """The server chose its span itself (--blocks auto) and may move."""
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
+    @_builtins.property
+    def moving_to(self) -> Global___BlockSpan:
+        """Blocks the server is loading to move to (placement); it serves span until it announces the new
+        one. Unset when not moving.
+        """
+
     def __init__(
         self,
         *,
@@ -717,10 +741,16 @@ class ServerRecord(_message.Message):
         attestation: _builtins.str = ...,
         evidence_kind: _builtins.str = ...,
         num_blocks: _builtins.int = ...,
+        queue_length: _builtins.int = ...,
+        cache_bytes_total: _builtins.int = ...,
+        network_rtt_seconds: _builtins.float = ...,
+        moving_to: Global___BlockSpan | None = ...,
+        open_sessions: _builtins.int = ...,
+        auto_placed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["moving_to", b"moving_to", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attestation", b"attestation", "cache_bytes_free", b"cache_bytes_free", "evidence_kind", b"evidence_kind", "manifest_digest", b"manifest_digest", "model_id", b"model_id", "node_id", b"node_id", "num_blocks", b"num_blocks", "span", b"span", "throughput", b"throughput"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attestation", b"attestation", "auto_placed", b"auto_placed", "cache_bytes_free", b"cache_bytes_free", "cache_bytes_total", b"cache_bytes_total", "evidence_kind", b"evidence_kind", "manifest_digest", b"manifest_digest", "model_id", b"model_id", "moving_to", b"moving_to", "network_rtt_seconds", b"network_rtt_seconds", "node_id", b"node_id", "num_blocks", b"num_blocks", "open_sessions", b"open_sessions", "queue_length", b"queue_length", "span", b"span", "throughput", b"throughput"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

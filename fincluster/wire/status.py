@@ -16,6 +16,7 @@ from fincluster.errors import (
     FinclusterError,
     IdleError,
     InvalidRequestError,
+    MovedError,
     OutOfRangeError,
     PolicyDenied,
     PolicyError,
@@ -53,6 +54,7 @@ STATUS_TABLE: tuple[tuple[type[FinclusterError], grpc.StatusCode], ...] = (
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (IdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (MovedError, grpc.StatusCode.ABORTED),
 )
 
 _STATUS_OF: dict[type[FinclusterError], grpc.StatusCode] = {}
