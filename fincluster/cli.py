@@ -70,7 +70,19 @@ def _credential(settings: Settings) -> Credential:
     return settings.tls.credential()
 
 
+SIGNAL_POLL_SECONDS = 0.2
+"""How often the main thread wakes while it waits for SIGTERM/SIGINT (see :func:`_wait_for_signal`)."""
+
+
 def _wait_for_signal(stop: Callable[[], None]) -> None:
+    """Block until SIGTERM or SIGINT, then ``stop()``.
+
+    Python runs signal handlers in the main thread only, between bytecodes. When the process has other
+    threads (CUDA's driver threads, gRPC's, OpenMP's), the kernel may deliver the signal to one of them;
+    the C-level handler then only sets a flag, and a main thread blocked in an untimed ``Event.wait()``
+    never gets to run the Python handler (seen with CUDA: SIGTERM ignored). Waiting in short slices
+    lets the main thread notice the flag within :data:`SIGNAL_POLL_SECONDS`.
+    """
     done = threading.Event()
 
     def handle(signum: int, frame: object) -> None:
@@ -78,7 +90,8 @@ def _wait_for_signal(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    done.wait()
+    while not done.wait(SIGNAL_POLL_SECONDS):
+        pass
     stop()
 
 
