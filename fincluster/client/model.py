@@ -114,11 +114,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         *,
         swarm: ChainPlanner,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
         classification: str = "internal",
         local_blocks: int = 0,
         pin: Pins | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the client part of ``store`` (digests checked) and connect it to ``swarm``.
+
+        ``dtype`` is the wire dtype (servers check it; it cannot change later); ``device`` is where the
+        embeddings, final norm, LM head and any local blocks run (``model.to(device)`` moves them later):
+        activations come back from the servers onto it.
 
         ``classification`` is the default data classification of requests (``public``, ``internal``,
         ``confidential``, ``restricted``; per call with ``classification=``). ``local_blocks=k`` runs
@@ -134,7 +139,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
                 f"local_blocks must be within 0..{config.num_hidden_layers}, not {local_blocks}"
             )
         local = (
-            LocalSpanClient.from_store(store, BlockSpan(0, local_blocks), dtype=dtype, node_id="client")
+            LocalSpanClient.from_store(
+                store, BlockSpan(0, local_blocks), dtype=dtype, node_id="client", device=device
+            )
             if local_blocks
             else None
         )
@@ -149,7 +156,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             pin=pin,
         )
         model.eval()  # type: ignore[no-untyped-call]
-        return model
+        return model.to(device)
 
     # transformers hooks -------------------------------------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Embedding:
@@ -304,13 +311,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """``logits_to_keep`` (transformers' convention, which ``generate`` uses): an int ``k`` computes
+        the LM head for the last ``k`` positions only (0: all), a 1-D tensor for those positions."""
         if (input_ids is None) == (inputs_embeds is None):
             raise UsageError("pass exactly one of input_ids or inputs_embeds")
         with self._classified(kwargs.pop("classification", None)):
             return self._forward(
-                input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels
+                input_ids,
+                attention_mask,
+                position_ids,
+                past_key_values,
+                inputs_embeds,
+                labels,
+                logits_to_keep,
             )
 
     def _forward(
@@ -321,6 +337,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         past_key_values: Any,
         inputs_embeds: torch.Tensor | None,
         labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> CausalLMOutputWithPast:
         session = self._session
         past = session.position if session is not None else 0
@@ -373,7 +390,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
                     planner=self,
                     policy=self.swarm.failover,
                 )
-        logits = self.lm_head(self.norm(hidden)).float()
+        hidden = hidden.to(self.embed_tokens.weight.device)  # servers answer in host memory
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.norm(hidden[:, kept])).float()
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
@@ -414,9 +433,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
 
     # the client part in this process ----------------------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
-        """Move the client part to a device; its dtype is fixed at loading (the servers check it)."""
+        """Move the client part (and local blocks) to a device; its dtype is fixed at loading (the
+        servers check it)."""
         check_dtype_change(self.dtype, requested_dtype(args, kwargs))
         moved: DistributedModelForCausalLM = super().to(*args, **kwargs)
+        if self.local is not None:
+            self.local.to(self.embed_tokens.weight.device)
         return moved
 
     def half(self, *args: Any) -> DistributedModelForCausalLM:  # type: ignore[override]

@@ -43,11 +43,23 @@ class LocalSpanClient:
 
     @classmethod
     def from_store(
-        cls, store: ModelStore, span: BlockSpan, *, dtype: torch.dtype, node_id: str = "local"
+        cls,
+        store: ModelStore,
+        span: BlockSpan,
+        *,
+        dtype: torch.dtype,
+        node_id: str = "local",
+        device: str | torch.device = "cpu",
     ) -> LocalSpanClient:
-        """Load ``span``'s weights from ``store`` (digests checked) and run them here."""
+        """Load ``span``'s weights from ``store`` (digests checked) and run them here, on ``device``."""
         blocks = {index: store.load_block_state(index) for index in span.blocks}
-        return cls(SpanModel(store.load_config(), span, blocks, dtype=dtype), node_id=node_id)
+        model = SpanModel(store.load_config(), span, blocks, dtype=dtype, device=device)
+        return cls(model, node_id=node_id)
+
+    def to(self, device: str | torch.device) -> LocalSpanClient:
+        """Run the span on ``device`` from now on (the client model moves its local blocks with it)."""
+        self._model.base.to(device)
+        return self
 
     def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor:
         return self._runner.forward(self.span, inputs)
