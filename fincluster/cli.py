@@ -25,7 +25,7 @@ from fincluster.errors import FinclusterError
 from fincluster.settings import ClientSettings, RegistrySettings, ServerSettings
 from fincluster.trust.cert_commands import register as register_certs
 from fincluster.trust.commands import register as register_attest
-from fincluster.values import TensorDType
+from fincluster.values import StepStrategy, TensorDType
 
 if TYPE_CHECKING:
     from fincluster.settings import Settings
@@ -165,7 +165,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fincluster.trust.tls import RenewingChannel
 
     overrides: dict[str, Any] = {
-        "server": _given(args, "store", "blocks", "host", "port", "public_address", "dtype", "device")
+        "server": _given(
+            args,
+            "store",
+            "blocks",
+            "host",
+            "port",
+            "public_address",
+            "dtype",
+            "device",
+            "step_strategy",
+            "max_batch_size",
+        )
     }
     if args.registry:
         overrides["registry"] = {"address": args.registry}
@@ -355,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--device", help=_setting(ServerSettings, "server", "device", "torch device, e.g. cpu or cuda:0")
+    )
+    serve.add_argument(
+        "--step-strategy",
+        choices=[strategy.value for strategy in StepStrategy],
+        help=_setting(ServerSettings, "server", "step_strategy", "how inference steps run"),
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, help=_setting(ServerSettings, "server", "max_batch_size")
     )
     serve.add_argument(
         "--audit-dir",

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from fincluster.serving.fast_step import StepEngine
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import SpanModel
@@ -30,15 +31,17 @@ class LocalSpanSession:
 
     def close(self) -> None:
         self._session.closed_reason = "closed"
+        self._runner.engine.release(self._session.cache)
 
 
 class LocalSpanClient:
     """A span run in this process: its activations never leave it."""
 
-    def __init__(self, model: SpanModel, *, node_id: str = "local") -> None:
+    def __init__(self, model: SpanModel, *, node_id: str = "local", engine: StepEngine | None = None) -> None:
+        """``engine`` runs session steps (default: transformers' eager path)."""
         self.node_id = node_id
         self.span = model.span
-        self._runner = BlockRunner(model)
+        self._runner = BlockRunner(model, engine=engine)
         self._model = model
 
     @classmethod
@@ -74,7 +77,7 @@ class LocalSpanClient:
             max_length=max_length,
             batch_size=batch_size,
             reserved_bytes=0,
-            cache=self._model.new_cache(self.span),
+            cache=self._runner.engine.new_cache(self.span, batch_size=batch_size, max_length=max_length),
             client_id="local",
             last_used=time.monotonic(),
         )

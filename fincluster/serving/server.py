@@ -24,6 +24,8 @@ from fincluster.rpc import AioServerThread
 from fincluster.serving.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
+from fincluster.serving.batching import step_batch_runner
+from fincluster.serving.fast_step import StepEngine
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.scheduler import ComputeQueue
@@ -151,9 +153,18 @@ class BlockServer:
         )
         self._on_transfer = on_transfer
         self.budget = CacheBudget(settings.cache_budget_bytes)
+        self.engine = StepEngine(
+            model,
+            settings.step_strategy,
+            cache_bytes=settings.cache_budget_bytes,
+            max_length=settings.max_session_length,
+            max_batch=settings.max_batch_size,
+        )
+        self.runner = BlockRunner(model, max_stateless_tokens=settings.max_session_length, engine=self.engine)
         self.sessions = SessionManager(
             self.budget,
-            new_cache=model.new_cache,
+            new_cache=self.engine.new_cache,
+            release_cache=self.engine.release,
             bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
             max_session_length=settings.max_session_length,
             idle_timeout_seconds=settings.session_idle_timeout_seconds,
@@ -170,7 +181,11 @@ class BlockServer:
             department_of=lambda client: settings.departments.get(client, DEFAULT_DEPARTMENT),
             quotas=settings.quotas,
         )
-        self.compute = ComputeQueue(weight_of=self.admission.weight_of)
+        self.compute = ComputeQueue(
+            weight_of=self.admission.weight_of,
+            batch=step_batch_runner(self.runner) if self.engine.batches else None,
+            max_batch=settings.max_batch_size,
+        )
         self.address: str | None = None
         self._grpc: AioServerThread | None = None
         self._audit_writer: AuditWriter | None = None
@@ -235,7 +250,7 @@ class BlockServer:
         self.compute.start()
         self._audit_writer = AuditWriter(self._observe)
         servicer = BlockServicer(
-            BlockRunner(self.model, max_stateless_tokens=settings.max_session_length),
+            self.runner,
             self.sessions,
             self.guard,
             self.info,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+import torch
 from cryptography import x509
 
 from fincluster.errors import (
@@ -36,6 +37,7 @@ from fincluster.errors import (
 )
 from fincluster.logs import get_logger
 from fincluster.serving.admission import Admission
+from fincluster.serving.batching import StepItem
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.scheduler import ComputeQueue, Priority
@@ -465,8 +467,8 @@ class _Stream:
         tokens = wire_tokens(request.inputs)
         servicer._admission.charge(self.client_id, tokens * len(session.span))
 
-        def job() -> tuple[pb.Tensor, int, Transfer]:
-            output = encode(servicer._runner.step(session, inputs_from_wire(request.inputs)))
+        def finish(hidden: torch.Tensor) -> tuple[pb.Tensor, int, Transfer]:
+            output = encode(hidden)
             transfer = servicer._transfer(
                 session_id=session.session_id,
                 step=request.step,
@@ -479,8 +481,17 @@ class _Stream:
             )
             return output, session.position, transfer
 
+        def job() -> tuple[pb.Tensor, int, Transfer]:
+            return finish(servicer._runner.step(session, inputs_from_wire(request.inputs)))
+
+        shape = request.inputs.hidden_states.shape
+        batch = (
+            (session.span, StepItem(session, request.inputs, finish))
+            if len(shape) == 3 and servicer._runner.batchable(session, int(shape[1]))
+            else None
+        )
         output, position, transfer = await servicer._compute.run(
-            job, client=self.client_id, tokens=tokens, priority=Priority.INTERACTIVE
+            job, client=self.client_id, tokens=tokens, priority=Priority.INTERACTIVE, batch=batch
         )
         response = pb.InferenceResponse(
             step=pb.StepResult(hidden_states=output, position=position, receipt=transfer.receipt)
