@@ -38,7 +38,7 @@ from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import SpanInputs, inputs_to_wire, span_to_wire, wire_tokens
 from fincluster.wire.status import remote_error
-from fincluster.wire.tensors import decode, digest, encode
+from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
 T = TypeVar("T")
 
@@ -175,6 +175,7 @@ class GrpcSpanSession:
         """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
         wire_inputs = inputs_to_wire(inputs)
         request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
+        sent_digest = digest_soon(wire_inputs)  # hashed while the server computes
         result = self._exchange(pb.InferenceRequest(step=request), "step").step
         self._client.observe(
             "replay" if replay else "inference_step",
@@ -183,6 +184,7 @@ class GrpcSpanSession:
             wire_inputs,
             result.hidden_states,
             result.receipt,
+            input_sha256=sent_digest(),
         )
         self.steps += 1
         return self._client.received(
@@ -301,9 +303,15 @@ class GrpcSpanClient:
         sent: pb.SpanInputs,
         received: pb.Tensor,
         receipt: pb.Receipt,
+        *,
+        input_sha256: str | None = None,
     ) -> None:
-        """Check the receipt against what was really sent and received, then report the call."""
-        input_sha256, output_sha256 = digest(sent), digest(received)
+        """Check the receipt against what was really sent and received, then report the call.
+
+        ``input_sha256``: the digest of ``sent``, when the caller already has it (each message is
+        hashed once per side)."""
+        input_sha256 = digest(sent) if input_sha256 is None else input_sha256
+        output_sha256 = digest(received)
         body = self._checked_receipt(receipt, session_id, step, input_sha256, output_sha256)
         if self._observer is not None:
             self._observer(
@@ -375,10 +383,19 @@ class GrpcSpanClient:
             session_id=session_id,
             classification=self.classification,
         )
+        sent_digest = digest_soon(wire_inputs)
         response = self._call(
             lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
         )
-        self.observe("forward", session_id, 0, wire_inputs, response.hidden_states, response.receipt)
+        self.observe(
+            "forward",
+            session_id,
+            0,
+            wire_inputs,
+            response.hidden_states,
+            response.receipt,
+            input_sha256=sent_digest(),
+        )
         return self.received(
             response.hidden_states, like=inputs.hidden_states, name="hidden_states", session_id=session_id
         )
@@ -393,10 +410,19 @@ class GrpcSpanClient:
             session_id=session_id,
             classification=self.classification,
         )
+        sent_digest = digest_soon(wire_inputs)
         response = self._call(
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )
-        self.observe("backward", session_id, 0, wire_inputs, response.grad_inputs, response.receipt)
+        self.observe(
+            "backward",
+            session_id,
+            0,
+            wire_inputs,
+            response.grad_inputs,
+            response.receipt,
+            input_sha256=sent_digest(),
+        )
         return self.received(
             response.grad_inputs, like=inputs.hidden_states, name="grad_inputs", session_id=session_id
         )

@@ -51,7 +51,7 @@ from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
 from fincluster.wire.status import answer_for
-from fincluster.wire.tensors import decode, digest, encode
+from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -209,9 +209,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         classification: str,
         inputs: pb.SpanInputs,
         output: pb.Tensor,
+        input_sha256: str | None = None,
     ) -> Transfer:
-        """Digest what was received and returned, and sign the receipt for it."""
-        input_sha256, output_sha256 = digest(inputs), digest(output)
+        """Digest what was received (unless ``input_sha256`` is that digest, made while computing) and
+        returned, and sign the receipt for it."""
+        input_sha256 = digest(inputs) if input_sha256 is None else input_sha256
+        output_sha256 = digest(output)
         receipt = self._guard.receipt(
             session_id=session_id,
             step=step,
@@ -278,6 +281,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 self._admission.charge(client_id, tokens * len(span))
 
                 def job() -> tuple[pb.Tensor, Transfer]:
+                    received_digest = digest_soon(request.inputs)  # hashed while computing
                     output = compute(span)
                     transfer = self._transfer(
                         session_id=session_id,
@@ -288,6 +292,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         classification=request.classification,
                         inputs=request.inputs,
                         output=output,
+                        input_sha256=received_digest(),
                     )
                     return output, transfer
 
@@ -467,6 +472,8 @@ class _Stream:
         tokens = wire_tokens(request.inputs)
         servicer._admission.charge(self.client_id, tokens * len(session.span))
 
+        received_digest = digest_soon(request.inputs)  # hashed while the step waits and runs
+
         def finish(hidden: torch.Tensor) -> tuple[pb.Tensor, int, Transfer]:
             output = encode(hidden)
             transfer = servicer._transfer(
@@ -478,6 +485,7 @@ class _Stream:
                 classification=self.classification,
                 inputs=request.inputs,
                 output=output,
+                input_sha256=received_digest(),
             )
             return output, session.position, transfer
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from google.protobuf.message import Message
@@ -92,3 +93,19 @@ def expect(
 def digest(message: Message) -> str:
     """SHA-256 of a wire message's deterministic bytes: what both sides record, sign and compare."""
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+OVERLAP_BYTES = 256 * 1024
+"""Messages at least this large are digested on a helper thread (hashlib releases the GIL), so the
+hash overlaps the network wait or the computation instead of adding to them."""
+_DIGESTER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
+
+
+def digest_soon(message: Message) -> Callable[[], str]:
+    """:func:`digest` of ``message``, started now; call the result for the hex digest. Small messages
+    are digested at once (a thread hand-off would cost more than the hash)."""
+    if message.ByteSize() < OVERLAP_BYTES:
+        value = digest(message)
+        return lambda: value
+    future = _DIGESTER.submit(digest, message)
+    return future.result
