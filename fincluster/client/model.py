@@ -41,6 +41,7 @@ from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.store.partition import cut_config, empty_model
 from fincluster.trust.policy import Classification, ModelRef
+from fincluster.wire.compression import WireCompression
 
 
 def _client_modules(
@@ -89,9 +90,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         classification: Classification,
         local: LocalSpanClient | None = None,
         pin: Pins | None = None,
+        compression: WireCompression = WireCompression.NONE,
     ) -> None:
         check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)
         super().__init__(config)
+        self.compression = compression
         self.store = store
         self.swarm = swarm
         self.model_id = store.model_id
@@ -118,12 +121,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         classification: str = "internal",
         local_blocks: int = 0,
         pin: Pins | None = None,
+        compression: str = "none",
     ) -> DistributedModelForCausalLM:
         """Load the client part of ``store`` (digests checked) and connect it to ``swarm``.
 
         ``dtype`` is the wire dtype (servers check it; it cannot change later); ``device`` is where the
         embeddings, final norm, LM head and any local blocks run (``model.to(device)`` moves them later):
-        activations come back from the servers onto it.
+        activations come back from the servers onto it. ``compression``: how hidden states of inference
+        sessions travel (``none``, ``float16``, ``bfloat16``, ``blockwise8``; negotiated at open).
 
         ``classification`` is the default data classification of requests (``public``, ``internal``,
         ``confidential``, ``restricted``; per call with ``classification=``). ``local_blocks=k`` runs
@@ -131,6 +136,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         ``{range(0, 8): ["spiffe://bank/server/a"]}`` or ``{range(0, 8): "trusted"}``.
         """
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
+        try:
+            mode = WireCompression(compression)
+        except ValueError:
+            names = ", ".join(m.value for m in WireCompression)
+            raise ConfigurationError(f"unknown compression {compression!r}; use one of {names}") from None
         config = store.load_config()
         level = parse_classification(classification)
         check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)  # before loading weights
@@ -154,6 +164,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             classification=level,
             local=local,
             pin=pin,
+            compression=mode,
         )
         model.eval()  # type: ignore[no-untyped-call]
         return model.to(device)
@@ -183,6 +194,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             else []
         )
         chain = [self.local, *remote] if self.local is not None else list(remote)
+        for client in remote:
+            client.compression = self.compression
         self.last_chain = tuple((client.node_id, client.span) for client in chain)
         return chain
 
@@ -255,7 +268,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         request = self._placement_request()
         if self.swarm.trail is not None and isinstance(error, FinclusterError):
             self.swarm.trail.failure(session_id, request, error)
-        return self.swarm.replace_hops(request, span, session_id=session_id, failed=failed, error=error)
+        clients = self.swarm.replace_hops(request, span, session_id=session_id, failed=failed, error=error)
+        for client in clients:
+            client.compression = self.compression
+        return clients
 
     def move_hop(self, index: int, node_id: str) -> int:
         """Move hop ``index`` of the active session to server ``node_id`` (same blocks), replaying the

@@ -37,6 +37,7 @@ from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import SpanInputs, inputs_to_wire, span_to_wire, wire_tokens
+from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import remote_error
 from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
@@ -56,6 +57,8 @@ class SpanClient(Protocol):
 
     node_id: str
     span: BlockSpan
+    compression: WireCompression
+    """How hidden states of inference sessions travel (set by the client model before it opens one)."""
 
     def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor: ...
 
@@ -119,9 +122,17 @@ class GrpcSpanSession:
             nonce=nonce,
             classification=client.classification,
             session_id=session_id,
+            compression=client.compression.wire,
         )
+        self.compression = client.compression
         opened = self._exchange(pb.InferenceRequest(open=open_request), "opened").opened
         try:
+            if opened.compression != open_request.compression:
+                raise InvalidResponseError(
+                    f"server opened the session with compression {opened.compression}, "
+                    f"not the {client.compression.value} asked for",
+                    node_id=client.node_id,
+                )
             if opened.session_id != session_id:
                 raise TrustError(
                     TrustReason.MALFORMED,
@@ -129,7 +140,7 @@ class GrpcSpanSession:
                     node_id=client.node_id,
                 )
             client.accept_proof(opened.proof, nonce=nonce, session_id=session_id)
-        except TrustError:
+        except (TrustError, InvalidResponseError):
             self.close()
             raise
 
@@ -173,7 +184,7 @@ class GrpcSpanSession:
 
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
         """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
-        wire_inputs = inputs_to_wire(inputs)
+        wire_inputs = inputs_to_wire(inputs, self.compression)
         request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
         sent_digest = digest_soon(wire_inputs)  # hashed while the server computes
         result = self._exchange(pb.InferenceRequest(step=request), "step").step
@@ -237,6 +248,7 @@ class GrpcSpanClient:
         self.binding = binding
         self.certificates = certificates
         self.certificate: x509.Certificate | None = None
+        self.compression = WireCompression.NONE
         self._observer = observer
         self._timeout = timeout_seconds
 

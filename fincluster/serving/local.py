@@ -17,17 +17,26 @@ from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import SpanModel
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
-from fincluster.wire.codec import SpanInputs
+from fincluster.wire.codec import SpanInputs, inputs_from_wire, inputs_to_wire
+from fincluster.wire.compression import WireCompression
+from fincluster.wire.tensors import decode, encode
 
 
 class LocalSpanSession:
-    def __init__(self, runner: BlockRunner, session: Session) -> None:
+    def __init__(self, runner: BlockRunner, session: Session, compression: WireCompression) -> None:
         self._runner = runner
         self._session = session
         self.session_id = session.session_id
+        self._compression = compression
 
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
-        return self._runner.step(self._session, inputs)
+        """With a compression other than none, the hidden states go through the wire codec both ways,
+        exactly as they would to and from a server (quality measurements, tests)."""
+        if self._compression is WireCompression.NONE:
+            return self._runner.step(self._session, inputs)
+        inputs = inputs_from_wire(inputs_to_wire(inputs, self._compression))
+        output = self._runner.step(self._session, inputs)
+        return decode(encode(output, self._compression), name="hidden_states")
 
     def close(self) -> None:
         self._session.closed_reason = "closed"
@@ -41,6 +50,7 @@ class LocalSpanClient:
         """``engine`` runs session steps (default: transformers' eager path)."""
         self.node_id = node_id
         self.span = model.span
+        self.compression = WireCompression.NONE
         self._runner = BlockRunner(model, engine=engine)
         self._model = model
 
@@ -81,4 +91,4 @@ class LocalSpanClient:
             client_id="local",
             last_used=time.monotonic(),
         )
-        return LocalSpanSession(self._runner, session)
+        return LocalSpanSession(self._runner, session, self.compression)

@@ -50,6 +50,7 @@ from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
+from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import answer_for
 from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
@@ -425,6 +426,7 @@ class _Stream:
         )
         if len(request.nonce) < MIN_NONCE_BYTES:
             raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
+        compression = WireCompression.of_wire(request.compression)
         session = await asyncio.to_thread(
             servicer._sessions.open,
             span,
@@ -433,6 +435,7 @@ class _Stream:
             client_id=self.client_id,
             session_id=session_id,
         )
+        session.compression = compression
         self.session, self.classification = session, request.classification
         self.authorized_until = time.monotonic() + REAUTHORIZE_SECONDS
         log.info("session_opened", session=session.session_id, client=self.client_id, blocks=str(span))
@@ -440,7 +443,12 @@ class _Stream:
             nonce=request.nonce, session_id=session.session_id, client_id=self.client_id
         )
         return pb.InferenceResponse(
-            opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length, proof=proof)
+            opened=pb.SessionOpened(
+                session_id=session.session_id,
+                max_length=session.max_length,
+                proof=proof,
+                compression=compression.wire,
+            )
         )
 
     def _current(self, session_id: str) -> Session:
@@ -475,7 +483,7 @@ class _Stream:
         received_digest = digest_soon(request.inputs)  # hashed while the step waits and runs
 
         def finish(hidden: torch.Tensor) -> tuple[pb.Tensor, int, Transfer]:
-            output = encode(hidden)
+            output = encode(hidden, session.compression)
             transfer = servicer._transfer(
                 session_id=session.session_id,
                 step=request.step,

@@ -25,6 +25,7 @@ from fincluster.errors import (
     SessionLengthError,
 )
 from fincluster.spans import BlockSpan
+from fincluster.wire.compression import WireCompression
 
 CLIENT_CLOSED = "closed"
 """The reason of a session its client closed (every other reason says what ended it)."""
@@ -76,6 +77,8 @@ class Session:
     last_used: float
     position: int = 0
     closed_reason: str | None = None
+    compression: WireCompression = WireCompression.NONE
+    """How this session's hidden states travel (negotiated at open)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
