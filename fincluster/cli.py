@@ -25,7 +25,7 @@ from fincluster.errors import FinclusterError
 from fincluster.settings import ClientSettings, RegistrySettings, ServerSettings
 from fincluster.trust.cert_commands import register as register_certs
 from fincluster.trust.commands import register as register_attest
-from fincluster.values import StepStrategy, TensorDType
+from fincluster.values import Quantization, StepStrategy, TensorDType
 
 if TYPE_CHECKING:
     from fincluster.settings import Settings
@@ -176,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "device",
             "step_strategy",
             "max_batch_size",
+            "quant",
         )
     }
     if args.registry:
@@ -193,6 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         span,
         dtype=settings.server.dtype,
         device=settings.server.device,
+        quantization=settings.server.quant,
         progress=lambda done, total: _progress(f"loading blocks {span} of {store.model_id}", done, total),
     )
     trust = trust_from_settings(settings.trust, credential)
@@ -374,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-batch-size", type=int, help=_setting(ServerSettings, "server", "max_batch_size")
+    )
+    serve.add_argument(
+        "--quant",
+        choices=[mode.value for mode in Quantization],
+        help=_setting(ServerSettings, "server", "quant", "weight quantization (bitsandbytes)"),
     )
     serve.add_argument(
         "--audit-dir",

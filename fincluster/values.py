@@ -94,3 +94,13 @@ class StepStrategy(enum.StrEnum):
         if self is StepStrategy.AUTO:
             return StepStrategy.GRAPHS if device_type == "cuda" else StepStrategy.EAGER
         return self
+
+
+class Quantization(enum.StrEnum):
+    """How a server holds its span's weights (``fincluster.serving.quant``)."""
+
+    NONE = "none"
+    INT8 = "int8"
+    """bitsandbytes LLM.int8: int8 weights, outlier features (|x| > 6) computed in 16 bits."""
+    NF4 = "nf4"
+    """bitsandbytes 4-bit NormalFloat with blockwise absmax scales."""

@@ -27,6 +27,7 @@ from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.batching import step_batch_runner
 from fincluster.serving.fast_step import StepEngine
 from fincluster.serving.guard import ServeGuard
+from fincluster.serving.quant import quantize, weight_bytes_per_block
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.scheduler import ComputeQueue
 from fincluster.serving.service import AuditWriter, BlockServicer, StreamLimits, Transfer, TransferHook
@@ -41,7 +42,7 @@ from fincluster.trust.own_attestation import OwnAttestation
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.policy import ModelRef
 from fincluster.trust.tls import server_credentials
-from fincluster.values import TensorDType
+from fincluster.values import Quantization, TensorDType
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import span_to_wire
@@ -57,16 +58,20 @@ def load_span_model(
     dtype: TensorDType,
     device: str,
     progress: Callable[[int, int], None] | None = None,
+    quantization: Quantization = Quantization.NONE,
 ) -> SpanModel:
-    """Load only ``span``'s weights from ``store`` (each file checked against the manifest);
-    ``progress(done, total)`` is called after each block."""
+    """Load only ``span``'s weights from ``store`` (each file checked against the manifest), quantized
+    as asked (``fincluster.serving.quant``); ``progress(done, total)`` is called after each block."""
     config = store.load_config()
     blocks = {}
     for done, index in enumerate(span.blocks, start=1):
         blocks[index] = store.load_block_state(index)
         if progress is not None:
             progress(done, len(span))
-    return SpanModel(config, span, blocks, dtype=TensorDType(dtype).torch_dtype, device=device)
+    torch_dtype = TensorDType(dtype).torch_dtype
+    if quantization is Quantization.NONE:
+        return SpanModel(config, span, blocks, dtype=torch_dtype, device=device)
+    return quantize(SpanModel(config, span, blocks, dtype=torch_dtype), quantization, device)
 
 
 def measure_throughput(model: SpanModel, repeats: int = 3) -> float:
@@ -153,6 +158,7 @@ class BlockServer:
         )
         self._on_transfer = on_transfer
         self.budget = CacheBudget(settings.cache_budget_bytes)
+        self.weight_bytes_per_block = weight_bytes_per_block(model)
         self.engine = StepEngine(
             model,
             settings.step_strategy,
@@ -214,6 +220,10 @@ class BlockServer:
             cache_bytes_free=self.budget.free_bytes,
             max_session_length=self.settings.max_session_length,
             max_message_bytes=self.settings.max_message_bytes,
+            quantization=self.model.quantization.value,
+            weight_bytes_per_block=self.weight_bytes_per_block,
+            step_strategy=self.engine.strategy.value,
+            max_batch_size=self.settings.max_batch_size if self.engine.batches else 1,
         )
 
     def record(self) -> pb.ServerRecord:
@@ -230,6 +240,8 @@ class BlockServer:
             num_blocks=self.served.num_blocks,
             attestation=self.attestation or "",
             evidence_kind=SIGNED_SOFTWARE_EVIDENCE if self.attestation else "",
+            quantization=self.model.quantization.value,
+            weight_bytes=sum(self.weight_bytes_per_block),
         )
 
     def start(self) -> str:

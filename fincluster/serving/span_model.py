@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache
 from fincluster.errors import OutOfRangeError, StoreError
 from fincluster.spans import BlockSpan
 from fincluster.store.partition import cut_config, empty_model
+from fincluster.values import Quantization
 
 
 class OffsetCache(DynamicCache):
@@ -61,6 +62,7 @@ class SpanModel(torch.nn.Module):
         self.model_config = config
         self.config = cut_config(config, span.blocks)
         self.dtype = dtype
+        self.quantization = Quantization.NONE  # fincluster.serving.quant changes it
         base = empty_model(self.config)
         base.embed_tokens = None
         base.norm = torch.nn.Identity()
