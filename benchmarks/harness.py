@@ -322,6 +322,11 @@ def connections(
             log.close()
 
 
+def save(results: dict[str, Any], out_dir: Path, name: str) -> None:
+    """Write what is known so far (a run cut short still leaves its numbers)."""
+    (out_dir / name).write_text(json.dumps(results, indent=2, default=str))
+
+
 def measure_all(
     name: str, model: Any, profile: Profile, vocab: int, concurrent: Callable[[int], float]
 ) -> dict[str, Any]:
@@ -534,9 +539,16 @@ def main() -> int:
         "bandwidth": bandwidth,
         "ms_per_token": weight_bytes / bandwidth * 1000,
     }
-    if args.device == "cuda" and args.part == "speed":
-        gpu_self_test(store, results)
     rows: list[dict[str, Any]] = []
+    results["rows"] = rows
+    json_name = f"harness-{args.device}-{args.part}.json"
+    if args.device == "cuda" and args.part == "speed":
+        try:
+            gpu_self_test(store, results)
+        except Exception as error:  # the benchmark still runs; the failure is in the results
+            results["self_test"] = {"passed": False, "error": repr(error)}
+            print(f"self-test failed: {error!r}", flush=True)
+        save(results, out_dir, json_name)
     if args.part == "speed":
         rows.append(
             measure_all(
@@ -578,6 +590,7 @@ def main() -> int:
                 }
                 swarm.close()
                 print(json.dumps(results["quant"][quant]), flush=True)
+                save(results, out_dir, json_name)
                 continue
             for arm in ("public", "internal"):
                 model, swarm = arms[arm]()
@@ -594,13 +607,11 @@ def main() -> int:
                     )
                 )
                 swarm.close()
+                save(results, out_dir, json_name)
     results["stopped"] = {
         name: {"exit": code, "seconds": round(seconds, 2)} for name, (code, seconds) in stopped.items()
     }
-    results["rows"] = rows
-    (out_dir / f"harness-{args.device}-{args.part}.json").write_text(
-        json.dumps(results, indent=2, default=str)
-    )
+    save(results, out_dir, json_name)
     if rows:
         text = report(results, profile, command)
         print(text)
