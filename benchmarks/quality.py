@@ -48,11 +48,9 @@ def chain(
         model = load_span_model(
             store, BlockSpan.parse(span), dtype=TensorDType.FLOAT32, device="cpu", quantization=quant
         )
-        client = LocalSpanClient(model, node_id=span)
-        client.compression = compression
-        clients.append(client)
+        clients.append(LocalSpanClient(model, node_id=span))
     return DistributedModelForCausalLM.from_pretrained(
-        store, swarm=LocalSwarm(clients), classification="public"
+        store, swarm=LocalSwarm(clients), classification="public", compression=compression.value
     )
 
 

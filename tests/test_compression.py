@@ -97,7 +97,7 @@ def test_a_compressed_session_over_grpc_has_matching_receipts_and_close_logits(
             )
         records = [event for event in swarm.audit.events if type(event).__name__ == "TransferEvent"]
     expected = reference(ids).logits
-    assert (stepped - expected).abs().max().item() < 0.05
+    assert 0 < (stepped - expected).abs().max().item() < 0.05  # compressed: close, but not exact
     assert len(records) == 5 * 3  # 5 steps over 3 servers, each receipt checked
 
 
@@ -106,3 +106,28 @@ def test_an_unknown_compression_is_a_configuration_error(tiny_llama_store) -> No
 
     with pytest.raises(ConfigurationError, match="unknown compression 'zip'"):
         DistributedModelForCausalLM.from_pretrained(tiny_llama_store, swarm=LocalSwarm([]), compression="zip")
+
+
+def test_in_process_spans_apply_the_sessions_compression_both_ways(tiny_llama_store) -> None:
+    from fincluster.client import DistributedModelForCausalLM, LocalSwarm
+    from fincluster.serving.local import LocalSpanClient
+    from fincluster.spans import BlockSpan
+
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for mode in ("none", "bfloat16"):
+        clients = [
+            LocalSpanClient.from_store(tiny_llama_store, BlockSpan.parse(s), dtype=torch.float32, node_id=s)
+            for s in ("0:3", "3:6")
+        ]
+        model = DistributedModelForCausalLM.from_pretrained(
+            tiny_llama_store, swarm=LocalSwarm(clients), classification="public", compression=mode
+        )
+        assert model.compression == mode
+        with torch.no_grad(), model.inference_session(max_length=8):
+            logits[mode] = torch.cat(
+                [model(ids[:, :4]).logits, *(model(ids[:, t : t + 1]).logits for t in range(4, 8))], 1
+            )
+        assert [client.compression for client in clients] == [mode, mode]
+    difference = (logits["bfloat16"] - logits["none"]).abs().max().item()
+    assert 0 < difference < 0.05
