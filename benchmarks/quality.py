@@ -140,28 +140,33 @@ def main() -> int:
             (compression.value, quant.value, agree / total, identical / len(prompts), ppl, hidden_bytes)
         )
         print(
-            f"{compression.value:10s} {quant.value:5s} agree {agree / total:.4f} identical {identical}/{len(prompts)} ppl {ppl:.3f} hidden bytes/token {hidden_bytes}",
+            f"{compression.value:10s} {quant.value:5s} agree {agree / total:.4f} "
+            f"identical {identical}/{len(prompts)} ppl {ppl:.3f} hidden bytes/token {hidden_bytes}",
             flush=True,
         )
     base_ppl = rows[0][4]
     fp16_bytes = next(r[5] for r in rows if r[0] == "float16")
     lines = [
-        f"### Quality of compressed activations and quantized weights, demo model ({datetime.date.today().isoformat()})",
+        "### Quality of compressed activations and quantized weights, demo model"
+        f" ({datetime.date.today().isoformat()})",
         "",
         f"- Machine: {machine()}; bitsandbytes on CPU for int8/nf4",
         f"- Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- SmolLM2-135M-Instruct fp32, three spans 0:10, 10:20, 20:30 passing hidden states through the wire codec;"
-        f" {len(prompts)} prompts (finance dataset, train split) x {args.new_tokens} greedy tokens; agreement = share"
-        " of generated positions where the setting's greedy pick equals the uncompressed chain's (teacher-forced on"
-        " its continuation); identical = prompts whose whole free-running continuation is the same;"
-        f" perplexity over {len(held_out)} held-out validation sentences, computed step by step as generation does.",
+        "- SmolLM2-135M-Instruct fp32, three spans 0:10, 10:20, 20:30 passing hidden states through the"
+        f" wire codec; {len(prompts)} prompts (finance dataset, train split) x {args.new_tokens} greedy"
+        " tokens; agreement = share of generated positions where the setting's greedy pick equals the"
+        " uncompressed chain's (teacher-forced on its continuation); identical = prompts whose whole"
+        f" free-running continuation is the same; perplexity over {len(held_out)} held-out validation"
+        " sentences, computed step by step as generation does.",
         "",
-        "| wire compression | weights | token agreement | identical continuations | perplexity | Δ perplexity | hidden-state bytes/token | vs fp16 |",
+        "| wire compression | weights | token agreement | identical continuations | perplexity"
+        " | change in perplexity | hidden-state bytes/token | vs fp16 |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for compression, quant, agree, same, ppl, nbytes in rows:
         lines.append(
-            f"| {compression} | {quant} | {agree * 100:.2f} % | {same * 100:.0f} % | {ppl:.3f} | {(ppl - base_ppl) / base_ppl * 100:+.2f} % | {nbytes} | {nbytes / fp16_bytes:.2f}x |"
+            f"| {compression} | {quant} | {agree * 100:.2f} % | {same * 100:.0f} % | {ppl:.3f}"
+            f" | {(ppl - base_ppl) / base_ppl * 100:+.2f} % | {nbytes} | {nbytes / fp16_bytes:.2f}x |"
         )
     report = "\n".join(lines)
     print(report)
