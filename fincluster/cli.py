@@ -26,7 +26,7 @@ from fincluster.errors import FinclusterError
 from fincluster.settings import ClientSettings, RegistrySettings, ServerSettings
 from fincluster.trust.cert_commands import register as register_certs
 from fincluster.trust.commands import register as register_attest
-from fincluster.values import TensorDType
+from fincluster.values import Quantization, StepStrategy, TensorDType
 
 if TYPE_CHECKING:
     from fincluster.registry.backend import Registry
@@ -75,7 +75,19 @@ def _credential(settings: Settings) -> Credential:
     return settings.tls.credential()
 
 
+SIGNAL_POLL_SECONDS = 0.2
+"""How often the main thread wakes while it waits for SIGTERM/SIGINT (see :func:`_wait_for_signal`)."""
+
+
 def _wait_for_signal(stop: Callable[[], None]) -> None:
+    """Block until SIGTERM or SIGINT, then ``stop()``.
+
+    Python runs signal handlers in the main thread only, between bytecodes. When the process has other
+    threads (CUDA's driver threads, gRPC's, OpenMP's), the kernel may deliver the signal to one of them;
+    the C-level handler then only sets a flag, and a main thread blocked in an untimed ``Event.wait()``
+    never gets to run the Python handler (seen with CUDA: SIGTERM ignored). Waiting in short slices
+    lets the main thread notice the flag within :data:`SIGNAL_POLL_SECONDS`.
+    """
     done = threading.Event()
 
     def handle(signum: int, frame: object) -> None:
@@ -83,7 +95,8 @@ def _wait_for_signal(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    done.wait()
+    while not done.wait(SIGNAL_POLL_SECONDS):
+        pass
     stop()
 
 
@@ -170,6 +183,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "device",
             "metrics_port",
             "metrics_host",
+            "step_strategy",
+            "max_batch_size",
+            "quant",
         )
     }
     if args.registry:
@@ -199,6 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         span,
         dtype=settings.server.dtype,
         device=settings.server.device,
+        quantization=settings.server.quant,
         progress=lambda done, total: _progress(f"loading blocks {span} of {store.model_id}", done, total),
     )
     with open_node_audit_log(settings.audit, credential) as audit_log:
@@ -409,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--device", help=_setting(ServerSettings, "server", "device", "torch device, e.g. cpu or cuda:0")
+    )
+    serve.add_argument(
+        "--step-strategy",
+        choices=[strategy.value for strategy in StepStrategy],
+        help=_setting(ServerSettings, "server", "step_strategy", "how inference steps run"),
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, help=_setting(ServerSettings, "server", "max_batch_size")
+    )
+    serve.add_argument(
+        "--quant",
+        choices=[mode.value for mode in Quantization],
+        help=_setting(ServerSettings, "server", "quant", "weight quantization (bitsandbytes)"),
     )
     serve.add_argument(
         "--audit-dir",

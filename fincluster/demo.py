@@ -235,8 +235,14 @@ def launch(
     *,
     registry_port: int = 0,
     expect_listed: int | None = None,
+    server_args: Sequence[str] = (),
+    server_env: dict[str, str] | None = None,
+    stopped: dict[str, tuple[int, float]] | None = None,
 ) -> Iterator[LocalSwarmProcesses]:
-    """Prepare store, PKI and attestations in ``workdir``, start the processes, stop them on exit."""
+    """Prepare store, PKI and attestations in ``workdir``, start the processes, stop them on exit.
+
+    ``server_args`` / ``server_env`` go to every ``fincluster serve`` (device, dtype, step strategy …);
+    ``stopped`` receives each process's exit code and seconds from SIGTERM to exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     store_dir, certs, authority = _prepare(workdir, servers)
     swarm = LocalSwarmProcesses("", store_dir, certs, authority)
@@ -282,15 +288,18 @@ def launch(
                 str(authority / f"{server.name}.jwt"),
                 *trust_args,
                 *_tls_args(certs, "server", server.name),
+                *server_args,
             ]
-            processes.append(_spawn(f"server-{server.name}", args, log_dir, env))
+            processes.append(_spawn(f"server-{server.name}", args, log_dir, {**env, **(server_env or {})}))
         for process in processes[1:]:
             print(process.wait_line("serving blocks", 180))
         swarm = LocalSwarmProcesses(registry_address, store_dir, certs, authority)
         _wait_until_listed(swarm, len(servers) if expect_listed is None else expect_listed)
         yield swarm
     finally:
-        _shutdown(processes)
+        codes = _shutdown(processes)
+        if stopped is not None:
+            stopped.update(codes)
 
 
 def _wait_until_listed(swarm: LocalSwarmProcesses, count: int) -> None:
@@ -439,14 +448,19 @@ def _print_report(
         )
 
 
-def _shutdown(processes: list[_Process]) -> None:
+def _shutdown(processes: list[_Process]) -> dict[str, tuple[int, float]]:
+    """SIGTERM every process, wait (SIGKILL after 30 s); name -> (exit code, seconds to exit)."""
+    started = time.monotonic()
     for process in reversed(processes):
         if process.popen.poll() is None:
             process.popen.terminate()
+    codes = {}
     for process in reversed(processes):
         try:
             code = process.popen.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.popen.kill()
             code = process.popen.wait()
+        codes[process.name] = (code, time.monotonic() - started)
         print(f"stopped {process.name} (exit {code})")
+    return codes

@@ -24,7 +24,7 @@ from fincluster.audit.log import AuditSettings
 from fincluster.errors import ConfigurationError
 from fincluster.spans import BlockSpan
 from fincluster.trust.pki import Credential
-from fincluster.values import TensorDType
+from fincluster.values import Quantization, StepStrategy, TensorDType
 
 
 class LogFormat(enum.StrEnum):
@@ -118,6 +118,18 @@ class ServerSettings(BaseModel):
     )
     dtype: TensorDType = TensorDType.FLOAT32
     device: str = "cpu"
+    step_strategy: StepStrategy = Field(
+        default=StepStrategy.AUTO,
+        description="inference steps: auto (graphs on CUDA, else eager), eager, static (KV pool, batched "
+        "decode), graphs (static + CUDA graphs); static and graphs preallocate cache_budget_bytes",
+    )
+    quant: Quantization = Field(
+        default=Quantization.NONE,
+        description="weights: none, int8 (LLM.int8, outliers in 16 bits) or nf4 (bitsandbytes)",
+    )
+    max_batch_size: int = Field(
+        default=32, gt=0, description="one-token steps of concurrent sessions run together, at most"
+    )
     cache_budget_bytes: int = Field(default=512 * 2**20, gt=0)
     cache_wait_seconds: float = Field(default=1.0, ge=0, description="bounded wait for cache space at open")
     max_session_length: int = Field(default=4096, gt=0)

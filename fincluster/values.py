@@ -75,3 +75,32 @@ class TensorDType(enum.StrEnum):
         """The member for a torch dtype; ValueError for any other dtype."""
         name = str(dtype).removeprefix("torch.")
         return cls(name)
+
+
+class StepStrategy(enum.StrEnum):
+    """How a server runs inference steps (``fincluster.serving.fast_step`` says what each does)."""
+
+    AUTO = "auto"
+    """``graphs`` on a CUDA device, ``eager`` elsewhere."""
+    EAGER = "eager"
+    """transformers' ``DynamicCache`` per session, one session per step (the reference)."""
+    STATIC = "static"
+    """static KV pool; one-token steps of concurrent sessions batched; eager kernels."""
+    GRAPHS = "graphs"
+    """``static``, with every decode batch shape captured once as a CUDA graph (CUDA only)."""
+
+    def resolve(self, device_type: str) -> StepStrategy:
+        """The strategy this one means on a device of ``device_type`` (``"cuda"``, ``"cpu"`` …)."""
+        if self is StepStrategy.AUTO:
+            return StepStrategy.GRAPHS if device_type == "cuda" else StepStrategy.EAGER
+        return self
+
+
+class Quantization(enum.StrEnum):
+    """How a server holds its span's weights (``fincluster.serving.quant``)."""
+
+    NONE = "none"
+    INT8 = "int8"
+    """bitsandbytes LLM.int8: int8 weights, outlier features (|x| > 6) computed in 16 bits."""
+    NF4 = "nf4"
+    """bitsandbytes 4-bit NormalFloat with blockwise absmax scales."""

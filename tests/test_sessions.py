@@ -22,7 +22,7 @@ class Clock:
 def manager(total: int = 1000, wait: float = 0.0, clock: Clock | None = None) -> SessionManager:
     return SessionManager(
         CacheBudget(total),
-        new_cache=lambda span: None,
+        new_cache=lambda span, **_: None,
         bytes_per_token=lambda span: 10,  # type: ignore[arg-type,return-value]
         max_session_length=50,
         idle_timeout_seconds=30,

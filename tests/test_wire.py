@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import subprocess
@@ -72,3 +73,16 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     for name in ("fincluster_pb2.py", "fincluster_pb2_grpc.py", "fincluster_pb2.pyi"):
         generated = tmp_path / "fincluster" / "wire" / name
         assert filecmp.cmp(generated, ROOT / "fincluster" / "wire" / name, shallow=False), f"{name} is stale"
+
+
+def test_digest_soon_gives_the_digest_of_small_and_large_messages() -> None:
+    from fincluster.wire.tensors import OVERLAP_BYTES, digest, digest_soon, encode
+
+    small = encode(torch.ones(4))
+    large = encode(torch.arange(OVERLAP_BYTES // 4 + 1, dtype=torch.float32))
+    assert digest_soon(small)() == digest(small)
+    assert (
+        digest_soon(large)()
+        == digest(large)
+        == hashlib.sha256(large.SerializeToString(deterministic=True)).hexdigest()
+    )

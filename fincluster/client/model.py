@@ -43,6 +43,7 @@ from fincluster.store import ModelStore
 from fincluster.store.partition import cut_config, empty_model
 from fincluster.trust.policy import Classification, ModelRef
 from fincluster.wire.codec import SpanInputs
+from fincluster.wire.compression import WireCompression
 
 
 def _client_modules(
@@ -91,9 +92,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         classification: Classification,
         local: LocalSpanClient | None = None,
         pin: Pins | None = None,
+        compression: WireCompression = WireCompression.NONE,
     ) -> None:
         check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)
         super().__init__(config)
+        self.compression = compression
         self.store = store
         self.swarm = swarm
         self.model_id = store.model_id
@@ -116,11 +119,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         *,
         swarm: ChainPlanner,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
         classification: str = "internal",
         local_blocks: int = 0,
         pin: Pins | None = None,
+        compression: str = "none",
     ) -> DistributedModelForCausalLM:
         """Load the client part of ``store`` (digests checked) and connect it to ``swarm``.
+
+        ``dtype`` is the wire dtype (servers check it; it cannot change later); ``device`` is where the
+        embeddings, final norm, LM head and any local blocks run (``model.to(device)`` moves them later):
+        activations come back from the servers onto it. ``compression``: how hidden states of inference
+        sessions travel (``none``, ``float16``, ``bfloat16``, ``blockwise8``; negotiated at open).
 
         ``classification`` is the default data classification of requests (``public``, ``internal``,
         ``confidential``, ``restricted``; per call with ``classification=``). ``local_blocks=k`` runs
@@ -128,6 +138,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         ``{range(0, 8): ["spiffe://bank/server/a"]}`` or ``{range(0, 8): "trusted"}``.
         """
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
+        try:
+            mode = WireCompression(compression)
+        except ValueError:
+            names = ", ".join(m.value for m in WireCompression)
+            raise ConfigurationError(f"unknown compression {compression!r}; use one of {names}") from None
         config = store.load_config()
         level = parse_classification(classification)
         check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)  # before loading weights
@@ -136,7 +151,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
                 f"local_blocks must be within 0..{config.num_hidden_layers}, not {local_blocks}"
             )
         local = (
-            LocalSpanClient.from_store(store, BlockSpan(0, local_blocks), dtype=dtype, node_id="client")
+            LocalSpanClient.from_store(
+                store, BlockSpan(0, local_blocks), dtype=dtype, node_id="client", device=device
+            )
             if local_blocks
             else None
         )
@@ -149,9 +166,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             classification=level,
             local=local,
             pin=pin,
+            compression=mode,
         )
         model.eval()  # type: ignore[no-untyped-call]
-        return model
+        return model.to(device)
 
     # transformers hooks -------------------------------------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Embedding:
@@ -178,6 +196,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             else []
         )
         chain = [self.local, *remote] if self.local is not None else list(remote)
+        for client in remote:
+            client.compression = self.compression
         self.last_chain = tuple((client.node_id, client.span) for client in chain)
         return chain
 
@@ -251,7 +271,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
     def replace(self, span: BlockSpan, *, session_id: str, exclude: frozenset[str]) -> Sequence[SpanClient]:
         """``HopPlanner``: span clients for ``span``, none of ``exclude``, judged by the same policy and
         pins as the first routing."""
-        return self.swarm.plan_chain(self._placement_request(), span, session_id=session_id, exclude=exclude)
+        clients = self.swarm.plan_chain(
+            self._placement_request(), span, session_id=session_id, exclude=exclude
+        )
+        for client in clients:
+            client.compression = self.compression
+        return clients
 
     def verify(
         self,
@@ -346,13 +371,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """``logits_to_keep`` (transformers' convention, which ``generate`` uses): an int ``k`` computes
+        the LM head for the last ``k`` positions only (0: all), a 1-D tensor for those positions."""
         if (input_ids is None) == (inputs_embeds is None):
             raise UsageError("pass exactly one of input_ids or inputs_embeds")
         with self._classified(kwargs.pop("classification", None)):
             return self._forward(
-                input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels
+                input_ids,
+                attention_mask,
+                position_ids,
+                past_key_values,
+                inputs_embeds,
+                labels,
+                logits_to_keep,
             )
 
     def _forward(
@@ -363,6 +397,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         past_key_values: Any,
         inputs_embeds: torch.Tensor | None,
         labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> CausalLMOutputWithPast:
         session = self._session
         past = session.position if session is not None else 0
@@ -415,7 +450,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
                     planner=self,
                     policy=self.swarm.failover,
                 )
-        logits = self.lm_head(self.norm(hidden)).float()
+        hidden = hidden.to(self.embed_tokens.weight.device)  # servers answer in host memory
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.norm(hidden[:, kept])).float()
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
@@ -456,9 +493,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
 
     # the client part in this process ----------------------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> DistributedModelForCausalLM:  # type: ignore[override]
-        """Move the client part to a device; its dtype is fixed at loading (the servers check it)."""
+        """Move the client part (and local blocks) to a device; its dtype is fixed at loading (the
+        servers check it)."""
         check_dtype_change(self.dtype, requested_dtype(args, kwargs))
         moved: DistributedModelForCausalLM = super().to(*args, **kwargs)
+        if self.local is not None:
+            self.local.to(self.embed_tokens.weight.device)
         return moved
 
     def half(self, *args: Any) -> DistributedModelForCausalLM:  # type: ignore[override]

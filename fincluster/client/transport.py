@@ -38,8 +38,9 @@ from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import SpanInputs, inputs_to_wire, span_to_wire, wire_tokens
+from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import remote_error
-from fincluster.wire.tensors import decode, digest, encode
+from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
 T = TypeVar("T")
 
@@ -59,6 +60,8 @@ class SpanClient(Protocol):
     node_id: str
     span: BlockSpan
     tier: TrustTier | None
+    compression: WireCompression
+    """How hidden states of inference sessions travel (set by the client model before it opens one)."""
 
     def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor: ...
 
@@ -131,9 +134,17 @@ class GrpcSpanSession:
             nonce=nonce,
             classification=client.classification,
             session_id=session_id,
+            compression=client.compression.wire,
         )
+        self.compression = client.compression
         opened = self._exchange(pb.InferenceRequest(open=open_request), "opened").opened
         try:
+            if opened.compression != open_request.compression:
+                raise InvalidResponseError(
+                    f"server opened the session with compression {opened.compression}, "
+                    f"not the {client.compression.value} asked for",
+                    node_id=client.node_id,
+                )
             if opened.session_id != session_id:
                 raise TrustError(
                     TrustReason.MALFORMED,
@@ -141,7 +152,7 @@ class GrpcSpanSession:
                     node_id=client.node_id,
                 )
             client.accept_proof(opened.proof, nonce=nonce, session_id=session_id)
-        except TrustError:
+        except (TrustError, InvalidResponseError):
             self.close()
             raise
 
@@ -186,8 +197,9 @@ class GrpcSpanSession:
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
         """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
         self._client.check_still_trusted()
-        wire_inputs = inputs_to_wire(inputs)
+        wire_inputs = inputs_to_wire(inputs, self.compression)
         request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
+        sent_digest = digest_soon(wire_inputs)  # hashed while the server computes
         result = self._exchange(pb.InferenceRequest(step=request), "step").step
         self._client.observe(
             "replay" if replay else "inference_step",
@@ -196,6 +208,7 @@ class GrpcSpanSession:
             wire_inputs,
             result.hidden_states,
             result.receipt,
+            input_sha256=sent_digest(),
         )
         self.steps += 1
         return self._client.received(
@@ -249,6 +262,7 @@ class GrpcSpanClient:
         self.tier = binding.claims.tier if binding.claims is not None else None
         self.certificates = certificates
         self.certificate: x509.Certificate | None = None
+        self.compression = WireCompression.NONE
         self._observer = observer
         self._timeout = timeout_seconds
 
@@ -330,10 +344,16 @@ class GrpcSpanClient:
         sent: pb.SpanInputs,
         received: pb.Tensor,
         receipt: pb.Receipt,
+        *,
+        input_sha256: str | None = None,
     ) -> None:
         """Check the receipt against what was really sent and received, then report the call — also
-        when the receipt does not verify (the activations did leave the client); then raise."""
-        input_sha256, output_sha256 = digest(sent), digest(received)
+        when the receipt does not verify (the activations did leave the client); then raise.
+
+        ``input_sha256``: the digest of ``sent``, when the caller already has it (each message is
+        hashed once per side)."""
+        input_sha256 = digest(sent) if input_sha256 is None else input_sha256
+        output_sha256 = digest(received)
         problem: TrustError | None = None
         try:
             fingerprint = self._checked_receipt(
@@ -421,10 +441,19 @@ class GrpcSpanClient:
             session_id=session_id,
             classification=self.classification,
         )
+        sent_digest = digest_soon(wire_inputs)
         response = self._call(
             lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
         )
-        self.observe("forward", session_id, 0, wire_inputs, response.hidden_states, response.receipt)
+        self.observe(
+            "forward",
+            session_id,
+            0,
+            wire_inputs,
+            response.hidden_states,
+            response.receipt,
+            input_sha256=sent_digest(),
+        )
         return self.received(
             response.hidden_states, like=inputs.hidden_states, name="hidden_states", session_id=session_id
         )
@@ -439,10 +468,19 @@ class GrpcSpanClient:
             session_id=session_id,
             classification=self.classification,
         )
+        sent_digest = digest_soon(wire_inputs)
         response = self._call(
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )
-        self.observe("backward", session_id, 0, wire_inputs, response.grad_inputs, response.receipt)
+        self.observe(
+            "backward",
+            session_id,
+            0,
+            wire_inputs,
+            response.grad_inputs,
+            response.receipt,
+            input_sha256=sent_digest(),
+        )
         return self.received(
             response.grad_inputs, like=inputs.hidden_states, name="grad_inputs", session_id=session_id
         )

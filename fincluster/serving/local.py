@@ -11,26 +11,37 @@ import time
 
 import torch
 
+from fincluster.serving.fast_step import StepEngine
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import SpanModel
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.trust.attestation import TrustTier
-from fincluster.wire.codec import SpanInputs
+from fincluster.wire.codec import SpanInputs, inputs_from_wire, inputs_to_wire
+from fincluster.wire.compression import WireCompression
+from fincluster.wire.tensors import decode, encode
 
 
 class LocalSpanSession:
-    def __init__(self, runner: BlockRunner, session: Session) -> None:
+    def __init__(self, runner: BlockRunner, session: Session, compression: WireCompression) -> None:
         self._runner = runner
         self._session = session
         self.session_id = session.session_id
+        self._compression = compression
 
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
-        return self._runner.step(self._session, inputs)
+        """With a compression other than none, the hidden states go through the wire codec both ways,
+        exactly as they would to and from a server (quality measurements, tests)."""
+        if self._compression is WireCompression.NONE:
+            return self._runner.step(self._session, inputs)
+        inputs = inputs_from_wire(inputs_to_wire(inputs, self._compression))
+        output = self._runner.step(self._session, inputs)
+        return decode(encode(output, self._compression), name="hidden_states")
 
     def close(self) -> None:
         self._session.closed_reason = "closed"
+        self._runner.engine.release(self._session.cache)
 
 
 class LocalSpanClient:
@@ -38,19 +49,33 @@ class LocalSpanClient:
 
     tier: TrustTier | None = None  # not attested: the client's own blocks are never re-executed elsewhere
 
-    def __init__(self, model: SpanModel, *, node_id: str = "local") -> None:
+    def __init__(self, model: SpanModel, *, node_id: str = "local", engine: StepEngine | None = None) -> None:
+        """``engine`` runs session steps (default: transformers' eager path)."""
         self.node_id = node_id
         self.span = model.span
-        self._runner = BlockRunner(model)
+        self.compression = WireCompression.NONE
+        self._runner = BlockRunner(model, engine=engine)
         self._model = model
 
     @classmethod
     def from_store(
-        cls, store: ModelStore, span: BlockSpan, *, dtype: torch.dtype, node_id: str = "local"
+        cls,
+        store: ModelStore,
+        span: BlockSpan,
+        *,
+        dtype: torch.dtype,
+        node_id: str = "local",
+        device: str | torch.device = "cpu",
     ) -> LocalSpanClient:
-        """Load ``span``'s weights from ``store`` (digests checked) and run them here."""
+        """Load ``span``'s weights from ``store`` (digests checked) and run them here, on ``device``."""
         blocks = {index: store.load_block_state(index) for index in span.blocks}
-        return cls(SpanModel(store.load_config(), span, blocks, dtype=dtype), node_id=node_id)
+        model = SpanModel(store.load_config(), span, blocks, dtype=dtype, device=device)
+        return cls(model, node_id=node_id)
+
+    def to(self, device: str | torch.device) -> LocalSpanClient:
+        """Run the span on ``device`` from now on (the client model moves its local blocks with it)."""
+        self._model.base.to(device)
+        return self
 
     def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor:
         return self._runner.forward(self.span, inputs)
@@ -65,8 +90,8 @@ class LocalSpanClient:
             max_length=max_length,
             batch_size=batch_size,
             reserved_bytes=0,
-            cache=self._model.new_cache(self.span),
+            cache=self._runner.engine.new_cache(self.span, batch_size=batch_size, max_length=max_length),
             client_id="local",
             last_used=time.monotonic(),
         )
-        return LocalSpanSession(self._runner, session)
+        return LocalSpanSession(self._runner, session, self.compression)

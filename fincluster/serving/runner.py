@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from fincluster.errors import MovedError, SessionError, SessionLengthError, WireError
+from fincluster.serving.fast_step import StepEngine
+from fincluster.serving.kv_pool import SlotCache
 from fincluster.serving.sessions import Session
 from fincluster.serving.span_model import OffsetCache, SpanModel
 from fincluster.spans import BlockSpan
+from fincluster.values import StepStrategy
 from fincluster.wire.codec import SpanInputs
 from fincluster.wire.tensors import expect
 
@@ -15,21 +18,27 @@ from fincluster.wire.tensors import expect
 class BlockRunner:
     """Runs forward, backward and session steps of one span, validating every input first."""
 
-    def __init__(self, model: SpanModel, *, max_stateless_tokens: int = 4096) -> None:
+    def __init__(
+        self, model: SpanModel, *, max_stateless_tokens: int = 4096, engine: StepEngine | None = None
+    ) -> None:
         """``max_stateless_tokens``: the longest sequence a stateless forward/backward may carry (a
-        session's length is bounded by its max_length instead)."""
+        session's length is bounded by its max_length instead). ``engine`` runs session steps
+        (default: transformers' eager path with a ``DynamicCache`` per session)."""
         self.model = model
+        self.engine = engine or StepEngine(
+            model, StepStrategy.EAGER, cache_bytes=0, max_length=max_stateless_tokens
+        )
         self.span = model.span
         self.hidden_size: int = model.config.hidden_size
         self.max_positions: int = int(getattr(model.config, "max_position_embeddings", 2**31 - 1))
         self.max_stateless_tokens = max_stateless_tokens
         self.moved_from: list[BlockSpan] = []
 
-    def move_to(self, model: SpanModel) -> None:
-        """Serve ``model``'s span from now on (placement moved the server; call it on the compute
-        worker, between computations)."""
+    def move_to(self, model: SpanModel, engine: StepEngine) -> None:
+        """Serve ``model``'s span from now on, its steps run by ``engine`` (placement moved the server;
+        call it on the compute worker, between computations)."""
         self.moved_from.append(self.span)
-        self.model, self.span = model, model.span
+        self.model, self.span, self.engine = model, model.span, engine
 
     def check_span(self, span: BlockSpan) -> None:
         """Any contiguous part of the loaded span may be asked for; blocks this server served before
@@ -103,30 +112,64 @@ class BlockRunner:
             (grad,) = torch.autograd.grad(output, hidden, grad_outputs.to(output.device))
         return grad
 
+    def _check_step(self, session: Session, inputs: SpanInputs) -> None:
+        if session.closed_reason is not None:
+            raise SessionError(f"session {session.closed_reason}", session_id=session.session_id)
+        self.validate(inputs, batch_size=session.batch_size, past_length=session.position)
+        seq = inputs.hidden_states.shape[1]
+        if session.position + seq > session.max_length:
+            raise SessionLengthError(
+                f"step of {seq} tokens at position {session.position} "
+                f"exceeds max_length {session.max_length}",
+                session_id=session.session_id,
+            )
+        self.check_span(session.span)
+
     @torch.no_grad()
     def step(self, session: Session, inputs: SpanInputs) -> torch.Tensor:
         """Run new tokens through the span, extending the session's KV cache."""
         with session.lock:
-            if session.closed_reason is not None:
-                raise SessionError(f"session {session.closed_reason}", session_id=session.session_id)
-            self.validate(inputs, batch_size=session.batch_size, past_length=session.position)
-            seq = inputs.hidden_states.shape[1]
-            if session.position + seq > session.max_length:
-                raise SessionLengthError(
-                    f"step of {seq} tokens at position {session.position} "
-                    f"exceeds max_length {session.max_length}",
-                    session_id=session.session_id,
-                )
-            self.check_span(session.span)
+            self._check_step(session, inputs)
             if isinstance(session.cache, OffsetCache):  # layers count from the loaded span's start
                 session.cache.offset = session.span.start - self.span.start
-            inputs = inputs.to(self.model.device)
-            output = self.model(
-                inputs.hidden_states,
-                inputs.attention_mask,
-                inputs.position_ids,
-                session.cache,
-                span=session.span,
-            )
-            session.position += seq
+            output = self.engine.step(session.span, session.cache, inputs.to(self.model.device))
+            session.position += inputs.hidden_states.shape[1]
             return output
+
+    def batchable(self, session: Session, new_tokens: int) -> bool:
+        """Whether a step of ``new_tokens`` may run in one batch with other sessions' one-token steps."""
+        return self.engine.batches and isinstance(session.cache, SlotCache) and new_tokens == 1
+
+    @torch.no_grad()
+    def step_batch(self, steps: list[tuple[Session, SpanInputs]]) -> list[torch.Tensor | BaseException]:
+        """One-token steps of several sessions on the same span as one batch. Each step is validated
+        on its own; a refused step gets its error and the others still run."""
+        results: list[torch.Tensor | BaseException] = [SessionError("not run")] * len(steps)
+        ordered = sorted(range(len(steps)), key=lambda i: id(steps[i][0]))  # one lock order
+        held = []
+        try:
+            for index in ordered:
+                steps[index][0].lock.acquire()
+                held.append(steps[index][0])
+            runnable: list[int] = []
+            for index, (session, inputs) in enumerate(steps):
+                try:
+                    self._check_step(session, inputs)
+                    if not isinstance(session.cache, SlotCache):
+                        raise SessionError("session has no static cache", session_id=session.session_id)
+                    runnable.append(index)
+                except Exception as error:
+                    results[index] = error
+            if runnable:
+                items = []
+                for index in runnable:
+                    session, inputs = steps[index]
+                    assert isinstance(session.cache, SlotCache)
+                    items.append((session.span, session.cache, inputs.to(self.model.device)))
+                for index, output in zip(runnable, self.engine.decode(items), strict=True):
+                    steps[index][0].position += 1
+                    results[index] = output
+        finally:
+            for session in held:
+                session.lock.release()
+        return results

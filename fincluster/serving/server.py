@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 from fincluster.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.audit import AuditSink
@@ -31,7 +31,10 @@ from fincluster.registry.backend import Registry
 from fincluster.rpc import AioServerThread, run_on_loop
 from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
+from fincluster.serving.batching import step_batch_runner
+from fincluster.serving.fast_step import StepEngine
 from fincluster.serving.guard import Denial, ServeGuard
+from fincluster.serving.quant import quantize, weight_bytes_per_block
 from fincluster.serving.rebalancer import Rebalancer, block_rules
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.scheduler import ComputeQueue, Priority
@@ -47,7 +50,7 @@ from fincluster.trust.own_attestation import OwnAttestation
 from fincluster.trust.pki import Credential, load_certificate
 from fincluster.trust.policy import ModelRef
 from fincluster.trust.tls import server_credentials
-from fincluster.values import TensorDType
+from fincluster.values import Quantization, TensorDType
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import span_to_wire
@@ -63,16 +66,20 @@ def load_span_model(
     dtype: TensorDType,
     device: str,
     progress: Callable[[int, int], None] | None = None,
+    quantization: Quantization = Quantization.NONE,
 ) -> SpanModel:
-    """Load only ``span``'s weights from ``store`` (each file checked against the manifest);
-    ``progress(done, total)`` is called after each block."""
+    """Load only ``span``'s weights from ``store`` (each file checked against the manifest), quantized
+    as asked (``fincluster.serving.quant``); ``progress(done, total)`` is called after each block."""
     config = store.load_config()
     blocks = {}
     for done, index in enumerate(span.blocks, start=1):
         blocks[index] = store.load_block_state(index)
         if progress is not None:
             progress(done, len(span))
-    return SpanModel(config, span, blocks, dtype=TensorDType(dtype).torch_dtype, device=device)
+    torch_dtype = TensorDType(dtype).torch_dtype
+    if quantization is Quantization.NONE:
+        return SpanModel(config, span, blocks, dtype=torch_dtype, device=device)
+    return quantize(SpanModel(config, span, blocks, dtype=torch_dtype), quantization, device)
 
 
 def measure_throughput(model: SpanModel, repeats: int = 3) -> float:
@@ -133,13 +140,19 @@ class BlockServer:
         self.node_id = credential.spiffe_id
         self.registry = registry
         self.budget = CacheBudget(settings.cache_budget_bytes)
+        self.weight_bytes_per_block = weight_bytes_per_block(model)
+        self.engine = self._engine_for(model)
+        self.runner = BlockRunner(model, max_stateless_tokens=settings.max_session_length, engine=self.engine)
         self.compute = ComputeQueue(
             weight_of=lambda client: self.admission.weight_of(client),
             on_job=lambda priority, waited, ran: self.metrics.job_done(priority.name.lower(), waited, ran),
+            batch=step_batch_runner(self.runner) if self.engine.batches else None,
+            max_batch=settings.max_batch_size,
         )
         self.sessions = SessionManager(
             self.budget,
             new_cache=self._new_cache,
+            release_cache=lambda cache: self.engine.release(cache),
             bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
             max_session_length=settings.max_session_length,
             idle_timeout_seconds=settings.session_idle_timeout_seconds,
@@ -198,7 +211,6 @@ class BlockServer:
             quotas=settings.quotas,
         )
         self.address: str | None = None
-        self._runner: BlockRunner | None = None
         self._rebalancer: Rebalancer | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self.metrics_port: int | None = None
@@ -229,6 +241,10 @@ class BlockServer:
             cache_bytes_free=self.budget.free_bytes,
             max_session_length=self.settings.max_session_length,
             max_message_bytes=self.settings.max_message_bytes,
+            quantization=self.model.quantization.value,
+            weight_bytes_per_block=self.weight_bytes_per_block,
+            step_strategy=self.engine.strategy.value,
+            max_batch_size=self.settings.max_batch_size if self.engine.batches else 1,
         )
 
     def record(self) -> pb.ServerRecord:
@@ -245,6 +261,8 @@ class BlockServer:
             num_blocks=self.served.num_blocks,
             attestation=self.attestation or "",
             evidence_kind=SIGNED_SOFTWARE_EVIDENCE if self.attestation else "",
+            quantization=self.model.quantization.value,
+            weight_bytes=sum(self.weight_bytes_per_block),
             queue_length=self.compute.length,
             cache_bytes_total=self.budget.total_bytes,
             network_rtt_seconds=self.announcer.rtt_seconds if self.announcer is not None else 0.0,
@@ -270,9 +288,8 @@ class BlockServer:
         settings = self.settings
         self.compute.start()
         self._audit_writer = AuditWriter(self._observe)
-        self._runner = BlockRunner(self.model, max_stateless_tokens=settings.max_session_length)
         servicer = BlockServicer(
-            self._runner,
+            self.runner,
             self.sessions,
             self.guard,
             self.info,
@@ -341,11 +358,20 @@ class BlockServer:
         self.metrics.sessions_closed.labels(end=session_end(reason)).inc()
         self.audit.session_closed(session, reason)
 
-    def _new_cache(self, span: BlockSpan) -> DynamicCache:
+    def _engine_for(self, model: SpanModel) -> StepEngine:
+        return StepEngine(
+            model,
+            self.settings.step_strategy,
+            cache_bytes=self.settings.cache_budget_bytes,
+            max_length=self.settings.max_session_length,
+            max_batch=self.settings.max_batch_size,
+        )
+
+    def _new_cache(self, span: BlockSpan, *, batch_size: int, max_length: int) -> Cache:
         model = self.model
         if not model.span.contains(span):  # moved between the open's span check and here
             raise MovedError(f"blocks {span} moved away; this server now serves blocks {model.span}")
-        return model.new_cache(span)
+        return self.engine.new_cache(span, batch_size=batch_size, max_length=max_length)
 
     # -- moving (blocks = "auto"; see fincluster.serving.rebalancer) ------------------------------
 
@@ -357,15 +383,20 @@ class BlockServer:
     def switch_to(self, model: SpanModel) -> None:
         """Serve ``model`` from now on: switch between two computations, then announce the new span.
         Sessions outside it end at their next step (MovedError: their clients fail over and close
-        them)."""
+        them). With a static KV pool every session ends at the switch: its slots are laid out for the
+        old span's layers."""
         throughput = self.settings.throughput or measure_throughput(model)
-        runner = self._runner
-        if runner is None or self._closed:
+        if self._grpc is None or self._closed:
             raise ClosedError("the server is not running")
 
         def switch() -> None:
+            old = self.engine
             self.model = model
-            runner.move_to(model)
+            self.engine = self._engine_for(model)
+            self.weight_bytes_per_block = weight_bytes_per_block(model)
+            self.runner.move_to(model, self.engine)
+            if old.pool is not None:
+                self.sessions.close_all(reason="closed: the server moved to other blocks")
 
         run_on_loop(
             self.compute.run(switch, client=self.node_id, tokens=1, priority=Priority.INTERACTIVE),

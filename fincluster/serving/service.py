@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 import grpc
+import torch
 from cryptography import x509
 
 from fincluster.admission import Admission
@@ -36,6 +37,7 @@ from fincluster.errors import (
     WireError,
 )
 from fincluster.logs import get_logger
+from fincluster.serving.batching import StepItem
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.scheduler import ComputeQueue, Priority
@@ -48,8 +50,9 @@ from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
+from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import answer_for
-from fincluster.wire.tensors import decode, digest, encode
+from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -203,9 +206,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         classification: str,
         inputs: pb.SpanInputs,
         output: pb.Tensor,
+        input_sha256: str | None = None,
     ) -> Transfer:
-        """Digest what was received and returned, and sign the receipt for it."""
-        input_sha256, output_sha256 = digest(inputs), digest(output)
+        """Digest what was received (unless ``input_sha256`` is that digest, made while computing) and
+        returned, and sign the receipt for it."""
+        input_sha256 = digest(inputs) if input_sha256 is None else input_sha256
+        output_sha256 = digest(output)
         receipt = self._guard.receipt(
             session_id=session_id,
             step=step,
@@ -272,6 +278,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 self._admission.charge(client_id, tokens * len(span))
 
                 def job() -> tuple[pb.Tensor, Transfer]:
+                    received_digest = digest_soon(request.inputs)  # hashed while computing
                     output = compute(span)
                     transfer = self._transfer(
                         session_id=session_id,
@@ -282,6 +289,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         classification=request.classification,
                         inputs=request.inputs,
                         output=output,
+                        input_sha256=received_digest(),
                     )
                     return output, transfer
 
@@ -414,6 +422,7 @@ class _Stream:
         )
         if len(request.nonce) < MIN_NONCE_BYTES:
             raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
+        compression = WireCompression.of_wire(request.compression)
         session = await asyncio.to_thread(
             servicer._sessions.open,
             span,
@@ -422,6 +431,7 @@ class _Stream:
             client_id=self.client_id,
             session_id=session_id,
         )
+        session.compression = compression
         self.session, self.classification = session, request.classification
         self.authorized_until = self._authorized_until()
         log.info("session_opened", session=session.session_id, client=self.client_id, blocks=str(span))
@@ -429,7 +439,12 @@ class _Stream:
             nonce=request.nonce, session_id=session.session_id, client_id=self.client_id
         )
         return pb.InferenceResponse(
-            opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length, proof=proof)
+            opened=pb.SessionOpened(
+                session_id=session.session_id,
+                max_length=session.max_length,
+                proof=proof,
+                compression=compression.wire,
+            )
         )
 
     def _current(self, session_id: str) -> Session:
@@ -468,8 +483,10 @@ class _Stream:
         tokens = wire_tokens(request.inputs)
         servicer._admission.charge(self.client_id, tokens * len(session.span))
 
-        def job() -> tuple[pb.Tensor, int, Transfer]:
-            output = encode(servicer._runner.step(session, inputs_from_wire(request.inputs)))
+        received_digest = digest_soon(request.inputs)  # hashed while the step waits and runs
+
+        def finish(hidden: torch.Tensor) -> tuple[pb.Tensor, int, Transfer]:
+            output = encode(hidden, session.compression)
             transfer = servicer._transfer(
                 session_id=session.session_id,
                 step=request.step,
@@ -479,11 +496,21 @@ class _Stream:
                 classification=self.classification,
                 inputs=request.inputs,
                 output=output,
+                input_sha256=received_digest(),
             )
             return output, session.position, transfer
 
+        def job() -> tuple[pb.Tensor, int, Transfer]:
+            return finish(servicer._runner.step(session, inputs_from_wire(request.inputs)))
+
+        shape = request.inputs.hidden_states.shape
+        batch = (
+            (session.span, StepItem(session, request.inputs, finish))
+            if len(shape) == 3 and servicer._runner.batchable(session, int(shape[1]))
+            else None
+        )
         output, position, transfer = await servicer._compute.run(
-            job, client=self.client_id, tokens=tokens, priority=Priority.INTERACTIVE
+            job, client=self.client_id, tokens=tokens, priority=Priority.INTERACTIVE, batch=batch
         )
         response = pb.InferenceResponse(
             step=pb.StepResult(hidden_states=output, position=position, receipt=transfer.receipt)

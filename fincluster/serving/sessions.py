@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from fincluster.errors import (
     CapacityError,
@@ -24,6 +25,7 @@ from fincluster.errors import (
     SessionLengthError,
 )
 from fincluster.spans import BlockSpan
+from fincluster.wire.compression import WireCompression
 
 CLIENT_CLOSED = "closed"
 """The reason of a session its client closed (every other reason says what ended it)."""
@@ -70,11 +72,13 @@ class Session:
     max_length: int
     batch_size: int
     reserved_bytes: int
-    cache: DynamicCache
+    cache: Cache
     client_id: str
     last_used: float
     position: int = 0
     closed_reason: str | None = None
+    compression: WireCompression = WireCompression.NONE
+    """How this session's hidden states travel (negotiated at open)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -85,17 +89,21 @@ class SessionManager:
         self,
         budget: CacheBudget,
         *,
-        new_cache: Callable[[BlockSpan], DynamicCache],
+        new_cache: Callable[..., Cache],
         bytes_per_token: Callable[[BlockSpan], int],
         max_session_length: int,
         idle_timeout_seconds: float,
         wait_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         on_close: Callable[[Session, str], None] | None = None,
+        release_cache: Callable[[Cache], None] = lambda cache: None,
     ) -> None:
-        """``on_close`` hears of every session that ends, with why (the server's audit trail)."""
+        """``new_cache(span, batch_size=, max_length=)`` makes a session's KV cache and
+        ``release_cache`` gives its memory back when the session ends (a static pool's slots);
+        ``on_close`` hears of every session that ends, with why (the server's audit trail)."""
         self._budget = budget
         self._new_cache = new_cache
+        self._release_cache = release_cache
         self._bytes_per_token = bytes_per_token
         self._max_session_length = max_session_length
         self._idle_timeout = idle_timeout_seconds
@@ -132,19 +140,25 @@ class SessionManager:
                 f"{self._budget.total_bytes} free after waiting {self._wait_seconds:g} s",
                 span=span,
             )
+        try:
+            cache = self._new_cache(span, batch_size=batch_size, max_length=max_length)
+        except BaseException:
+            self._budget.release(nbytes)
+            raise
         session = Session(
             session_id=session_id,
             span=span,
             max_length=max_length,
             batch_size=batch_size,
             reserved_bytes=nbytes,
-            cache=self._new_cache(span),
+            cache=cache,
             client_id=client_id,
             last_used=self._clock(),
         )
         with self._lock:
             if session_id in self._sessions:  # opened concurrently under the same id
                 self._budget.release(nbytes)
+                self._release_cache(cache)
                 raise SessionExistsError("a session with this id is already open", session_id=session_id)
             self._sessions[session.session_id] = session
         return session
@@ -166,6 +180,7 @@ class SessionManager:
             return
         with session.lock:
             session.closed_reason = reason
+            self._release_cache(session.cache)
             session.cache = DynamicCache()  # drop the cached keys and values now
         self._budget.release(session.reserved_bytes)
         if self._on_close is not None:

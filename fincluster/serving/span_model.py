@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import Cache
 
 from fincluster.errors import OutOfRangeError, StoreError
 from fincluster.spans import BlockSpan
 from fincluster.store.partition import cut_config, empty_model
+from fincluster.values import Quantization
 
 
 class OffsetCache(DynamicCache):
@@ -60,6 +62,7 @@ class SpanModel(torch.nn.Module):
         self.model_config = config
         self.config = cut_config(config, span.blocks)
         self.dtype = dtype
+        self.quantization = Quantization.NONE  # fincluster.serving.quant changes it
         base = empty_model(self.config)
         base.embed_tokens = None
         base.norm = torch.nn.Identity()
@@ -114,8 +117,9 @@ class SpanModel(torch.nn.Module):
                 self._views[span] = view
             return view
 
-    def new_cache(self, span: BlockSpan | None = None) -> DynamicCache:
-        """An empty KV cache for one inference session over ``span`` (default: the whole span)."""
+    def new_cache(self, span: BlockSpan | None = None, **_size: int) -> DynamicCache:
+        """An empty KV cache for one inference session over ``span`` (default: the whole span); it
+        grows as needed, so the session's size (``batch_size``, ``max_length``) does not matter."""
         span = span or self.span
         self.check(span)
         return OffsetCache(
@@ -127,7 +131,7 @@ class SpanModel(torch.nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         *,
         span: BlockSpan | None = None,
     ) -> torch.Tensor:
@@ -139,7 +143,7 @@ class SpanModel(torch.nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         *,
         span: BlockSpan | None = None,
     ) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from fincluster.errors import OutOfRangeError
 from fincluster.spans import BlockSpan
 from fincluster.wire import fincluster_pb2 as pb
+from fincluster.wire.compression import WireCompression
 from fincluster.wire.tensors import decode, encode
 
 
@@ -53,9 +54,10 @@ def span_from_wire(message: pb.BlockSpan) -> BlockSpan:
         raise OutOfRangeError(f"invalid block span {message.start}:{message.end}") from None
 
 
-def inputs_to_wire(inputs: SpanInputs) -> pb.SpanInputs:
+def inputs_to_wire(inputs: SpanInputs, compression: WireCompression = WireCompression.NONE) -> pb.SpanInputs:
+    """``compression`` applies to the hidden states (mask and positions travel raw)."""
     return pb.SpanInputs(
-        hidden_states=encode(inputs.hidden_states),
+        hidden_states=encode(inputs.hidden_states, compression),
         attention_mask=encode(inputs.attention_mask),
         position_ids=encode(inputs.position_ids),
     )

@@ -48,11 +48,21 @@ class _Compression:
 class _CompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compression.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     COMPRESSION_NONE: _Compression.ValueType  # 0
+    COMPRESSION_FLOAT16: _Compression.ValueType  # 1
+    COMPRESSION_BFLOAT16: _Compression.ValueType  # 2
+    COMPRESSION_BLOCKWISE8: _Compression.ValueType  # 3
 
 class Compression(_Compression, metaclass=_CompressionEnumTypeWrapper):
-    """How Tensor.data is encoded. Only raw little-endian bytes exist so far."""
+    """How Tensor.data encodes a tensor of Tensor.dtype (fincluster/wire/compression.py). NONE: raw
+    little-endian values of dtype. FLOAT16 / BFLOAT16: the values cast to that type. BLOCKWISE8: blocks
+    of block_size consecutive values (row-major), each as int8 codes q with value = q * scale / 127,
+    scale = the block's largest magnitude, stored in Tensor.scales as little-endian float32 (one per block).
+    """
 
 COMPRESSION_NONE: Compression.ValueType  # 0
+COMPRESSION_FLOAT16: Compression.ValueType  # 1
+COMPRESSION_BFLOAT16: Compression.ValueType  # 2
+COMPRESSION_BLOCKWISE8: Compression.ValueType  # 3
 Global___Compression: _TypeAlias = Compression  # noqa: Y015
 
 @_typing.final
@@ -63,9 +73,14 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
+    SCALES_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     dtype: Global___DType.ValueType
     compression: Global___Compression.ValueType
+    scales: _builtins.bytes
+    """BLOCKWISE8 only: one float32 scale per block, and the block size."""
+    block_size: _builtins.int
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -75,10 +90,12 @@ class Tensor(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         dtype: Global___DType.ValueType = ...,
         compression: Global___Compression.ValueType = ...,
+        scales: _builtins.bytes = ...,
+        block_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "compression", b"compression", "data", b"data", "dtype", b"dtype", "scales", b"scales", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,11 +372,16 @@ class OpenSession(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     max_length: _builtins.int
     batch_size: _builtins.int
     nonce: _builtins.bytes
     classification: _builtins.str
     session_id: _builtins.str
+    compression: Global___Compression.ValueType
+    """How hidden states travel in both directions of this session (the server may refuse a mode it
+    does not support; it echoes the mode in SessionOpened).
+    """
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -371,10 +393,11 @@ class OpenSession(_message.Message):
         nonce: _builtins.bytes = ...,
         classification: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        compression: Global___Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "max_length", b"max_length", "nonce", b"nonce", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "compression", b"compression", "max_length", b"max_length", "nonce", b"nonce", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,8 +489,10 @@ class SessionOpened(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     PROOF_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     max_length: _builtins.int
+    compression: Global___Compression.ValueType
     @_builtins.property
     def proof(self) -> Global___PossessionProof: ...
     def __init__(
@@ -476,10 +501,11 @@ class SessionOpened(_message.Message):
         session_id: _builtins.str = ...,
         max_length: _builtins.int = ...,
         proof: Global___PossessionProof | None = ...,
+        compression: Global___Compression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_length", b"max_length", "proof", b"proof", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "max_length", b"max_length", "proof", b"proof", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,6 +667,10 @@ class ServerInfo(_message.Message):
     CACHE_BYTES_FREE_FIELD_NUMBER: _builtins.int
     MAX_SESSION_LENGTH_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    WEIGHT_BYTES_PER_BLOCK_FIELD_NUMBER: _builtins.int
+    STEP_STRATEGY_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     model_id: _builtins.str
     manifest_digest: _builtins.str
@@ -650,8 +680,17 @@ class ServerInfo(_message.Message):
     cache_bytes_free: _builtins.int
     max_session_length: _builtins.int
     max_message_bytes: _builtins.int
+    quantization: _builtins.str
+    """Weight quantization ("none", "int8": LLM.int8 with outlier decomposition, "nf4") and the bytes
+    of weights the span holds in device memory, per block (in block order).
+    """
+    step_strategy: _builtins.str
+    """How inference steps run ("eager", "static", "graphs") and the most sessions one decode batch takes."""
+    max_batch_size: _builtins.int
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
+    @_builtins.property
+    def weight_bytes_per_block(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -665,10 +704,14 @@ class ServerInfo(_message.Message):
         cache_bytes_free: _builtins.int = ...,
         max_session_length: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
+        quantization: _builtins.str = ...,
+        weight_bytes_per_block: _abc.Iterable[_builtins.int] | None = ...,
+        step_strategy: _builtins.str = ...,
+        max_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_bytes_free", b"cache_bytes_free", "cache_bytes_total", b"cache_bytes_total", "dtype", b"dtype", "hidden_size", b"hidden_size", "manifest_digest", b"manifest_digest", "max_message_bytes", b"max_message_bytes", "max_session_length", b"max_session_length", "model_id", b"model_id", "node_id", b"node_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_bytes_free", b"cache_bytes_free", "cache_bytes_total", b"cache_bytes_total", "dtype", b"dtype", "hidden_size", b"hidden_size", "manifest_digest", b"manifest_digest", "max_batch_size", b"max_batch_size", "max_message_bytes", b"max_message_bytes", "max_session_length", b"max_session_length", "model_id", b"model_id", "node_id", b"node_id", "quantization", b"quantization", "span", b"span", "step_strategy", b"step_strategy", "weight_bytes_per_block", b"weight_bytes_per_block"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -690,6 +733,8 @@ class ServerRecord(_message.Message):
     ATTESTATION_FIELD_NUMBER: _builtins.int
     EVIDENCE_KIND_FIELD_NUMBER: _builtins.int
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
     QUEUE_LENGTH_FIELD_NUMBER: _builtins.int
     CACHE_BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     NETWORK_RTT_SECONDS_FIELD_NUMBER: _builtins.int
@@ -708,6 +753,9 @@ class ServerRecord(_message.Message):
     evidence_kind: _builtins.str
     num_blocks: _builtins.int
     """Blocks of the whole model (registry policy needs it to locate the sensitive prefix)."""
+    quantization: _builtins.str
+    """Weight quantization ("none", "int8", "nf4") and the span's weight bytes in device memory."""
+    weight_bytes: _builtins.int
     queue_length: _builtins.int
     """Load and placement, refreshed with every announcement: hints for routing and placement, not
     evidence (a node could misstate them; they never widen what policy allows).
@@ -741,6 +789,8 @@ class ServerRecord(_message.Message):
         attestation: _builtins.str = ...,
         evidence_kind: _builtins.str = ...,
         num_blocks: _builtins.int = ...,
+        quantization: _builtins.str = ...,
+        weight_bytes: _builtins.int = ...,
         queue_length: _builtins.int = ...,
         cache_bytes_total: _builtins.int = ...,
         network_rtt_seconds: _builtins.float = ...,
@@ -750,7 +800,7 @@ class ServerRecord(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["moving_to", b"moving_to", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attestation", b"attestation", "auto_placed", b"auto_placed", "cache_bytes_free", b"cache_bytes_free", "cache_bytes_total", b"cache_bytes_total", "evidence_kind", b"evidence_kind", "manifest_digest", b"manifest_digest", "model_id", b"model_id", "moving_to", b"moving_to", "network_rtt_seconds", b"network_rtt_seconds", "node_id", b"node_id", "num_blocks", b"num_blocks", "open_sessions", b"open_sessions", "queue_length", b"queue_length", "span", b"span", "throughput", b"throughput"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attestation", b"attestation", "auto_placed", b"auto_placed", "cache_bytes_free", b"cache_bytes_free", "cache_bytes_total", b"cache_bytes_total", "evidence_kind", b"evidence_kind", "manifest_digest", b"manifest_digest", "model_id", b"model_id", "moving_to", b"moving_to", "network_rtt_seconds", b"network_rtt_seconds", "node_id", b"node_id", "num_blocks", b"num_blocks", "open_sessions", b"open_sessions", "quantization", b"quantization", "queue_length", b"queue_length", "span", b"span", "throughput", b"throughput", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,7 @@ import warnings
 
 from fincluster.wire import fincluster_pb2 as fincluster_dot_wire_dot_fincluster__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from google.protobuf.message import Message
 
 from fincluster.errors import WireError
 from fincluster.wire import fincluster_pb2 as pb
+from fincluster.wire.compression import WireCompression, compress, decompress
 
 _TO_WIRE: dict[torch.dtype, pb.DType.ValueType] = {
     torch.float32: pb.FLOAT32,
@@ -38,25 +40,32 @@ def dtype_name(wire: pb.DType.ValueType) -> str:
     return pb.DType.Name(wire)
 
 
-def encode(tensor: torch.Tensor) -> pb.Tensor:
-    """Serialise a CPU or GPU tensor (moved to CPU, made contiguous)."""
-    tensor = tensor.detach().to("cpu").contiguous()
+def encode(tensor: torch.Tensor, compression: WireCompression = WireCompression.NONE) -> pb.Tensor:
+    """Serialise a CPU or GPU tensor (moved to CPU, made contiguous), compressed as asked
+    (floating-point tensors only; ``fincluster.wire.compression``)."""
     dtype = wire_dtype(tensor.dtype)
+    if compression is not WireCompression.NONE and tensor.is_floating_point():
+        message = pb.Tensor(shape=list(tensor.shape), dtype=dtype)
+        compress(tensor, compression, message)
+        return message
+    tensor = tensor.detach().to("cpu").contiguous()
     view = tensor.view(_STORAGE_VIEW.get(tensor.dtype, tensor.dtype))
     data = view.numpy().tobytes()
     return pb.Tensor(data=data, shape=list(tensor.shape), dtype=dtype, compression=pb.COMPRESSION_NONE)
 
 
 def decode(message: pb.Tensor, *, name: str) -> torch.Tensor:
-    """Deserialise ``message``; ``name`` labels the field in error messages."""
-    if message.compression != pb.COMPRESSION_NONE:
-        raise WireError(f"{name}: unsupported compression {message.compression}")
+    """Deserialise ``message`` (raw or compressed); ``name`` labels the field in error messages."""
     dtype = _FROM_WIRE.get(message.dtype)
     if dtype is None:
         raise WireError(f"{name}: unknown or missing dtype {message.dtype}")
     shape = tuple(int(dim) for dim in message.shape)
     if any(dim < 0 for dim in shape):
         raise WireError(f"{name}: negative dimension in shape {shape}")
+    if message.compression != pb.COMPRESSION_NONE:
+        if not dtype.is_floating_point:
+            raise WireError(f"{name}: {dtype_name(message.dtype)} cannot be compressed")
+        return decompress(message, dtype, shape, name=name)
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if len(message.data) != expected:
@@ -92,3 +101,19 @@ def expect(
 def digest(message: Message) -> str:
     """SHA-256 of a wire message's deterministic bytes: what both sides record, sign and compare."""
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+OVERLAP_BYTES = 256 * 1024
+"""Messages at least this large are digested on a helper thread (hashlib releases the GIL), so the
+hash overlaps the network wait or the computation instead of adding to them."""
+_DIGESTER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
+
+
+def digest_soon(message: Message) -> Callable[[], str]:
+    """:func:`digest` of ``message``, started now; call the result for the hex digest. Small messages
+    are digested at once (a thread hand-off would cost more than the hash)."""
+    if message.ByteSize() < OVERLAP_BYTES:
+        value = digest(message)
+        return lambda: value
+    future = _DIGESTER.submit(digest, message)
+    return future.result

@@ -5,7 +5,7 @@ import warnings
 
 from fincluster.registry.etcd_api import rpc_pb2 as fincluster_dot_registry_dot_etcd__api_dot_rpc__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
