@@ -67,3 +67,12 @@ def demo_store(demo_reference: tuple[object, object], tmp_path_factory: pytest.T
 def demo_cluster(pki: Pki, demo_store: ModelStore) -> Iterator[Cluster]:
     with running_cluster(pki, demo_store, DEMO_SPANS) as cluster:
         yield cluster
+
+
+@pytest.fixture()
+def cli_logging() -> Iterator[None]:
+    """For tests that call ``fincluster.cli.main`` under capsys: the CLI configures logging to the
+    captured stderr, so put the suite's configuration back afterwards (loggers first used later would
+    otherwise write to a closed file)."""
+    yield
+    configure_logging(LoggingSettings(level="warning"))

@@ -132,35 +132,13 @@ class BlockServer:
         self.credential = credential
         self.node_id = credential.spiffe_id
         self.registry = registry
-        self.budget = CacheBudget(settings.cache_budget_bytes)
-        self.compute = ComputeQueue(
-            weight_of=lambda client: self.admission.weight_of(client),
-            on_job=lambda priority, waited, ran: self.metrics.job_done(priority.name.lower(), waited, ran),
-        )
-        self.sessions = SessionManager(
-            self.budget,
-            new_cache=self._new_cache,
-            bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
-            max_session_length=settings.max_session_length,
-            idle_timeout_seconds=settings.session_idle_timeout_seconds,
-            wait_seconds=settings.cache_wait_seconds,
-            on_close=self._session_closed,
-        )
-        self.metrics = ServerMetrics(
-            sessions_open=lambda: len(self.sessions),
-            cache_bytes_used=lambda: self.budget.total_bytes - self.budget.free_bytes,
-            cache_bytes_total=lambda: self.budget.total_bytes,
-            queue_length=lambda: self.compute.length,
-        )
-        self.health = AioHealth(BLOCK_SERVICE)
-        self.moving_to: BlockSpan | None = None
         self.announcer = (
             Announcer(
                 registry,
                 self.record,
                 ttl_seconds=settings.announce_ttl_seconds,
                 registry_address=registry_address,
-                on_result=self.metrics.announced,
+                on_result=lambda ok: self.metrics.announced(ok),
             )
             if registry is not None
             else None
@@ -187,6 +165,16 @@ class BlockServer:
             credential, model_ref, trust=trust, own_claims=self.claims, on_denial=self._denied
         )
         self._on_transfer = on_transfer
+        self.budget = CacheBudget(settings.cache_budget_bytes)
+        self.sessions = SessionManager(
+            self.budget,
+            new_cache=self._new_cache,
+            bytes_per_token=lambda span: cache_bytes_per_token(model.config, span, model.dtype),
+            max_session_length=settings.max_session_length,
+            idle_timeout_seconds=settings.session_idle_timeout_seconds,
+            wait_seconds=settings.cache_wait_seconds,
+            on_close=self._session_closed,
+        )
         self.throughput = 0.0
         self.admission = Admission(
             Limits(
@@ -197,6 +185,18 @@ class BlockServer:
             department_of=lambda client: settings.departments.get(client, DEFAULT_DEPARTMENT),
             quotas=settings.quotas,
         )
+        self.compute = ComputeQueue(
+            weight_of=self.admission.weight_of,
+            on_job=lambda priority, waited, ran: self.metrics.job_done(priority.name.lower(), waited, ran),
+        )
+        self.metrics = ServerMetrics(
+            sessions_open=lambda: len(self.sessions),
+            cache_bytes_used=lambda: self.budget.total_bytes - self.budget.free_bytes,
+            cache_bytes_total=lambda: self.budget.total_bytes,
+            queue_length=lambda: self.compute.length,
+        )
+        self.health = AioHealth(BLOCK_SERVICE)
+        self.moving_to: BlockSpan | None = None
         self.address: str | None = None
         self._runner: BlockRunner | None = None
         self._rebalancer: Rebalancer | None = None
