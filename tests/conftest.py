@@ -71,8 +71,11 @@ def demo_cluster(pki: Pki, demo_store: ModelStore) -> Iterator[Cluster]:
 
 @pytest.fixture()
 def cli_logging() -> Iterator[None]:
-    """For tests that call ``fincluster.cli.main`` under capsys: the CLI configures logging to the
-    captured stderr, so put the suite's configuration back afterwards (loggers first used later would
-    otherwise write to a closed file)."""
+    """For tests that call ``fincluster.cli.main`` under capsys: the CLI configures structlog to print
+    to the captured stderr; afterwards the suite's configuration is put back as it was — the same
+    processor list, which loggers cached earlier hold and ``structlog.testing.capture_logs`` edits."""
+    import structlog
+
+    saved = structlog.get_config()
     yield
-    configure_logging(LoggingSettings(level="warning"))
+    structlog.configure(**saved)
