@@ -67,3 +67,15 @@ def demo_store(demo_reference: tuple[object, object], tmp_path_factory: pytest.T
 def demo_cluster(pki: Pki, demo_store: ModelStore) -> Iterator[Cluster]:
     with running_cluster(pki, demo_store, DEMO_SPANS) as cluster:
         yield cluster
+
+
+@pytest.fixture()
+def cli_logging() -> Iterator[None]:
+    """For tests that call ``fincluster.cli.main`` under capsys: the CLI configures structlog to print
+    to the captured stderr; afterwards the suite's configuration is put back as it was — the same
+    processor list, which loggers cached earlier hold and ``structlog.testing.capture_logs`` edits."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

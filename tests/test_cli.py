@@ -244,7 +244,9 @@ def test_attest_issue_from_the_manifest_alone_binds_the_store_digest(
     assert "is not a valid store manifest" in capsys.readouterr().err
 
 
-def test_serve_blocks_auto_needs_a_registry_to_place_against(pki, tiny_llama_store, capsys) -> None:
+def test_serve_blocks_auto_needs_a_registry_to_place_against(
+    pki, tiny_llama_store, cli_logging, capsys
+) -> None:
     from fincluster.trust.pki import Role
 
     credential = pki.credential(Role.SERVER, "auto-cli")

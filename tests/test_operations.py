@@ -28,7 +28,7 @@ from fincluster.trust.tls import channel_credentials
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
 from fincluster.wire.tensors import encode
-from tests.helpers import POLICY_DIR, Pki, TrustKit, running_cluster, spawn_server, tiny_model
+from tests.helpers import POLICY_DIR, Pki, TrustKit, running_cluster, spawn_server
 
 pytestmark = pytest.mark.e2e
 PROMPT = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(5))
@@ -199,7 +199,7 @@ def status_args(pki: Pki, cluster, *extra: str) -> list[str]:
     ]
 
 
-def test_status_shows_nodes_tiers_health_and_the_gap(pki: Pki, attested_swarm, capsys) -> None:
+def test_status_shows_nodes_tiers_health_and_the_gap(pki: Pki, attested_swarm, cli_logging, capsys) -> None:
     cluster, authority = attested_swarm
     verified = ["--policy-dir", str(POLICY_DIR), "--authority-key", str(authority)]
     assert main(status_args(pki, cluster, *verified)) == 1  # a gap: exit status 1
@@ -237,9 +237,10 @@ def test_status_shows_nodes_tiers_health_and_the_gap(pki: Pki, attested_swarm, c
     }
 
 
-def test_status_of_a_fully_covered_swarm_exits_zero(pki: Pki, tiny_llama_store: ModelStore, capsys) -> None:
+def test_status_of_a_fully_covered_swarm_exits_zero(
+    pki: Pki, tiny_llama_store: ModelStore, cli_logging, capsys
+) -> None:
     with running_cluster(pki, tiny_llama_store, ["0:4", "2:6"]) as cluster:
         assert main(status_args(pki, cluster)) == 0
     out = capsys.readouterr().out
     assert "  blocks     2:4  x2" in out.splitlines() and out.rstrip().endswith("every block is covered")
-    assert tiny_model  # the same tiny model the cluster serves

@@ -173,7 +173,7 @@ class BlockServer:
                 self.record,
                 ttl_seconds=settings.announce_ttl_seconds,
                 registry_address=registry_address,
-                on_result=self.metrics.announced,
+                on_result=lambda ok: self.metrics.announced(ok),
             )
             if registry is not None
             else None
