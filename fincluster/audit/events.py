@@ -14,6 +14,9 @@ report can say under which attestation each block ran without the token. Fields 
 (an unattested node's claims, a decision made without a policy bundle) are recorded as ``null``.
 
 Version 3: claims instead of bare tier / attestation id, announcements, the reason a session closed.
+Version 4: a transfer names the LoRA adapter the node applied (``adapter_sha256``, its manifest digest).
+For a backward, ``input_sha256`` covers the activations and the incoming gradient, ``output_sha256`` the
+gradients returned (those of the deep prompts included).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ EnforcementPoint = Literal["registry", "router", "server"]
 
 
 class _EventBase(FrozenModel):
-    version: Literal[3] = 3
+    version: Literal[4] = 4
     time: UtcTime
     observer: Observer
 
@@ -109,6 +112,8 @@ class TransferEvent(_Attested, _EventBase):
     policy_decision_id: OpaqueId | None = None
     policy_bundle_digest: Sha256Hex | None = None
     receipt: ReceiptField | None = None
+    adapter_sha256: Sha256Hex | None = None
+    """Manifest digest of the LoRA adapter applied to the blocks (None: the base weights alone)."""
 
 
 class SessionOpenEvent(_EventBase):

@@ -17,7 +17,9 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import torch
 from cryptography import x509
+from google.protobuf.message import Message
 
+from fincluster.adapters.manifest import AdapterRef
 from fincluster.audit import verify_receipt
 from fincluster.audit.signing import PublicKey
 from fincluster.errors import (
@@ -36,7 +38,15 @@ from fincluster.trust.enforcement import CertificateCheck, check_possession
 from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.codec import SpanInputs, inputs_to_wire, span_to_wire, wire_tokens
+from fincluster.wire.codec import (
+    BlockPrefixes,
+    SpanGradients,
+    SpanInputs,
+    inputs_to_wire,
+    prefixes_from_wire,
+    span_to_wire,
+    wire_tokens,
+)
 from fincluster.wire.status import remote_error
 from fincluster.wire.tensors import decode, digest, encode
 
@@ -52,18 +62,28 @@ class SpanSessionClient(Protocol):
 
 
 class SpanClient(Protocol):
-    """One hop. ``session_id`` is shared by the hops of one pass or one inference session."""
+    """One hop. ``session_id`` is shared by the hops of one pass or one inference session; ``adapter``
+    is the LoRA adapter the server applies to its blocks (None: the base weights)."""
 
     node_id: str
     span: BlockSpan
 
-    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor: ...
-
-    def backward(
-        self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str
+    def forward(
+        self, inputs: SpanInputs, *, session_id: str, adapter: AdapterRef | None = None
     ) -> torch.Tensor: ...
 
-    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> SpanSessionClient: ...
+    def backward(
+        self,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        *,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> SpanGradients: ...
+
+    def open_session(
+        self, *, max_length: int, batch_size: int, session_id: str, adapter: AdapterRef | None = None
+    ) -> SpanSessionClient: ...
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class CallRecord:
     input_sha256: str
     output_sha256: str
     receipt: pb.Receipt
+    adapter_sha256: str | None = None
 
 
 CallObserver = Callable[[CallRecord], None]
@@ -102,8 +123,17 @@ class GrpcSpanSession:
     ``step_timeout_seconds``: a server that hangs is treated like one that is gone.
     """
 
-    def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int, session_id: str) -> None:
+    def __init__(
+        self,
+        client: GrpcSpanClient,
+        *,
+        max_length: int,
+        batch_size: int,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> None:
         self._client = client
+        self._adapter = adapter
         self._requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
         self._responses: queue.Queue[pb.InferenceResponse | grpc.RpcError | None] = queue.Queue()
         self._call = client.stub.Inference(iter(self._requests.get, None))
@@ -119,6 +149,7 @@ class GrpcSpanSession:
             nonce=nonce,
             classification=client.classification,
             session_id=session_id,
+            adapter_id=adapter.adapter_id if adapter is not None else "",
         )
         opened = self._exchange(pb.InferenceRequest(open=open_request), "opened").opened
         try:
@@ -183,6 +214,8 @@ class GrpcSpanSession:
             wire_inputs,
             result.hidden_states,
             result.receipt,
+            tokens=wire_inputs,
+            adapter=self._adapter,
         )
         self.steps += 1
         return self._client.received(
@@ -247,6 +280,11 @@ class GrpcSpanClient:
             raise InvalidResponseError(
                 str(error), node_id=self.node_id, span=self.span, session_id=session_id
             ) from None
+        return self._checked(tensor, like=like, name=name, session_id=session_id)
+
+    def _checked(
+        self, tensor: torch.Tensor, *, like: torch.Tensor, name: str, session_id: str
+    ) -> torch.Tensor:
         problem = None
         if tensor.dtype != like.dtype:
             problem = f"{name}: dtype {tensor.dtype} returned, {like.dtype} sent"
@@ -298,13 +336,19 @@ class GrpcSpanClient:
         operation: str,
         session_id: str,
         step: int,
-        sent: pb.SpanInputs,
-        received: pb.Tensor,
+        sent: Message,
+        received: Message,
         receipt: pb.Receipt,
+        *,
+        tokens: pb.SpanInputs,
+        adapter: AdapterRef | None,
     ) -> None:
-        """Check the receipt against what was really sent and received, then report the call."""
+        """Check the receipt against what was really sent and received (the SpanInputs and the Tensor
+        returned; for a backward, the request's inputs and incoming gradient and the response less its
+        receipt) and against the adapter asked for, then report the call."""
         input_sha256, output_sha256 = digest(sent), digest(received)
         body = self._checked_receipt(receipt, session_id, step, input_sha256, output_sha256)
+        self._check_adapter(body, adapter)
         if self._observer is not None:
             self._observer(
                 CallRecord(
@@ -315,12 +359,27 @@ class GrpcSpanClient:
                     span=self.span,
                     binding=self.binding,
                     cert_fingerprint=body.cert_fingerprint,
-                    num_tokens=wire_tokens(sent),
+                    num_tokens=wire_tokens(tokens),
                     input_sha256=input_sha256,
                     output_sha256=output_sha256,
                     receipt=receipt,
+                    adapter_sha256=body.adapter_sha256 or None,
                 )
             )
+
+    def _check_adapter(self, body: pb.ReceiptBody, adapter: AdapterRef | None) -> None:
+        """The receipt must name an adapter exactly when one was asked for (its pinned digest, if any)."""
+        problem = None
+        if adapter is None and body.adapter_sha256:
+            problem = f"receipt names adapter {body.adapter_sha256}, none was asked for"
+        elif adapter is not None and not body.adapter_sha256:
+            problem = f"receipt names no adapter, {adapter.adapter_id!r} was asked for"
+        elif adapter is not None and adapter.sha256 is not None and body.adapter_sha256 != adapter.sha256:
+            problem = (
+                f"receipt names adapter {body.adapter_sha256}; {adapter.adapter_id!r} is {adapter.sha256}"
+            )
+        if problem is not None:
+            raise TrustError(TrustReason.BAD_RECEIPT, problem, node_id=self.node_id)
 
     def _checked_receipt(
         self, receipt: pb.Receipt, session_id: str, step: int, input_sha256: str, output_sha256: str
@@ -366,7 +425,9 @@ class GrpcSpanClient:
         info: pb.ServerInfo = self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
         return info
 
-    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor:
+    def forward(
+        self, inputs: SpanInputs, *, session_id: str, adapter: AdapterRef | None = None
+    ) -> torch.Tensor:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.ForwardRequest(
@@ -374,16 +435,33 @@ class GrpcSpanClient:
             inputs=wire_inputs,
             session_id=session_id,
             classification=self.classification,
+            adapter_id=adapter.adapter_id if adapter is not None else "",
         )
         response = self._call(
             lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
         )
-        self.observe("forward", session_id, 0, wire_inputs, response.hidden_states, response.receipt)
+        self.observe(
+            "forward",
+            session_id,
+            0,
+            wire_inputs,
+            response.hidden_states,
+            response.receipt,
+            tokens=wire_inputs,
+            adapter=adapter,
+        )
         return self.received(
             response.hidden_states, like=inputs.hidden_states, name="hidden_states", session_id=session_id
         )
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str) -> torch.Tensor:
+    def backward(
+        self,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        *,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> SpanGradients:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.BackwardRequest(
@@ -392,14 +470,57 @@ class GrpcSpanClient:
             grad_outputs=encode(grad_outputs),
             session_id=session_id,
             classification=self.classification,
+            adapter_id=adapter.adapter_id if adapter is not None else "",
         )
         response = self._call(
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )
-        self.observe("backward", session_id, 0, wire_inputs, response.grad_inputs, response.receipt)
-        return self.received(
+        returned = pb.BackwardResponse()
+        returned.CopyFrom(response)
+        returned.ClearField("receipt")
+        self.observe(
+            "backward",
+            session_id,
+            0,
+            pb.BackwardRequest(inputs=wire_inputs, grad_outputs=request.grad_outputs),
+            returned,
+            response.receipt,
+            tokens=wire_inputs,
+            adapter=adapter,
+        )
+        grad_inputs = self.received(
             response.grad_inputs, like=inputs.hidden_states, name="grad_inputs", session_id=session_id
         )
+        return SpanGradients(grad_inputs, self._received_prefixes(response, inputs, session_id))
 
-    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> GrpcSpanSession:
-        return GrpcSpanSession(self, max_length=max_length, batch_size=batch_size, session_id=session_id)
+    def _received_prefixes(
+        self, response: pb.BackwardResponse, inputs: SpanInputs, session_id: str
+    ) -> BlockPrefixes | None:
+        """The deep prompts' gradients: present, with the shapes sent, exactly when prefixes were sent."""
+        sent = inputs.prefixes
+        if sent is None or not response.HasField("grad_prefixes"):
+            if sent is not None or response.HasField("grad_prefixes"):
+                raise InvalidResponseError(
+                    "grad_prefixes: returned for a pass without prefixes, or missing for one with them",
+                    node_id=self.node_id,
+                    span=self.span,
+                    session_id=session_id,
+                )
+            return None
+        try:
+            grads = prefixes_from_wire(response.grad_prefixes, name="grad_prefixes")
+        except WireError as error:
+            raise InvalidResponseError(
+                str(error), node_id=self.node_id, span=self.span, session_id=session_id
+            ) from None
+        return BlockPrefixes(
+            self._checked(grads.keys, like=sent.keys, name="grad_prefixes.keys", session_id=session_id),
+            self._checked(grads.values, like=sent.values, name="grad_prefixes.values", session_id=session_id),
+        )
+
+    def open_session(
+        self, *, max_length: int, batch_size: int, session_id: str, adapter: AdapterRef | None = None
+    ) -> GrpcSpanSession:
+        return GrpcSpanSession(
+            self, max_length=max_length, batch_size=batch_size, session_id=session_id, adapter=adapter
+        )

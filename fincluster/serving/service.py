@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import Message
 
 from fincluster.errors import (
     CertificateError,
@@ -35,6 +36,7 @@ from fincluster.errors import (
     WireError,
 )
 from fincluster.logs import get_logger
+from fincluster.serving.adapters import LoadedAdapter
 from fincluster.serving.admission import Admission
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
@@ -47,12 +49,19 @@ from fincluster.trust.tls import peer_certificate
 from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
+from fincluster.wire.codec import (
+    backward_input_digest,
+    inputs_from_wire,
+    prefixes_to_wire,
+    span_from_wire,
+    wire_tokens,
+)
 from fincluster.wire.status import answer_for
 from fincluster.wire.tensors import decode, digest, encode
 
 log = get_logger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 TransferHook = Callable[["Transfer"], None]
 REAUTHORIZE_SECONDS = 5.0
 """How long a session step may rely on the last serve decision before policy is asked again."""
@@ -73,6 +82,7 @@ class Transfer:
     input_sha256: str
     output_sha256: str
     receipt: pb.Receipt
+    adapter_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,16 +216,21 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         client_id: str,
         classification: str,
         inputs: pb.SpanInputs,
-        output: pb.Tensor,
+        output: Message,
+        adapter: LoadedAdapter | None,
+        input_sha256: str | None = None,
     ) -> Transfer:
-        """Digest what was received and returned, and sign the receipt for it."""
-        input_sha256, output_sha256 = digest(inputs), digest(output)
+        """Digest what was received (``input_sha256`` when it is more than ``inputs``: a backward's
+        incoming gradient) and returned, and sign the receipt for it, naming the adapter applied."""
+        input_sha256, output_sha256 = input_sha256 or digest(inputs), digest(output)
+        adapter_sha256 = adapter.digest if adapter is not None else None
         receipt = self._guard.receipt(
             session_id=session_id,
             step=step,
             span=span,
             input_sha256=input_sha256,
             output_sha256=output_sha256,
+            adapter_sha256=adapter_sha256 or "",
         )
         return Transfer(
             session_id=session_id,
@@ -228,6 +243,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             input_sha256=input_sha256,
             output_sha256=output_sha256,
             receipt=receipt,
+            adapter_sha256=adapter_sha256,
         )
 
     # -- unary calls ---------------------------------------------------------------------------
@@ -257,11 +273,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         context: grpc.aio.ServicerContext,
         request: pb.ForwardRequest | pb.BackwardRequest,
         operation: str,
-        compute: Callable[[BlockSpan], pb.Tensor],
-    ) -> tuple[pb.Tensor, pb.Receipt]:
-        """One forward or backward call: authorise, queue, compute and sign; record after answering."""
+        compute: Callable[[BlockSpan, LoadedAdapter | None], M],
+        input_sha256: str | None = None,
+    ) -> tuple[M, pb.Receipt]:
+        """One forward or backward call: authorise, queue, compute (with the adapter the request names)
+        and sign; record after answering."""
 
-        async def work() -> tuple[pb.Tensor, pb.Receipt]:
+        async def work() -> tuple[M, pb.Receipt]:
             client_id, _ = self._authenticate(context)
             self._ready()
             with self._admission.call(client_id):
@@ -275,8 +293,9 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 tokens = wire_tokens(request.inputs)
                 self._admission.charge(client_id, tokens * len(span))
 
-                def job() -> tuple[pb.Tensor, Transfer]:
-                    output = compute(span)
+                def job() -> tuple[M, Transfer]:
+                    adapter = self._runner.adapters.resolve(request.adapter_id)
+                    output = compute(span, adapter)
                     transfer = self._transfer(
                         session_id=session_id,
                         step=0,
@@ -286,6 +305,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         classification=request.classification,
                         inputs=request.inputs,
                         output=output,
+                        adapter=adapter,
+                        input_sha256=input_sha256,
                     )
                     return output, transfer
 
@@ -304,24 +325,37 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             context,
             request,
             "forward",
-            lambda span: encode(self._runner.forward(span, inputs_from_wire(request.inputs))),
+            lambda span, adapter: encode(
+                self._runner.forward(span, inputs_from_wire(request.inputs), adapter=adapter)
+            ),
         )
         return pb.ForwardResponse(hidden_states=output, receipt=receipt)
 
     async def Backward(
         self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.BackwardResponse:
+
+        def compute(span: BlockSpan, adapter: LoadedAdapter | None) -> pb.BackwardResponse:
+            grads = self._runner.backward(
+                span,
+                inputs_from_wire(request.inputs),
+                decode(request.grad_outputs, name="grad_outputs"),
+                adapter=adapter,
+            )
+            response = pb.BackwardResponse(grad_inputs=encode(grads.inputs))
+            if grads.prefixes is not None:
+                response.grad_prefixes.CopyFrom(prefixes_to_wire(grads.prefixes))
+            return response  # its digest (no receipt yet) is the receipt's output digest
+
         output, receipt = await self._stateless(
             context,
             request,
             "backward",
-            lambda span: encode(
-                self._runner.backward(
-                    span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
-                )
-            ),
+            compute,
+            input_sha256=backward_input_digest(request.inputs, request.grad_outputs),
         )
-        return pb.BackwardResponse(grad_inputs=output, receipt=receipt)
+        output.receipt.CopyFrom(receipt)
+        return output
 
     # -- inference streams ---------------------------------------------------------------------
 
@@ -418,6 +452,7 @@ class _Stream:
         )
         if len(request.nonce) < MIN_NONCE_BYTES:
             raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
+        adapter = await asyncio.to_thread(servicer._runner.adapters.resolve, request.adapter_id)
         session = await asyncio.to_thread(
             servicer._sessions.open,
             span,
@@ -426,6 +461,7 @@ class _Stream:
             client_id=self.client_id,
             session_id=session_id,
         )
+        session.adapter = adapter
         self.session, self.classification = session, request.classification
         self.authorized_until = time.monotonic() + REAUTHORIZE_SECONDS
         log.info("session_opened", session=session.session_id, client=self.client_id, blocks=str(span))
@@ -476,6 +512,7 @@ class _Stream:
                 classification=self.classification,
                 inputs=request.inputs,
                 output=output,
+                adapter=session.adapter,
             )
             return output, session.position, transfer
 

@@ -12,6 +12,8 @@ from typing import NoReturn
 import grpc
 
 from fincluster.errors import (
+    AdapterError,
+    AdapterRefusedError,
     CapacityError,
     FinclusterError,
     IdleError,
@@ -53,6 +55,8 @@ STATUS_TABLE: tuple[tuple[type[FinclusterError], grpc.StatusCode], ...] = (
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (IdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (AdapterRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 _STATUS_OF: dict[type[FinclusterError], grpc.StatusCode] = {}
