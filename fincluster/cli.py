@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from fincluster.adapters.commands import register as register_adapters
 from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
@@ -145,6 +146,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fincluster.adapters.manifest import AdapterKeys
     from fincluster.bootstrap import trust_from_settings
     from fincluster.registry.service import RegistryClient
     from fincluster.serving.server import BlockServer, ServedModel, load_span_model
@@ -187,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             trust=trust,
             attestation=settings.trust.attestation,  # the file: a replaced token is picked up while serving
             audit=audit_log,
+            adapter_keys=AdapterKeys.from_files(settings.trust.adapter_keys),
         )
         address = server.start()
         print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
@@ -296,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_attest(commands)
+    register_adapters(commands)
     register_audit(commands)
     register_certs(commands)
 

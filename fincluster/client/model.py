@@ -374,7 +374,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         logits = self.lm_head(self.norm(hidden)).float()
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+            loss = self.loss_function(  # Trainer passes num_items_in_batch (gradient accumulation)
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=self.returned_cache(past_key_values)
         )

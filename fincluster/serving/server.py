@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from fincluster.adapters.manifest import AdapterKeys
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError
 from fincluster.logs import get_logger
 from fincluster.net import check_advertised, join_host_port
 from fincluster.registry.backend import Registry
 from fincluster.rpc import AioServerThread
+from fincluster.serving.adapters import SpanAdapters
 from fincluster.serving.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
@@ -107,12 +109,14 @@ class BlockServer:
         attestation: str | Path | None = None,
         audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
+        adapter_keys: AdapterKeys | None = None,
     ) -> None:
         """``trust`` is what the server enforces (default: public data only, no revocation list);
         ``attestation`` is the server's token, or the file it is in (re-read when it changes);
         ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
         ``AuditLog``); ``on_transfer`` is an extra observer (tests). ``registry_address`` names the
-        registry in logs and :attr:`announce_status`."""
+        registry in logs and :attr:`announce_status`. ``adapter_keys``: the adapter-signing keys whose
+        LoRA adapters (from ``settings.adapter_store``) this server applies when a request names one."""
         self.model = model
         self.served = served
         self.settings = settings
@@ -150,6 +154,7 @@ class BlockServer:
             credential, model_ref, trust=trust, own_claims=self.claims, on_denial=self.audit.denial
         )
         self._on_transfer = on_transfer
+        self.adapters = self._adapters(model, settings, adapter_keys)
         self.budget = CacheBudget(settings.cache_budget_bytes)
         self.sessions = SessionManager(
             self.budget,
@@ -177,6 +182,19 @@ class BlockServer:
         self._stopping = threading.Event()
         self._background: threading.Thread | None = None
         self._closed = False
+
+    def _adapters(self, model: SpanModel, settings: ServerSettings, keys: AdapterKeys | None) -> SpanAdapters:
+        """The adapters of this span: from the configured store, for the model served, signed by ``keys``."""
+        if settings.adapter_store is None:
+            return SpanAdapters.none(model)
+        from fincluster.adapters.store import AdapterStore
+
+        return SpanAdapters(
+            model,
+            store=AdapterStore(settings.adapter_store),
+            keys=keys or AdapterKeys([]),
+            base_manifest_sha256=self.served.manifest_digest,
+        )
 
     @property
     def announced(self) -> bool:
@@ -235,7 +253,7 @@ class BlockServer:
         self.compute.start()
         self._audit_writer = AuditWriter(self._observe)
         servicer = BlockServicer(
-            BlockRunner(self.model, max_stateless_tokens=settings.max_session_length),
+            BlockRunner(self.model, max_stateless_tokens=settings.max_session_length, adapters=self.adapters),
             self.sessions,
             self.guard,
             self.info,
