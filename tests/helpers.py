@@ -130,6 +130,7 @@ class Cluster:
 
         credential = self.pki.credential(Role.SERVER, name)
         options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
+        adapter_keys = options.pop("adapter_keys", None)
         model = load_span_model(
             self.store,
             BlockSpan.parse(span),
@@ -149,6 +150,7 @@ class Cluster:
             attestation=attestation,
             audit=audit,
             on_transfer=received.append if received is not None else None,
+            adapter_keys=adapter_keys,
         )
         server.start()
         self.servers.append(server)

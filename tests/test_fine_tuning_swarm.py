@@ -96,7 +96,10 @@ def test_two_clients_training_different_prompts_at_once_get_their_solo_gradients
     tiny_cluster: Cluster,
 ) -> None:
     jobs = {
-        "alice": (prefix_config(3), torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(23))),
+        "alice": (
+            prefix_config(3),
+            torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(23)),
+        ),
         "bob": (
             PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
             torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(24)),

@@ -156,6 +156,7 @@ class ClientAuditTrail:
                 policy_decision_id=decision.decision_id if decision is not None else None,
                 policy_bundle_digest=decision.bundle_digest if decision is not None else None,
                 receipt=call.receipt,
+                adapter_sha256=call.adapter_sha256,
             )
         )
 
