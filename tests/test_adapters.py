@@ -128,9 +128,12 @@ def test_an_adapter_the_server_may_not_apply_is_refused_with_the_reason(
 
 def test_a_server_without_an_adapter_store_refuses_adapters(tiny_cluster) -> None:
     ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(34))
-    with tiny_cluster.swarm() as swarm, torch.no_grad():
-        with pytest.raises(AdapterRefusedError, match="this server has no adapter store"):
-            tiny_cluster.model(swarm)(ids, adapter="finance-lora")
+    with (
+        tiny_cluster.swarm() as swarm,
+        torch.no_grad(),
+        pytest.raises(AdapterRefusedError, match="this server has no adapter store"),
+    ):
+        tiny_cluster.model(swarm)(ids, adapter="finance-lora")
 
 
 def test_push_refuses_adapters_that_change_modules_outside_the_blocks(tmp_path, tiny_llama_store) -> None:
