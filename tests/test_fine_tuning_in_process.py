@@ -167,3 +167,44 @@ def test_local_blocks_get_their_own_deep_prompts(store) -> None:
     remote(input_ids=ids, labels=ids).loss.backward()
     (want,), (got,) = trainable_grads(local), trainable_grads(remote)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_sequence_classifier_with_prompts_equals_transformers_classifier_under_peft(store) -> None:
+    """The swarm classifier (score head over the last token) and transformers' LlamaForSequenceClassification
+    with the same weights give the same loss and gradients for peft's prompts and its trained score copy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from fincluster.client import DistributedModelForSequenceClassification, LocalSwarm
+    from tests.helpers import tiny_config
+
+    clients = [
+        LocalSpanClient.from_store(store, BlockSpan.parse(span), dtype=torch.float32, node_id=span)
+        for span in SPANS
+    ]
+    torch.manual_seed(8)
+    remote_base = DistributedModelForSequenceClassification.from_pretrained(
+        store, swarm=LocalSwarm(clients), labels=["negative", "neutral", "positive"], classification="public"
+    )
+    reference_config = tiny_config("llama")
+    reference_config.num_labels = 3
+    local_base = AutoModelForSequenceClassification.from_config(reference_config).eval()
+    local_base.model.load_state_dict(tiny_model("llama", seed=3).model.state_dict())
+    local_base.score.load_state_dict(remote_base.score.state_dict())
+    config = lambda: PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)  # noqa: E731
+    torch.manual_seed(9)
+    local = get_peft_model(local_base, config())
+    remote = get_peft_model(remote_base, config())
+    set_peft_model_state_dict(remote, get_peft_model_state_dict(local))
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(16))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding
+    labels = torch.tensor([0, 2, 1])
+    expected = local(input_ids=ids, attention_mask=mask, labels=labels)
+    produced = remote(input_ids=ids, attention_mask=mask, labels=labels)
+    expected.loss.backward()
+    produced.loss.backward()
+    assert produced.logits.shape == (3, 3)
+    assert (produced.logits - expected.logits).abs().max().item() <= 1e-5
+    pairs = list(zip(trainable_grads(local), trainable_grads(remote), strict=True))
+    assert len(pairs) == 2  # the prompts and peft's trainable copy of the score head
+    assert all((got - want).abs().max().item() <= 1e-5 for want, got in pairs)

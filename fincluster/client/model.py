@@ -254,6 +254,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         finally:
             self._call_adapter = previous
 
+    @contextlib.contextmanager
+    def call_options(
+        self, *, classification: str | None = None, adapter: AdapterChoice = None
+    ) -> Iterator[None]:
+        """The data classification and LoRA adapter of the calls made inside the block (what the
+        ``classification=`` / ``adapter=`` keywords of ``forward`` and ``generate`` set)."""
+        with self._classified(classification), self._adapted(adapter):
+            yield
+
     @property
     def active_adapter_ref(self) -> AdapterRef | None:
         """The LoRA adapter of the current call (its ``adapter=``, else the model's default)."""
@@ -367,7 +376,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise UsageError("pass exactly one of input_ids or inputs_embeds")
-        with self._classified(kwargs.pop("classification", None)), self._adapted(kwargs.pop("adapter", None)):
+        with self.call_options(
+            classification=kwargs.pop("classification", None), adapter=kwargs.pop("adapter", None)
+        ):
             hidden = self.blocks_output(
                 input_ids, attention_mask, position_ids, past_key_values, inputs_embeds
             )
@@ -494,7 +505,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         ``classification=`` overrides the model's default data classification for this call, and
         ``adapter=`` its LoRA adapter.
         """
-        with self._classified(kwargs.pop("classification", None)), self._adapted(kwargs.pop("adapter", None)):
+        with self.call_options(
+            classification=kwargs.pop("classification", None), adapter=kwargs.pop("adapter", None)
+        ):
             return self._generate(inputs, **kwargs)
 
     def _generate(self, inputs: torch.Tensor | None, **kwargs: Any) -> Any:
