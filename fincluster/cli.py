@@ -2,7 +2,8 @@
 
 Commands: ``model`` (import, verify), ``certs`` (the swarm CA), ``attest`` (the attestation
 authority), ``registry`` and ``serve`` (the services), ``generate`` (an operator's smoke test),
-``audit`` (verify, report, export, reconcile, prune) and ``demo`` (a whole swarm on this machine).
+``audit`` (verify, report, export, reconcile, prune), ``adapters`` (signed LoRA adapters: keygen,
+push, pull, list) and ``demo`` (a whole swarm on this machine).
 Settings come from arguments, then ``FINCLUSTER_*`` environment variables, then a TOML file
 (``--config`` or ``FINCLUSTER_CONFIG``); each flag's help names its other forms.
 """

@@ -30,7 +30,7 @@ def test_prompt_tuned_classifier_trained_through_the_swarm_beats_the_untrained_o
     example = load_example()
     recipe = example.Recipe(epochs=2, train_examples=96, virtual_tokens=8)
     with demo_cluster.swarm() as swarm:
-        model, outcome = example.run(demo_cluster.store, swarm, recipe)
+        _, outcome = example.run(demo_cluster.store, swarm, recipe)
     print(f"baseline {outcome.baseline_accuracy:.3f} -> trained {outcome.accuracy:.3f}", outcome)
     assert outcome.epoch_losses[-1] < outcome.epoch_losses[0]
     assert outcome.accuracy >= outcome.baseline_accuracy + 0.2

@@ -39,7 +39,7 @@ class DistributedModelForSequenceClassification(PreTrainedModel):  # type: ignor
     def __init__(self, config: PretrainedConfig, *, backbone: DistributedModelForCausalLM) -> None:
         super().__init__(config)
         self.model = backbone
-        self.num_labels: int = config.num_labels
+        self.num_labels = int(config.num_labels)
         self.score = torch.nn.Linear(config.hidden_size, self.num_labels, bias=False, dtype=backbone.dtype)
         torch.nn.init.normal_(self.score.weight, std=float(getattr(config, "initializer_range", 0.02)))
 
@@ -67,7 +67,8 @@ class DistributedModelForSequenceClassification(PreTrainedModel):  # type: ignor
         return model
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
-        return self.model.get_input_embeddings()
+        embeddings: torch.nn.Embedding = self.model.embed_tokens
+        return embeddings
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """The backbone comes from the store; the head is initialised in ``__init__``."""

@@ -15,10 +15,9 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load as load_safetensors
 
 from fincluster.adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterKeys, parse_config
@@ -26,6 +25,9 @@ from fincluster.adapters.store import AdapterStore
 from fincluster.errors import AdapterError
 from fincluster.logs import get_logger
 from fincluster.serving.span_model import SpanModel
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 log = get_logger(__name__)
 _LORA_KEY = re.compile(r"^(?:.+\.)?layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
@@ -104,6 +106,8 @@ class SpanAdapters:
         targets = sorted({key.split(".lora_")[0] for key in state})
         if not targets:  # the adapter leaves this span's blocks as they are
             return
+        from peft import LoraConfig, inject_adapter_in_model  # only servers that apply adapters load peft
+
         lora = LoraConfig(
             r=int(config["r"]),  # type: ignore[call-overload]
             lora_alpha=float(config["lora_alpha"]),  # type: ignore[arg-type]
@@ -125,6 +129,10 @@ class SpanAdapters:
         base.to(self._model.device)  # peft creates the LoRA weights on the CPU
 
     def _layers(self) -> list[BaseTunerLayer]:
+        if not self._loaded:
+            return []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         return [module for module in self._model.base.modules() if isinstance(module, BaseTunerLayer)]
 
     @contextlib.contextmanager
