@@ -39,7 +39,7 @@ class DistributedModelForSequenceClassification(PreTrainedModel):  # type: ignor
     def __init__(self, config: PretrainedConfig, *, backbone: DistributedModelForCausalLM) -> None:
         super().__init__(config)
         self.model = backbone
-        self.num_labels = int(config.num_labels)
+        self.num_labels = len(config.id2label)
         self.score = torch.nn.Linear(config.hidden_size, self.num_labels, bias=False, dtype=backbone.dtype)
         torch.nn.init.normal_(self.score.weight, std=float(getattr(config, "initializer_range", 0.02)))
 
