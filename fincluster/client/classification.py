@@ -39,7 +39,10 @@ class DistributedModelForSequenceClassification(PreTrainedModel):  # type: ignor
     def __init__(self, config: PretrainedConfig, *, backbone: DistributedModelForCausalLM) -> None:
         super().__init__(config)
         self.model = backbone
-        self.num_labels = len(config.id2label)
+        labels = config.num_labels
+        if labels is None or labels < 2:
+            raise ConfigurationError("a sequence classifier needs config.num_labels of at least 2")
+        self.num_labels: int = labels
         self.score = torch.nn.Linear(config.hidden_size, self.num_labels, bias=False, dtype=backbone.dtype)
         torch.nn.init.normal_(self.score.weight, std=float(getattr(config, "initializer_range", 0.02)))
 
