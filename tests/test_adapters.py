@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from fincluster.adapters import AdapterKeys, AdapterStore
 from fincluster.audit import AuditRecorder, TransferEvent
+from fincluster.audit.reconcile import reconcile
 from fincluster.cli import main
 from fincluster.errors import AdapterError, AdapterRefusedError
 from fincluster.serving.service import Transfer
@@ -91,8 +92,15 @@ def test_audit_records_name_the_adapter_digest_on_both_sides(pki, tiny_llama_sto
     digest = store.fetch("finance-lora", keys=AdapterKeys([SIGNER.public_key()])).digest
     received: list[Transfer] = []
     keys = AdapterKeys([SIGNER.public_key()])
+    server_log = AuditRecorder()
     with running_cluster(
-        pki, tiny_llama_store, ["0:6"], adapter_store=store.url, adapter_keys=keys, received=received
+        pki,
+        tiny_llama_store,
+        ["0:6"],
+        adapter_store=store.url,
+        adapter_keys=keys,
+        received=received,
+        audit=server_log,
     ) as cluster:
         recorder = AuditRecorder()
         ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(32))
@@ -103,6 +111,13 @@ def test_audit_records_name_the_adapter_digest_on_both_sides(pki, tiny_llama_sto
     client = [(e.operation, e.adapter_sha256) for e in recorder.of_kind(TransferEvent)]
     assert client == [("inference_step", digest), ("inference_step", digest), ("forward", None)]
     assert [(t.operation, t.adapter_sha256) for t in received] == client
+    assert reconcile(recorder.events, server_log.events).matched == 3
+    forged = [
+        e.model_copy(update={"adapter_sha256": None}) if isinstance(e, TransferEvent) else e
+        for e in recorder.events
+    ]
+    mismatches = reconcile(forged, server_log.events).mismatched
+    assert [m.reason for m in mismatches] == ["the records name different adapters"] * 2
 
 
 @pytest.mark.parametrize(
@@ -173,3 +188,16 @@ def test_adapters_cli_keygen_push_list_and_pull(tmp_path, tiny_llama_store, adap
     # a second push of the same id is refused: adapters are immutable
     assert main([*push, "--base-manifest", str(manifest), "--signing-key", str(key)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_receipt_for_another_adapter_than_the_pinned_digest_is_not_accepted(adapter_cluster) -> None:
+    """With AdapterRef(id, sha256) the client accepts only receipts that name exactly that digest."""
+    from fincluster.adapters import AdapterRef
+    from fincluster.errors import FinclusterError
+
+    ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(35))
+    pinned = AdapterRef("finance-lora", sha256="0" * 64)
+    with adapter_cluster.swarm() as swarm, torch.no_grad(), pytest.raises(
+        FinclusterError, match=f"receipt names adapter [0-9a-f]{{64}}; 'finance-lora' is {'0' * 64}"
+    ):
+        adapter_cluster.model(swarm)(ids, adapter=pinned)
