@@ -197,7 +197,11 @@ def test_a_receipt_for_another_adapter_than_the_pinned_digest_is_not_accepted(ad
 
     ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(35))
     pinned = AdapterRef("finance-lora", sha256="0" * 64)
-    with adapter_cluster.swarm() as swarm, torch.no_grad(), pytest.raises(
-        FinclusterError, match=f"receipt names adapter [0-9a-f]{{64}}; 'finance-lora' is {'0' * 64}"
+    with (
+        adapter_cluster.swarm() as swarm,
+        torch.no_grad(),
+        pytest.raises(
+            FinclusterError, match=f"receipt names adapter [0-9a-f]{{64}}; 'finance-lora' is {'0' * 64}"
+        ),
     ):
         adapter_cluster.model(swarm)(ids, adapter=pinned)

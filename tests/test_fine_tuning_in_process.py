@@ -208,3 +208,66 @@ def test_sequence_classifier_with_prompts_equals_transformers_classifier_under_p
     pairs = list(zip(trainable_grads(local), trainable_grads(remote), strict=True))
     assert len(pairs) == 2  # the prompts and peft's trainable copy of the score head
     assert all((got - want).abs().max().item() <= 1e-5 for want, got in pairs)
+
+
+class _FailsOnBackward:
+    """A hop whose node dies between the forward and the backward."""
+
+    def __init__(self, client: LocalSpanClient) -> None:
+        self.client, self.node_id, self.span = client, "flaky", client.span
+
+    def forward(self, inputs, **kwargs):
+        return self.client.forward(inputs, **kwargs)
+
+    def backward(self, inputs, grad_outputs, **kwargs):
+        from fincluster.errors import UnavailableError
+
+        raise UnavailableError("node gone", node_id=self.node_id, span=self.span)
+
+
+def test_a_hop_that_fails_in_the_backward_is_replaced_by_a_split_with_exact_prompt_gradients(store) -> None:
+    """The replacements (two nodes for the failed hop's blocks) each get their own blocks' prefixes, and
+    the gradients of the input and of every block's prefix equal those of a pass without failure."""
+    from fincluster.client.chain import FailoverPolicy, chain_forward
+    from fincluster.wire.codec import BlockPrefixes
+
+    def local(span: str) -> LocalSpanClient:
+        return LocalSpanClient.from_store(store, BlockSpan.parse(span), dtype=torch.float32, node_id=span)
+
+    class Planner:
+        replaced: list[BlockSpan] = []
+
+        def plan(self, session_id):
+            raise AssertionError("not asked")
+
+        def replace(self, span, *, session_id, failed, error):
+            self.replaced.append(span)
+            return [local("0:2"), local("2:4")]
+
+    generator = torch.Generator().manual_seed(17)
+    hidden = torch.randn(2, 5, 64, generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    positions = torch.arange(3, 8).expand(2, -1).contiguous()
+    keys, values = torch.randn(2, 6, 2, 2, 3, 16, generator=generator)
+
+    def gradients(clients, planner=None):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, keys, values)]
+        output = chain_forward(
+            clients,
+            leaves[0],
+            mask,
+            positions,
+            session_id="pass",
+            planner=planner,
+            policy=FailoverPolicy(attempts=1, sleep=lambda _: None),
+            prefixes=BlockPrefixes(leaves[1], leaves[2]),
+        )
+        output.square().sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    expected = gradients([local("0:4"), local("4:6")])
+    planner = Planner()
+    produced = gradients([_FailsOnBackward(local("0:4")), local("4:6")], planner)
+    assert planner.replaced == [BlockSpan(0, 4)]
+    assert all((got - want).abs().max().item() <= 1e-5 for want, got in zip(expected, produced, strict=True))
+    assert all(grad.abs().sum().item() > 0 for grad in produced)
