@@ -11,7 +11,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fincluster.client import DistributedModelForCausalLM, InferenceSession, LocalSwarm, Swarm
+    from fincluster.client import (
+        DistributedModelForCausalLM,
+        DistributedModelForSequenceClassification,
+        InferenceSession,
+        LocalSwarm,
+        Swarm,
+    )
     from fincluster.errors import (
         CapacityError,
         FinclusterError,
@@ -29,6 +35,7 @@ _LAZY = {
     "CapacityError": "fincluster.errors",
     "Credential": "fincluster.trust.pki",
     "DistributedModelForCausalLM": "fincluster.client",
+    "DistributedModelForSequenceClassification": "fincluster.client",
     "FinclusterError": "fincluster.errors",
     "InferenceSession": "fincluster.client",
     "LocalSwarm": "fincluster.client",
@@ -45,6 +52,7 @@ __all__ = [
     "CapacityError",
     "Credential",
     "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
     "FinclusterError",
     "InferenceSession",
     "LocalSwarm",

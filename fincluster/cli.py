@@ -3,7 +3,8 @@
 Commands: ``model`` (import, verify), ``certs`` (the swarm CA), ``attest`` (the attestation
 authority), ``registry`` and ``serve`` (the services), ``status`` (the swarm at a glance),
 ``generate`` (an operator's smoke test), ``audit`` (verify, report, export, reconcile, usage,
-prune) and ``demo`` (a whole swarm on this machine).
+prune), ``adapters`` (signed LoRA adapters: keygen, push, pull, list) and ``demo`` (a whole swarm
+on this machine).
 Settings come from arguments, then ``FINCLUSTER_*`` environment variables, then a TOML file
 (``--config`` or ``FINCLUSTER_CONFIG``); each flag's help names its other forms.
 """
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from fincluster.adapters.commands import register as register_adapters
 from fincluster.audit.commands import register as register_audit
 from fincluster.audit.node import open_node_audit_log
 from fincluster.errors import FinclusterError
@@ -163,6 +165,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fincluster.adapters.manifest import AdapterKeys
     from fincluster.bootstrap import trust_from_settings
     from fincluster.registry.service import RegistryClient
     from fincluster.serving.server import BlockServer, ServedModel, load_span_model
@@ -230,6 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             attestation=settings.trust.attestation,  # the file: a replaced token is picked up while serving
             audit=audit_log,
             store=store,
+            adapter_keys=AdapterKeys.from_files(settings.trust.adapter_keys),
         )
         address = server.start()
         print(f"serving blocks {span} of {store.model_id} on {address} as {credential.spiffe_id}", flush=True)
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_attest(commands)
+    register_adapters(commands)
     register_audit(commands)
     register_certs(commands)
 

@@ -21,6 +21,7 @@
     │   ├── UnavailableError        unreachable, stopping, too slow, or cannot audit   UNAVAILABLE
     │   ├── MovedError              the server moved to other blocks (placement)       ABORTED
     │   ├── IdleError               a stream that sent nothing for too long is ended   DEADLINE_EXCEEDED
+    │   ├── AdapterRefusedError     the server will not apply the named LoRA adapter  FAILED_PRECONDITION
     │   └── InvalidResponseError    a server's answer failed the client's checks (shape, dtype, values)
     ├── RegistryError               the registry could not be reached or refused an announcement
     │   └── RegistryUnavailableError  the registry's store (etcd) answered from none of its endpoints
@@ -30,6 +31,8 @@
     ├── AuditError                  the audit log could not be written or read
     │   └── AuditIntegrityError     the audit log failed verification
     ├── DatasetError                a data set shipped with the package is missing or malformed
+    ├── AdapterError                an adapter is missing, malformed, unsigned, signed by an untrusted key,
+    │                               tampered with or made for another model (FAILED_PRECONDITION on a server)
     └── ClosedError                 an object was used after ``close()``
 
 ``fincluster.wire.status`` maps the ``RemoteError`` branch to gRPC status codes and back, in one table:
@@ -156,6 +159,11 @@ class IdleError(RemoteError):
     """A stream sent no message for too long (its first, or the next step of an idle session)."""
 
 
+class AdapterRefusedError(RemoteError):
+    """A server refused to apply the LoRA adapter a request named (unknown, unsigned, signed by a key it
+    does not trust, tampered with, or made for another model); the message says which."""
+
+
 class InvalidResponseError(RemoteError):
     """What a server returned does not decode, or has the wrong shape, dtype or non-finite values; the
     error names that server (never the next, honest one)."""
@@ -228,3 +236,8 @@ class DatasetError(FinclusterError):
 
 class ClosedError(FinclusterError):
     """An object was used after it was closed."""
+
+
+class AdapterError(FinclusterError):
+    """An adapter in an adapter store is missing, malformed, unsigned, signed by a key that is not
+    trusted, does not match its manifest, or was made for another base model."""

@@ -69,6 +69,10 @@ class TrustSettings(BaseModel):
         default=None,
         description="shared JSON/TOML file of client SPIFFE id -> classification, re-read when it changes",
     )
+    adapter_keys: list[Path] = Field(
+        default_factory=list,
+        description="adapter-signing public keys: a server applies only LoRA adapters one of them signed",
+    )
 
 
 class DepartmentQuota(BaseModel):
@@ -148,6 +152,10 @@ class ServerSettings(BaseModel):
         default_factory=dict, description="department -> its share of this server's streams, tokens, compute"
     )
     announce_ttl_seconds: int = Field(default=15, gt=0)
+    adapter_store: str | None = Field(
+        default=None,
+        description="adapter store (a directory or an fsspec URL) the LoRA adapters requests name come from",
+    )
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     metrics_port: int | None = Field(
         default=None,
@@ -182,6 +190,12 @@ class ClientSettings(BaseModel):
         default=3600.0,
         gt=0,
         description="a node whose output verification found wrong is not routed to for this long",
+    )
+    max_batch_tokens: int = Field(
+        default=8192,
+        gt=0,
+        description="a stateless pass (training, scoring) over more tokens (batch x sequence, deep prompts "
+        "included) is split into micro-batches of at most this many",
     )
 
     store: Path | None = Field(default=None, description="model store with the client part (generate)")

@@ -137,6 +137,7 @@ class Cluster:
         the computation itself (e.g. returns its input: a node that skips its blocks)."""
         options = {"announce_ttl_seconds": 2, "shutdown_grace_seconds": 0.5, **settings}
         dtype = TensorDType(options.pop("dtype", "float32"))
+        adapter_keys = options.pop("adapter_keys", None)
         return self._start(
             name,
             BlockSpan.parse(span),
@@ -148,6 +149,7 @@ class Cluster:
             audit=audit,
             corrupt=corrupt,
             tamper=tamper,
+            adapter_keys=adapter_keys,
         )
 
     def add_auto_server(
@@ -218,6 +220,7 @@ class Cluster:
         audit,
         corrupt=None,
         tamper=None,
+        adapter_keys=None,
     ) -> BlockServer:
         credential = self.pki.credential(Role.SERVER, name)
         model = load_span_model(self.store, span, dtype=dtype, device="cpu")
@@ -238,6 +241,7 @@ class Cluster:
             audit=audit,
             on_transfer=received.append if received is not None else None,
             store=self.store,
+            adapter_keys=adapter_keys,
         )
         server.start()
         self.servers.append(server)

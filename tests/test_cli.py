@@ -138,7 +138,18 @@ def test_top_level_help_lists_exactly_the_commands_that_exist(capsys) -> None:
         main(["--help"])
     text = capsys.readouterr().out
     listed = re.findall(r"^    (\w+) ", text, re.MULTILINE)
-    assert listed == ["attest", "audit", "certs", "model", "registry", "serve", "generate", "status", "demo"]
+    assert listed == [
+        "attest",
+        "adapters",
+        "audit",
+        "certs",
+        "model",
+        "registry",
+        "serve",
+        "generate",
+        "status",
+        "demo",
+    ]
     assert sorted(subcommands(build_parser())) == sorted(listed)
     mentioned = set(re.findall(r"``([a-z]+)``", text.split("positional arguments")[0])) - {"fincluster"}
     assert mentioned == set(listed)

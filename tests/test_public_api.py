@@ -10,6 +10,7 @@ def test_package_exports_are_pinned() -> None:
         "CapacityError",
         "Credential",
         "DistributedModelForCausalLM",
+        "DistributedModelForSequenceClassification",
         "FinclusterError",
         "InferenceSession",
         "LocalSwarm",
@@ -24,6 +25,7 @@ def test_package_exports_are_pinned() -> None:
     ]
     assert fincluster.client.__all__ == [
         "DistributedModelForCausalLM",
+        "DistributedModelForSequenceClassification",
         "InferenceSession",
         "LocalSwarm",
         "Swarm",

@@ -116,7 +116,7 @@ def test_backward_over_a_sub_span_equals_local_autograd(reference_and_runner, sp
         for handle in handles:
             handle.remove()
     (expected,) = torch.autograd.grad(taken[0], leaf, grad_outputs)
-    grad = runner.backward(span, SpanInputs(states[span.start], mask, positions), grad_outputs)
+    grad = runner.backward(span, SpanInputs(states[span.start], mask, positions), grad_outputs).inputs
     assert (grad - expected).abs().max().item() <= 1e-4
 
 

@@ -14,8 +14,11 @@ report can say under which attestation each block ran without the token. Fields 
 (an unattested node's claims, a decision made without a policy bundle) are recorded as ``null``.
 
 Version 3: claims instead of bare tier / attestation id, announcements, the reason a session closed.
-Version 4: the client's verdict on each receipt (``receipt_problem``). Version 5: verification events
-(re-execution of a node's output elsewhere, :mod:`fincluster.client.verification`).
+Version 4: the client's verdict on each receipt (``receipt_problem``), and the LoRA adapter the node
+applied (``adapter_sha256``, its manifest digest); for a backward, ``input_sha256`` covers the
+activations and the incoming gradient, ``output_sha256`` the gradients returned (those of the deep
+prompts included). Version 5: verification events (re-execution of a node's output elsewhere,
+:mod:`fincluster.client.verification`).
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ class TransferEvent(_Attested, _EventBase):
     #: Why the client refused the node's receipt (None: it verified). The transfer happened all the
     #: same: the activations left the client, so it is recorded.
     receipt_problem: ReasonText | None = None
+    adapter_sha256: Sha256Hex | None = None
+    """Manifest digest of the LoRA adapter applied to the blocks (None: the base weights alone)."""
 
 
 class SessionOpenEvent(_EventBase):

@@ -50,8 +50,10 @@ def sign_receipt(
     node_id: str,
     cert_fingerprint: str,
     issued_at: datetime,
+    adapter_sha256: str = "",
 ) -> pb.Receipt:
-    """Sign a receipt with the server's key (ECDSA P-256 or Ed25519)."""
+    """Sign a receipt with the server's key (ECDSA P-256 or Ed25519); ``adapter_sha256`` names the
+    LoRA adapter applied ("" for none, which leaves the signed bytes as they were before adapters)."""
     public_key = public_key_of(private_key)
     body = pb.ReceiptBody(
         session_id=session_id,
@@ -64,6 +66,7 @@ def sign_receipt(
         key_id=key_id(public_key),
         cert_fingerprint=cert_fingerprint,
         algorithm=algorithm_of(public_key),
+        adapter_sha256=adapter_sha256,
     ).SerializeToString(deterministic=True)
     return pb.Receipt(body=body, signature=sign(private_key, RECEIPT_DOMAIN + body))
 

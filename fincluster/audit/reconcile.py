@@ -149,6 +149,8 @@ def _disagreement(
         return f"the client refused the node's receipt: {client.receipt_problem}"
     if client.output_sha256 != server.output_sha256:
         return "the output digests differ"
+    if client.adapter_sha256 != server.adapter_sha256:
+        return "the records name different adapters"
     if client.receipt != server.receipt:
         return "the client's receipt is not the one the server logged"
     receipt = client.receipt
@@ -165,6 +167,7 @@ def _disagreement(
         BlockSpan(body.span.start, body.span.end) if body.span.end > body.span.start else None,
         body.input_sha256,
         body.output_sha256,
+        body.adapter_sha256 or None,
     )
     actual = (
         client.session_id,
@@ -173,6 +176,7 @@ def _disagreement(
         client.block_span,
         client.input_sha256,
         client.output_sha256,
+        client.adapter_sha256,
     )
     if described != actual:
         return "the receipt describes a different transfer"

@@ -160,6 +160,7 @@ class ClientAuditTrail:
                 policy_bundle_digest=decision.bundle_digest if decision is not None else None,
                 receipt=call.receipt,
                 receipt_problem=short_reason(call.receipt_problem) if call.receipt_problem else None,
+                adapter_sha256=call.adapter_sha256,
             )
         )
 

@@ -3,9 +3,12 @@
 Two ways through the chain:
 
 * :func:`chain_forward` — a stateless, autograd-aware pass (training, scoring): each hop is a node of
-  the autograd graph whose backward asks the servers for d(output)/d(input).
+  the autograd graph whose backward asks the servers for d(output)/d(input) and, when the pass carries
+  deep prompts (:class:`~fincluster.wire.codec.BlockPrefixes`), d(output)/d(prefixes) of its blocks.
 * :class:`InferenceSession` — KV-cached, step by step (generation); every hop keeps the inputs it
-  received so that a replacement node can rebuild its cache.
+  received so that a replacement node can rebuild its cache. Deep prompts go with the first step.
+
+Every hop gets only its own blocks' prefixes, and the LoRA adapter (if any) the pass or session names.
 
 Outputs of attested nodes may be re-executed elsewhere as they arrive (``HopPlanner.verify``); one
 found wrong fails its hop over like any other misbehaving node.
@@ -29,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fincluster.adapters.manifest import AdapterRef
 from fincluster.backoff import Backoff
 from fincluster.client.failover import is_node_failure
 from fincluster.client.transport import SpanClient, SpanSessionClient
@@ -43,7 +47,7 @@ from fincluster.errors import (
 )
 from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
-from fincluster.wire.codec import SpanInputs
+from fincluster.wire.codec import BlockPrefixes, SpanGradients, SpanInputs
 
 log = get_logger(__name__)
 
@@ -71,10 +75,12 @@ class HopPlanner(Protocol):
         *,
         session_id: str,
         step: int,
+        adapter: AdapterRef | None,
     ) -> None:
-        """Re-execute a sample of ``node``'s outputs elsewhere (:mod:`fincluster.client.verification`):
-        ``inputs()`` gives the stateless inputs whose last positions ``output`` is. Raises
-        InvalidResponseError naming ``node`` when its output is found wrong (the hop then fails over)."""
+        """Re-execute a sample of ``node``'s outputs elsewhere (:mod:`fincluster.client.verification`),
+        with the same ``adapter``: ``inputs()`` gives the stateless inputs whose last positions
+        ``output`` is. Raises InvalidResponseError naming ``node`` when its output is found wrong (the
+        hop then fails over)."""
         ...
 
 
@@ -157,6 +163,7 @@ class _Pass:
     session_id: str
     planner: HopPlanner | None
     policy: FailoverPolicy
+    adapter: AdapterRef | None = None
     backward_session_id: str | None = None
 
     def backward_id(self) -> str:
@@ -180,6 +187,15 @@ class _HopGroup:
         self.span = client.span
         self.parts = [_Part(client)]
         self.one_pass = one_pass
+        self.prefixes: BlockPrefixes | None = None  # the deep prompts of this hop's blocks
+
+    def _inputs(self, part: _Part, hidden: torch.Tensor, like: SpanInputs) -> SpanInputs:
+        """``part``'s inputs: ``hidden``, the pass's mask and positions, and its own blocks' prefixes."""
+        prefixes = None
+        if self.prefixes is not None:
+            span, offset = part.client.span, self.span.start
+            prefixes = self.prefixes.blocks(span.start - offset, span.end - offset)
+        return SpanInputs(hidden, like.attention_mask, like.position_ids, prefixes)
 
     def _replace(self, index: int, error: FinclusterError, session_id: str) -> list[_Part]:
         """Replace part ``index`` (whose call raised ``error``); the first new part inherits its inputs."""
@@ -201,18 +217,22 @@ class _HopGroup:
             error=error,
             rebuild=rebuild,
         )
-        new_parts[0].inputs = part.inputs
+        if part.inputs is not None:
+            new_parts[0].inputs = self._inputs(new_parts[0], part.inputs.hidden_states, part.inputs)
         self.parts[index : index + 1] = new_parts
         return new_parts
 
     def forward(self, inputs: SpanInputs) -> torch.Tensor:
+        self.prefixes = inputs.prefixes
         index = 0
         hidden = inputs.hidden_states
         while index < len(self.parts):
             part = self.parts[index]
-            part_inputs = part.inputs = SpanInputs(hidden, inputs.attention_mask, inputs.position_ids)
+            part_inputs = part.inputs = self._inputs(part, hidden, inputs)
             try:
-                output = part.client.forward(part_inputs, session_id=self.one_pass.session_id)
+                output = part.client.forward(
+                    part_inputs, session_id=self.one_pass.session_id, adapter=self.one_pass.adapter
+                )
                 if self.one_pass.planner is not None:
                     self.one_pass.planner.verify(
                         part.client,
@@ -220,6 +240,7 @@ class _HopGroup:
                         output,
                         session_id=self.one_pass.session_id,
                         step=0,
+                        adapter=self.one_pass.adapter,
                     )
             except FinclusterError as error:
                 self._replace(index, error, self.one_pass.session_id)
@@ -228,22 +249,34 @@ class _HopGroup:
             index += 1
         return hidden
 
-    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, grad: torch.Tensor) -> SpanGradients:
         session_id = self.one_pass.backward_id()
+        prefixes = self.prefixes
+        grad_keys = torch.zeros_like(prefixes.keys) if prefixes is not None else None
+        grad_values = torch.zeros_like(prefixes.values) if prefixes is not None else None
         index = len(self.parts) - 1
         while index >= 0:
             part = self.parts[index]
             # a replacement from a failed backward: run the forward of what comes before it first
             inputs = part.inputs if part.inputs is not None else self._refill(index)
             try:
-                grad = part.client.backward(inputs, grad, session_id=session_id)
+                grads = part.client.backward(
+                    inputs, grad, session_id=session_id, adapter=self.one_pass.adapter
+                )
             except FinclusterError as error:
                 new_parts = self._replace(index, error, session_id)
-                new_parts[0].inputs = inputs
+                new_parts[0].inputs = self._inputs(new_parts[0], inputs.hidden_states, inputs)
                 index += len(new_parts) - 1
                 continue
+            grad = grads.inputs
+            if grads.prefixes is not None and grad_keys is not None and grad_values is not None:
+                start, end = part.client.span.start - self.span.start, part.client.span.end - self.span.start
+                grad_keys[start:end] = grads.prefixes.keys.to(grad_keys.device)
+                grad_values[start:end] = grads.prefixes.values.to(grad_values.device)
             index -= 1
-        return grad
+        if grad_keys is None or grad_values is None:
+            return SpanGradients(grad)
+        return SpanGradients(grad, BlockPrefixes(grad_keys, grad_values))
 
     def _refill(self, index: int) -> SpanInputs:
         """Inputs of replacement part ``index``: forward from the nearest part before it whose inputs are
@@ -254,10 +287,12 @@ class _HopGroup:
             raise UsageError("no inputs to rebuild a replaced hop from")
         hidden = known.hidden_states
         for i in range(start, index):
-            inputs = SpanInputs(hidden, known.attention_mask, known.position_ids)
+            inputs = self._inputs(self.parts[i], hidden, known)
             self.parts[i].inputs = inputs
-            hidden = self.parts[i].client.forward(inputs, session_id=self.one_pass.backward_id())
-        inputs = SpanInputs(hidden, known.attention_mask, known.position_ids)
+            hidden = self.parts[i].client.forward(
+                inputs, session_id=self.one_pass.backward_id(), adapter=self.one_pass.adapter
+            )
+        inputs = self._inputs(self.parts[index], hidden, known)
         self.parts[index].inputs = inputs
         return inputs
 
@@ -267,26 +302,45 @@ def _same(inputs: SpanInputs) -> SpanInputs:
 
 
 class _RemoteSpanFunction(torch.autograd.Function):
-    """One planned hop as an autograd node: backward asks its servers for d(output)/d(input)."""
+    """One planned hop as an autograd node: backward asks its servers for d(output)/d(input) and, with
+    deep prompts, d(output)/d(keys, values) of its blocks."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         hidden: torch.Tensor,
+        keys: torch.Tensor | None,
+        values: torch.Tensor | None,
         mask: torch.Tensor,
         positions: torch.Tensor,
         group: _HopGroup,
     ) -> torch.Tensor:
         ctx.group = group
-        return group.forward(SpanInputs(hidden.detach(), mask, positions)).to(hidden.device)
+        ctx.prefix_dtype = keys.dtype if keys is not None else None
+        prefixes = None
+        if keys is not None and values is not None:
+            prefixes = BlockPrefixes(keys.detach().to(hidden.dtype), values.detach().to(hidden.dtype))
+        return group.forward(SpanInputs(hidden.detach(), mask, positions, prefixes)).to(hidden.device)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         group: _HopGroup = ctx.group
         first = group.parts[0].inputs
         dtype = first.hidden_states.dtype if first is not None else grad_output.dtype
-        grad = group.backward(grad_output.contiguous().to(dtype))
-        return grad.to(grad_output.device), None, None, None
+        grads = group.backward(grad_output.contiguous().to(dtype))
+        device = grad_output.device
+        if grads.prefixes is None:
+            return grads.inputs.to(device), None, None, None, None, None
+        return (
+            grads.inputs.to(device),
+            grads.prefixes.keys.to(device, ctx.prefix_dtype),
+            grads.prefixes.values.to(device, ctx.prefix_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def chain_forward(
@@ -298,12 +352,19 @@ def chain_forward(
     session_id: str,
     planner: HopPlanner | None = None,
     policy: FailoverPolicy | None = None,
+    prefixes: BlockPrefixes | None = None,
+    adapter: AdapterRef | None = None,
 ) -> torch.Tensor:
-    """Stateless pass through every hop; differentiable w.r.t. ``hidden``. With a ``planner``, failed
-    hops (in the forward or the backward) are replaced and their work redone."""
-    one_pass = _Pass(session_id, planner, policy or FailoverPolicy())
+    """Stateless pass through every hop; differentiable w.r.t. ``hidden`` and ``prefixes`` (the deep
+    prompts of every block, indexed by block number: a hop over blocks a:b gets ``[a:b]``). With a
+    ``planner``, failed hops (in the forward or the backward) are replaced and their work redone.
+    ``adapter``: the LoRA adapter every hop applies."""
+    one_pass = _Pass(session_id, planner, policy or FailoverPolicy(), adapter)
     for client in clients:
-        hidden = _RemoteSpanFunction.apply(hidden, mask, positions, _HopGroup(client, one_pass))  # type: ignore[no-untyped-call]
+        span = client.span
+        keys = prefixes.keys[span.start : span.end] if prefixes is not None else None
+        values = prefixes.values[span.start : span.end] if prefixes is not None else None
+        hidden = _RemoteSpanFunction.apply(hidden, keys, values, mask, positions, _HopGroup(client, one_pass))  # type: ignore[no-untyped-call]
     return hidden
 
 
@@ -330,6 +391,12 @@ class InferenceSession:
     step (when the batch size is known). ``position`` counts the tokens every hop holds. A hop that
     fails is replaced (see the module docstring) inside :meth:`step`. ``close()`` ends all hop
     sessions; using a closed session raises ClosedError.
+
+    Deep prompts come with the first step (each hop gets its blocks' prefixes, and its server session
+    is opened ``prefix`` positions longer, since its cache holds them too). ``prompt_length``: the
+    prompt the session was sized for — a first step that brings more (prompt tuning's virtual tokens
+    ahead of the prompt) makes ``max_length`` longer by as many. ``adapter``: the LoRA adapter of
+    every hop.
     """
 
     def __init__(
@@ -340,10 +407,16 @@ class InferenceSession:
         session_id: str | None = None,
         policy: FailoverPolicy | None = None,
         on_failover: FailoverListener | None = None,
+        prompt_length: int | None = None,
+        adapter: AdapterRef | None = None,
     ) -> None:
         if max_length < 1:
             raise UsageError("max_length must be at least 1")
         self.max_length = max_length
+        self.prompt_length = prompt_length
+        self.adapter = adapter
+        self.prefixes: BlockPrefixes | None = None
+        """The deep prompts of every block (indexed by block number), sent with the first step."""
         self.session_id = session_id or uuid.uuid4().hex
         self.position = 0
         self.token_history: torch.Tensor | None = None
@@ -387,10 +460,47 @@ class InferenceSession:
     def hops(self) -> list[_HopState]:
         return list(self._hops or [])
 
-    def step(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _hop_inputs(
+        self,
+        span: BlockSpan,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        first: bool,
+    ) -> SpanInputs:
+        prefixes = self.prefixes.blocks(span.start, span.end) if first and self.prefixes is not None else None
+        return SpanInputs(hidden, mask, positions, prefixes)
+
+    def _server_length(self) -> int:
+        """What each hop's server cache must hold: the tokens, and the deep prompts ahead of them."""
+        return self.max_length + (self.prefixes.length if self.prefixes is not None else 0)
+
+    def step(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefixes: BlockPrefixes | None = None,
+    ) -> torch.Tensor:
+        """Send new tokens through every hop; ``prefixes`` (deep prompts) only with the first step."""
         if self._closed:
             raise ClosedError("inference session is closed")
         seq = hidden.shape[1]
+        if self.position == 0 and self._hops is None:
+            if self.prompt_length is not None and seq > self.prompt_length:
+                self.max_length += seq - self.prompt_length  # virtual tokens ahead of the prompt
+                self.prompt_length = seq
+            self.prefixes = (
+                BlockPrefixes(prefixes.keys.detach(), prefixes.values.detach())
+                if prefixes is not None
+                else None
+            )
+        elif prefixes is not None and not _same_prefixes(prefixes, self.prefixes):
+            raise UsageError(
+                "deep prompts are fixed for an inference session: they went with its first step, and a "
+                "later step brought different ones (open a new session for other prompts)"
+            )
         if self.position + seq > self.max_length:
             raise UsageError(
                 f"session max_length {self.max_length} reached: {self.position} tokens held, {seq} more given"
@@ -402,13 +512,14 @@ class InferenceSession:
             index = 0
             while index < len(self._hops):
                 hop = self._hops[index]
-                inputs = SpanInputs(hidden, mask, positions)
+                inputs = self._hop_inputs(hop.client.span, hidden, mask, positions, first=self.position == 0)
                 try:
                     if hop.session is None:
                         hop.session = hop.client.open_session(
-                            max_length=self.max_length,
+                            max_length=self._server_length(),
                             batch_size=self._batch_size,
                             session_id=self.session_id,
+                            adapter=self.adapter,
                         )
                     output = hop.session.step(inputs)
                     self._planner.verify(
@@ -417,6 +528,7 @@ class InferenceSession:
                         output,
                         session_id=self.session_id,
                         step=len(hop.history),
+                        adapter=self.adapter,
                     )
                 except FinclusterError as error:
                     if not is_node_failure(error):
@@ -467,12 +579,17 @@ class InferenceSession:
         hops = [_HopState(client) for client in clients]
         for hop in hops:
             hop.session = hop.client.open_session(
-                max_length=self.max_length, batch_size=self._batch_size, session_id=self.session_id
+                max_length=self._server_length(),
+                batch_size=self._batch_size,
+                session_id=self.session_id,
+                adapter=self.adapter,
             )
-        for inputs in history:
+        for number, inputs in enumerate(history):
             hidden = inputs.hidden_states
             for hop in hops:
-                step_inputs = SpanInputs(hidden, inputs.attention_mask, inputs.position_ids)
+                step_inputs = self._hop_inputs(
+                    hop.client.span, hidden, inputs.attention_mask, inputs.position_ids, first=number == 0
+                )
                 hidden = hop.opened().step(step_inputs, replay=True)
                 hop.history.append(step_inputs)
         return hops
@@ -512,3 +629,12 @@ class InferenceSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_prefixes(given: BlockPrefixes, held: BlockPrefixes | None) -> bool:
+    return (
+        held is not None
+        and given.keys.shape == held.keys.shape
+        and torch.equal(given.keys.detach().to(held.keys.device), held.keys)
+        and torch.equal(given.values.detach().to(held.values.device), held.values)
+    )

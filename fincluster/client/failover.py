@@ -20,6 +20,7 @@ from collections.abc import Callable
 import grpc
 
 from fincluster.errors import (
+    AdapterRefusedError,
     CapacityError,
     InvalidRequestError,
     InvalidResponseError,
@@ -36,8 +37,8 @@ from fincluster.errors import (
 
 def is_node_failure(error: BaseException) -> bool:
     """Whether ``error`` from a hop means "use another node for these blocks"."""
-    if isinstance(error, SessionLengthError | InvalidRequestError | OutOfRangeError):
-        return False
+    if isinstance(error, SessionLengthError | InvalidRequestError | OutOfRangeError | AdapterRefusedError):
+        return False  # the request itself (or the adapter it names) is wrong, not the node
     if isinstance(error, RefusedError) and error.status is grpc.StatusCode.UNAUTHENTICATED:
         return False  # this client's own certificate is refused: no other node will take it
     return isinstance(

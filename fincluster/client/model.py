@@ -3,7 +3,10 @@
 The client holds the embeddings, final norm and LM head (from the store's client part); hidden states
 travel through a chain of servers. It is a ``PreTrainedModel`` with ``GenerationMixin``, so
 ``generate`` (greedy, sampling, repetition penalty, stop strings, streamers, padded batches) and
-``model(input_ids)`` with autograd behave as with a local transformers model.
+``model(input_ids)`` with autograd behave as with a local transformers model. peft's prompt learning
+works on it unchanged (``fincluster.client.tuning``): prompt tuning through ``inputs_embeds``, prefix
+tuning through a prefilled ``past_key_values``, whose per-block keys and values go to the servers
+with each hop's request. ``adapter=`` names a LoRA adapter the servers apply to their blocks.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from fincluster.adapters.manifest import AdapterRef
 from fincluster.client.chain import InferenceSession, chain_forward
 from fincluster.client.placement import Pins, PlacementRequest
 from fincluster.client.swarm import ChainPlanner, Swarm
 from fincluster.client.transport import SpanClient
+from fincluster.client.tuning import RemoteSessionCache, deep_prompts, micro_batches, without_prefix_columns
 from fincluster.client.usage import (
     check_dtype_change,
     check_fits_session,
@@ -42,8 +47,15 @@ from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.store.partition import cut_config, empty_model
 from fincluster.trust.policy import Classification, ModelRef
-from fincluster.wire.codec import SpanInputs
+from fincluster.wire.codec import BlockPrefixes, SpanInputs
 from fincluster.wire.compression import WireCompression
+
+AdapterChoice = str | AdapterRef | None
+"""A LoRA adapter by id in the servers' adapter store (or with its pinned manifest digest), or none."""
+
+
+def adapter_ref(adapter: AdapterChoice) -> AdapterRef | None:
+    return AdapterRef(adapter) if isinstance(adapter, str) else adapter
 
 
 def _client_modules(
@@ -93,6 +105,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         local: LocalSpanClient | None = None,
         pin: Pins | None = None,
         compression: WireCompression = WireCompression.NONE,
+        adapter: AdapterChoice = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         check_pins(pin or {}, verifies_attestations=swarm.verifies_attestations)
         super().__init__(config)
@@ -104,6 +118,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         self.local = local
         self.pin: Pins = dict(pin or {})
         self._call_classification: Classification | None = None
+        self.adapter = adapter_ref(adapter)
+        """The LoRA adapter requests name by default (per call: ``adapter=``)."""
+        self._call_adapter: AdapterRef | None = None
+        self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else swarm.max_batch_tokens
+        """A stateless pass over more tokens than this is sent as several micro-batches."""
         self.embed_tokens, self.norm, self.lm_head = _client_modules(config, client_state, dtype)
         self.requires_grad_(False)
         self._session: InferenceSession | None = None
@@ -124,6 +143,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         local_blocks: int = 0,
         pin: Pins | None = None,
         compression: str = "none",
+        adapter: AdapterChoice = None,
+        max_batch_tokens: int | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the client part of ``store`` (digests checked) and connect it to ``swarm``.
 
@@ -135,7 +156,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         ``classification`` is the default data classification of requests (``public``, ``internal``,
         ``confidential``, ``restricted``; per call with ``classification=``). ``local_blocks=k`` runs
         blocks ``0:k`` in this process, so their activations never leave it. ``pin`` narrows placement:
-        ``{range(0, 8): ["spiffe://bank/server/a"]}`` or ``{range(0, 8): "trusted"}``.
+        ``{range(0, 8): ["spiffe://bank/server/a"]}`` or ``{range(0, 8): "trusted"}``. ``adapter``: the
+        LoRA adapter (an id in the servers' adapter store) the servers apply by default (per call with
+        ``adapter=``). ``max_batch_tokens``: micro-batch size of stateless passes (default: the swarm's
+        ``client.max_batch_tokens``).
         """
         store = store if isinstance(store, ModelStore) else ModelStore.open(store)
         try:
@@ -167,6 +191,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             local=local,
             pin=pin,
             compression=mode,
+            adapter=adapter,
+            max_batch_tokens=max_batch_tokens,
         )
         model.eval()  # type: ignore[no-untyped-call]
         return model.to(device)
@@ -239,14 +265,55 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
             self._call_classification = previous
 
     @contextlib.contextmanager
+    def _adapted(self, adapter: AdapterChoice) -> Iterator[None]:
+        if adapter is None:
+            yield
+            return
+        previous, self._call_adapter = self._call_adapter, adapter_ref(adapter)
+        try:
+            yield
+        finally:
+            self._call_adapter = previous
+
+    @contextlib.contextmanager
+    def call_options(
+        self, *, classification: str | None = None, adapter: AdapterChoice = None
+    ) -> Iterator[None]:
+        """The data classification and LoRA adapter of the calls made inside the block (what the
+        ``classification=`` / ``adapter=`` keywords of ``forward`` and ``generate`` set)."""
+        with self._classified(classification), self._adapted(adapter):
+            yield
+
+    @property
+    def active_adapter_ref(self) -> AdapterRef | None:
+        """The LoRA adapter of the current call (its ``adapter=``, else the model's default)."""
+        return self._call_adapter or self.adapter
+
+    @contextlib.contextmanager
     def inference_session(self, *, max_length: int) -> Iterator[InferenceSession]:
-        """Keep one KV-cached session across several ``generate``/forward calls."""
+        """Keep one KV-cached session across several ``generate``/forward calls.
+
+        ``max_length`` counts every token sent through the session, a prompt-tuning adapter's virtual
+        tokens included (deep prompts of prefix tuning are not tokens: servers make room for them).
+        """
+        with self._opened_session(max_length=max_length) as session:
+            yield session
+
+    @contextlib.contextmanager
+    def _opened_session(
+        self, *, max_length: int, prompt_length: int | None = None
+    ) -> Iterator[InferenceSession]:
         if self._session is not None:
             raise ConfigurationError("an inference session is already active on this model")
         request = self._placement_request()
         trail = self.swarm.trail
         session = InferenceSession(
-            self, max_length=max_length, policy=self.swarm.failover, on_failover=self._record_failover
+            self,
+            max_length=max_length,
+            policy=self.swarm.failover,
+            on_failover=self._record_failover,
+            prompt_length=prompt_length,
+            adapter=self.active_adapter_ref,
         )
         if trail is not None:
             trail.session_open(session.session_id, request)
@@ -286,12 +353,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         *,
         session_id: str,
         step: int,
+        adapter: AdapterRef | None,
     ) -> None:
         """``HopPlanner``: re-execute a sample of ``node``'s outputs on other nodes the same policy and
-        pins allow, as the policy data's verification section asks for this call's classification."""
+        pins allow (with the same adapter), as the policy data's verification section asks for this
+        call's classification."""
         request = self._placement_request()
         checker = self.swarm.spot_checker(
-            request.classification, partial(self._run_elsewhere, request, session_id=session_id)
+            request.classification,
+            partial(self._run_elsewhere, request, session_id=session_id, adapter=adapter),
         )
         if checker is None or not checker.wants(node.tier):
             return
@@ -305,16 +375,26 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         exclude: frozenset[str],
         *,
         session_id: str,
+        adapter: AdapterRef | None,
     ) -> tuple[tuple[str, ...], torch.Tensor]:
         """One stateless pass of ``inputs`` over ``span`` on allowed nodes none of ``exclude``, chosen
         at random so a node cannot predict who checks it. Its transfers are the session's: those nodes
         see its activations, and the audit trail says so."""
         clients = self.swarm.plan_chain(request, span, session_id=session_id, exclude=exclude, at_random=True)
-        hidden = inputs.hidden_states
+        hidden, offset = inputs.hidden_states, 0
         for client in clients:
-            hidden = client.forward(
-                SpanInputs(hidden, inputs.attention_mask, inputs.position_ids), session_id=session_id
+            part = SpanInputs(
+                hidden,
+                inputs.attention_mask,
+                inputs.position_ids,
+                prefixes=(
+                    inputs.prefixes.blocks(offset, offset + len(client.span))
+                    if inputs.prefixes is not None
+                    else None
+                ),
             )
+            hidden = client.forward(part, session_id=session_id, adapter=adapter)
+            offset += len(client.span)
         return tuple(client.node_id for client in clients), hidden
 
     def move_hop(self, index: int, node_id: str) -> int:
@@ -378,32 +458,54 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         the LM head for the last ``k`` positions only (0: all), a 1-D tensor for those positions."""
         if (input_ids is None) == (inputs_embeds is None):
             raise UsageError("pass exactly one of input_ids or inputs_embeds")
-        with self._classified(kwargs.pop("classification", None)):
-            return self._forward(
-                input_ids,
-                attention_mask,
-                position_ids,
-                past_key_values,
-                inputs_embeds,
-                labels,
-                logits_to_keep,
+        with self.call_options(
+            classification=kwargs.pop("classification", None), adapter=kwargs.pop("adapter", None)
+        ):
+            hidden = self.blocks_output(
+                input_ids, attention_mask, position_ids, past_key_values, inputs_embeds
             )
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.norm(hidden[:, kept])).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(  # Trainer passes num_items_in_batch (gradient accumulation)
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=self.returned_cache(past_key_values)
+        )
 
-    def _forward(
+    def returned_cache(self, past_key_values: Any) -> Any:
+        """The ``past_key_values`` a forward returns: deep prompts as given (constant for a session),
+        else, in a session, a stand-in that reports the positions the servers hold."""
+        session = self._session
+        if session is None or deep_prompts(past_key_values, self.config.num_hidden_layers) is not None:
+            return past_key_values
+        return RemoteSessionCache(session)
+
+    def blocks_output(
         self,
-        input_ids: torch.LongTensor | None,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
+        position_ids: torch.Tensor | None,
         past_key_values: Any,
         inputs_embeds: torch.Tensor | None,
-        labels: torch.LongTensor | None,
-        logits_to_keep: int | torch.Tensor = 0,
-    ) -> CausalLMOutputWithPast:
+    ) -> torch.Tensor:
+        """Hidden states after the last block (before the final norm), [batch, new tokens, hidden]:
+        what every head of the client part (LM head, a classifier) starts from. A prefilled
+        ``past_key_values`` holds deep prompts (peft prefix tuning); its positions come first."""
         session = self._session
         past = session.position if session is not None else 0
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         # hidden: [batch, seq, hidden]
         batch, seq = hidden.shape[:2]
+        prefixes = deep_prompts(past_key_values, self.config.num_hidden_layers)
+        prefix = prefixes.length if prefixes is not None else 0
+        if attention_mask is not None:
+            attention_mask = without_prefix_columns(attention_mask, prefix)
         if attention_mask is not None:  # transformers' convention: the mask spans held + new tokens
             new = attention_mask.shape[1] - past
         elif session is not None and input_ids is not None and session.holds_prefix_of(input_ids):
@@ -421,14 +523,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         if session is not None:
             session.record_tokens(input_ids, new)
         hidden = hidden[:, seq - new :]
-        if position_ids is None:
-            positions = torch.arange(past, past + new, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        if position_ids is None:  # transformers' default: after everything the cache holds
+            first = prefix + past
+            positions = torch.arange(first, first + new, device=hidden.device).unsqueeze(0).expand(batch, -1)
         else:
             positions = position_ids[..., -new:]
         positions = positions.to(torch.int64).contiguous()
         mask = attention_mask.to(torch.int64).contiguous()
         wire_dtype = self.embed_tokens.weight.dtype
         hidden = hidden.to(wire_dtype).contiguous()
+        if prefixes is not None:
+            prefixes = BlockPrefixes(
+                prefixes.keys.to(hidden.device, wire_dtype), prefixes.values.to(hidden.device, wire_dtype)
+            )
         trail = self.swarm.trail
         session_id = session.session_id if session is not None else uuid.uuid4().hex
         request = self._placement_request()
@@ -439,31 +546,53 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
         )
         with recording:  # one transaction per step; a failure is recorded with its reason
             if session is not None:
-                hidden = session.step(hidden, mask, positions)
+                output = session.step(hidden, mask, positions, prefixes)
             else:
-                hidden = chain_forward(
-                    self.plan(session_id),
-                    hidden,
-                    mask,
-                    positions,
+                output = self._stateless_pass(hidden, mask, positions, prefixes, session_id=session_id)
+        return output.to(self.embed_tokens.weight.device)  # servers answer in host memory
+
+    def _stateless_pass(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        prefixes: BlockPrefixes | None,
+        *,
+        session_id: str,
+    ) -> torch.Tensor:
+        """One stateless pass (one session id), in micro-batches of at most ``max_batch_tokens``."""
+        batch, seq = hidden.shape[:2]
+        prefix = prefixes.length if prefixes is not None else 0
+        chain = self.plan(session_id)
+        outputs = []
+        for rows in micro_batches(batch, seq + prefix, self.max_batch_tokens):
+            part = None
+            if prefixes is not None:
+                part = BlockPrefixes(prefixes.keys[:, rows], prefixes.values[:, rows])
+            outputs.append(
+                chain_forward(
+                    chain,
+                    hidden[rows],
+                    mask[rows],
+                    positions[rows],
                     session_id=session_id,
                     planner=self,
                     policy=self.swarm.failover,
+                    prefixes=part,
+                    adapter=self.active_adapter_ref,
                 )
-        hidden = hidden.to(self.embed_tokens.weight.device)  # servers answer in host memory
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(self.norm(hidden[:, kept])).float()
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """transformers' ``generate``; opens a session sized for the request unless one is active.
 
-        ``classification=`` overrides the model's default data classification for this call.
+        ``classification=`` overrides the model's default data classification for this call, and
+        ``adapter=`` its LoRA adapter.
         """
-        with self._classified(kwargs.pop("classification", None)):
+        with self.call_options(
+            classification=kwargs.pop("classification", None), adapter=kwargs.pop("adapter", None)
+        ):
             return self._generate(inputs, **kwargs)
 
     def _generate(self, inputs: torch.Tensor | None, **kwargs: Any) -> Any:
@@ -488,7 +617,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):  # type: ig
                 max_length=session.max_length,
             )
             return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
-        with self.inference_session(max_length=total_length):
+        # sized for the prompt; a first step with virtual tokens ahead of it (prompt tuning) adds them
+        with self._opened_session(max_length=total_length, prompt_length=prompt.shape[1]):
             return GenerationMixin.generate(self, inputs, **kwargs)  # type: ignore[arg-type]
 
     # the client part in this process ----------------------------------------------------------

@@ -71,6 +71,11 @@ class ChainPlanner(Protocol):
         """Whether node tiers can be known (attestations are verified): tier pins need it."""
         ...
 
+    @property
+    def max_batch_tokens(self) -> int | None:
+        """Tokens one stateless request may carry before a pass is split into micro-batches."""
+        ...
+
     def plan_chain(
         self,
         request: PlacementRequest,
@@ -96,6 +101,7 @@ class LocalSwarm:
     failover = FailoverPolicy(attempts=0)
     closed = False
     verifies_attestations = False  # in-process spans carry no attestation
+    max_batch_tokens: int | None = None
 
     def __init__(self, clients: Sequence[SpanClient]) -> None:
         self.clients = list(clients)
@@ -207,6 +213,10 @@ class Swarm:
     @property
     def verifies_attestations(self) -> bool:
         return self.trust.verifies_attestations
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        return self.settings.max_batch_tokens
 
     def _channel(self, address: str, identity: str | None = None) -> grpc.Channel:
         """Channel to ``address``; with ``identity``, the TLS handshake must prove that server identity."""

@@ -18,7 +18,9 @@ import grpc
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from google.protobuf.message import Message
 
+from fincluster.adapters.manifest import AdapterRef
 from fincluster.audit import receipt_body, verify_receipt
 from fincluster.audit.signing import PublicKey
 from fincluster.errors import (
@@ -37,7 +39,15 @@ from fincluster.trust.enforcement import CertificateCheck, check_possession
 from fincluster.trust.policy import Decision
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.codec import SpanInputs, inputs_to_wire, span_to_wire, wire_tokens
+from fincluster.wire.codec import (
+    BlockPrefixes,
+    SpanGradients,
+    SpanInputs,
+    inputs_to_wire,
+    prefixes_from_wire,
+    span_to_wire,
+    wire_tokens,
+)
 from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import remote_error
 from fincluster.wire.tensors import decode, digest, digest_soon, encode
@@ -55,7 +65,8 @@ class SpanSessionClient(Protocol):
 
 class SpanClient(Protocol):
     """One hop. ``session_id`` is shared by the hops of one pass or one inference session. ``tier``
-    is the node's attested tier (None when it is not attested, e.g. blocks run by the client)."""
+    is the node's attested tier (None when it is not attested, e.g. blocks run by the client);
+    ``adapter`` is the LoRA adapter the server applies to its blocks (None: the base weights)."""
 
     node_id: str
     span: BlockSpan
@@ -63,13 +74,22 @@ class SpanClient(Protocol):
     compression: WireCompression
     """How hidden states of inference sessions travel (set by the client model before it opens one)."""
 
-    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor: ...
-
-    def backward(
-        self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str
+    def forward(
+        self, inputs: SpanInputs, *, session_id: str, adapter: AdapterRef | None = None
     ) -> torch.Tensor: ...
 
-    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> SpanSessionClient: ...
+    def backward(
+        self,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        *,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> SpanGradients: ...
+
+    def open_session(
+        self, *, max_length: int, batch_size: int, session_id: str, adapter: AdapterRef | None = None
+    ) -> SpanSessionClient: ...
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,7 @@ class CallRecord:
     output_sha256: str
     receipt: pb.Receipt | None
     receipt_problem: str | None = None
+    adapter_sha256: str | None = None
 
 
 CallObserver = Callable[[CallRecord], None]
@@ -117,8 +138,17 @@ class GrpcSpanSession:
     ``step_timeout_seconds``: a server that hangs is treated like one that is gone.
     """
 
-    def __init__(self, client: GrpcSpanClient, *, max_length: int, batch_size: int, session_id: str) -> None:
+    def __init__(
+        self,
+        client: GrpcSpanClient,
+        *,
+        max_length: int,
+        batch_size: int,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> None:
         self._client = client
+        self._adapter = adapter
         self._requests: queue.Queue[pb.InferenceRequest | None] = queue.Queue()
         self._responses: queue.Queue[pb.InferenceResponse | grpc.RpcError | None] = queue.Queue()
         self._call = client.stub.Inference(iter(self._requests.get, None))
@@ -135,6 +165,7 @@ class GrpcSpanSession:
             classification=client.classification,
             session_id=session_id,
             compression=client.compression.wire,
+            adapter_id=adapter.adapter_id if adapter is not None else "",
         )
         self.compression = client.compression
         opened = self._exchange(pb.InferenceRequest(open=open_request), "opened").opened
@@ -209,6 +240,8 @@ class GrpcSpanSession:
             result.hidden_states,
             result.receipt,
             input_sha256=sent_digest(),
+            tokens=wire_inputs,
+            adapter=self._adapter,
         )
         self.steps += 1
         return self._client.received(
@@ -275,6 +308,11 @@ class GrpcSpanClient:
             raise InvalidResponseError(
                 str(error), node_id=self.node_id, span=self.span, session_id=session_id
             ) from None
+        return self._checked(tensor, like=like, name=name, session_id=session_id)
+
+    def _checked(
+        self, tensor: torch.Tensor, *, like: torch.Tensor, name: str, session_id: str
+    ) -> torch.Tensor:
         problem = None
         if tensor.dtype != like.dtype:
             problem = f"{name}: dtype {tensor.dtype} returned, {like.dtype} sent"
@@ -341,27 +379,31 @@ class GrpcSpanClient:
         operation: str,
         session_id: str,
         step: int,
-        sent: pb.SpanInputs,
-        received: pb.Tensor,
+        sent: Message,
+        received: Message,
         receipt: pb.Receipt,
         *,
+        tokens: pb.SpanInputs,
+        adapter: AdapterRef | None,
         input_sha256: str | None = None,
     ) -> None:
-        """Check the receipt against what was really sent and received, then report the call — also
-        when the receipt does not verify (the activations did leave the client); then raise.
+        """Check the receipt against what was really sent and received (the SpanInputs and the Tensor
+        returned; for a backward, the request's inputs and incoming gradient and the response less its
+        receipt) and against the adapter asked for, then report the call — also when the receipt does
+        not verify (the activations did leave the client); then raise.
 
         ``input_sha256``: the digest of ``sent``, when the caller already has it (each message is
         hashed once per side)."""
         input_sha256 = digest(sent) if input_sha256 is None else input_sha256
         output_sha256 = digest(received)
         problem: TrustError | None = None
+        body: pb.ReceiptBody | None = None
         try:
-            fingerprint = self._checked_receipt(
-                receipt, session_id, step, input_sha256, output_sha256
-            ).cert_fingerprint
+            body = self._checked_receipt(receipt, session_id, step, input_sha256, output_sha256)
+            self._check_adapter(body, adapter)
         except TrustError as error:
             problem = error
-            fingerprint = self._proven_fingerprint()
+        fingerprint = body.cert_fingerprint if body is not None else self._proven_fingerprint()
         if self._observer is not None:
             self._observer(
                 CallRecord(
@@ -372,11 +414,12 @@ class GrpcSpanClient:
                     span=self.span,
                     binding=self.binding,
                     cert_fingerprint=fingerprint,
-                    num_tokens=wire_tokens(sent),
+                    num_tokens=wire_tokens(tokens),
                     input_sha256=input_sha256,
                     output_sha256=output_sha256,
                     receipt=receipt if problem is None or _parses(receipt) else None,
                     receipt_problem=str(problem) if problem is not None else None,
+                    adapter_sha256=(body.adapter_sha256 or None) if body is not None else None,
                 )
             )
         if problem is not None:
@@ -387,6 +430,20 @@ class GrpcSpanClient:
         if self.certificate is None:
             return "sha256:" + "0" * 64
         return "sha256:" + self.certificate.fingerprint(hashes.SHA256()).hex()
+
+    def _check_adapter(self, body: pb.ReceiptBody, adapter: AdapterRef | None) -> None:
+        """The receipt must name an adapter exactly when one was asked for (its pinned digest, if any)."""
+        problem = None
+        if adapter is None and body.adapter_sha256:
+            problem = f"receipt names adapter {body.adapter_sha256}, none was asked for"
+        elif adapter is not None and not body.adapter_sha256:
+            problem = f"receipt names no adapter, {adapter.adapter_id!r} was asked for"
+        elif adapter is not None and adapter.sha256 is not None and body.adapter_sha256 != adapter.sha256:
+            problem = (
+                f"receipt names adapter {body.adapter_sha256}; {adapter.adapter_id!r} is {adapter.sha256}"
+            )
+        if problem is not None:
+            raise TrustError(TrustReason.BAD_RECEIPT, problem, node_id=self.node_id)
 
     def _checked_receipt(
         self, receipt: pb.Receipt, session_id: str, step: int, input_sha256: str, output_sha256: str
@@ -432,7 +489,9 @@ class GrpcSpanClient:
         info: pb.ServerInfo = self._call(lambda: self.stub.Info(pb.InfoRequest(), timeout=self._timeout))
         return info
 
-    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor:
+    def forward(
+        self, inputs: SpanInputs, *, session_id: str, adapter: AdapterRef | None = None
+    ) -> torch.Tensor:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.ForwardRequest(
@@ -440,6 +499,7 @@ class GrpcSpanClient:
             inputs=wire_inputs,
             session_id=session_id,
             classification=self.classification,
+            adapter_id=adapter.adapter_id if adapter is not None else "",
         )
         sent_digest = digest_soon(wire_inputs)
         response = self._call(
@@ -453,12 +513,21 @@ class GrpcSpanClient:
             response.hidden_states,
             response.receipt,
             input_sha256=sent_digest(),
+            tokens=wire_inputs,
+            adapter=adapter,
         )
         return self.received(
             response.hidden_states, like=inputs.hidden_states, name="hidden_states", session_id=session_id
         )
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str) -> torch.Tensor:
+    def backward(
+        self,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        *,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> SpanGradients:
         self._ensure_proven()
         wire_inputs = inputs_to_wire(inputs)
         request = pb.BackwardRequest(
@@ -467,23 +536,60 @@ class GrpcSpanClient:
             grad_outputs=encode(grad_outputs),
             session_id=session_id,
             classification=self.classification,
+            adapter_id=adapter.adapter_id if adapter is not None else "",
         )
-        sent_digest = digest_soon(wire_inputs)
+        sent = pb.BackwardRequest(inputs=wire_inputs, grad_outputs=request.grad_outputs)
+        sent_digest = digest_soon(sent)  # what the receipt names: activations + incoming gradient
         response = self._call(
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )
+        returned = pb.BackwardResponse()
+        returned.CopyFrom(response)
+        returned.ClearField("receipt")
         self.observe(
             "backward",
             session_id,
             0,
-            wire_inputs,
-            response.grad_inputs,
+            sent,
+            returned,
             response.receipt,
             input_sha256=sent_digest(),
+            tokens=wire_inputs,
+            adapter=adapter,
         )
-        return self.received(
+        grad_inputs = self.received(
             response.grad_inputs, like=inputs.hidden_states, name="grad_inputs", session_id=session_id
         )
+        return SpanGradients(grad_inputs, self._received_prefixes(response, inputs, session_id))
 
-    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> GrpcSpanSession:
-        return GrpcSpanSession(self, max_length=max_length, batch_size=batch_size, session_id=session_id)
+    def _received_prefixes(
+        self, response: pb.BackwardResponse, inputs: SpanInputs, session_id: str
+    ) -> BlockPrefixes | None:
+        """The deep prompts' gradients: present, with the shapes sent, exactly when prefixes were sent."""
+        sent = inputs.prefixes
+        if sent is None or not response.HasField("grad_prefixes"):
+            if sent is not None or response.HasField("grad_prefixes"):
+                raise InvalidResponseError(
+                    "grad_prefixes: returned for a pass without prefixes, or missing for one with them",
+                    node_id=self.node_id,
+                    span=self.span,
+                    session_id=session_id,
+                )
+            return None
+        try:
+            grads = prefixes_from_wire(response.grad_prefixes, name="grad_prefixes")
+        except WireError as error:
+            raise InvalidResponseError(
+                str(error), node_id=self.node_id, span=self.span, session_id=session_id
+            ) from None
+        return BlockPrefixes(
+            self._checked(grads.keys, like=sent.keys, name="grad_prefixes.keys", session_id=session_id),
+            self._checked(grads.values, like=sent.values, name="grad_prefixes.values", session_id=session_id),
+        )
+
+    def open_session(
+        self, *, max_length: int, batch_size: int, session_id: str, adapter: AdapterRef | None = None
+    ) -> GrpcSpanSession:
+        return GrpcSpanSession(
+            self, max_length=max_length, batch_size=batch_size, session_id=session_id, adapter=adapter
+        )

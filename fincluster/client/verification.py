@@ -30,7 +30,15 @@ from typing import Annotated
 import torch
 from pydantic import Field, ValidationError
 
-from fincluster.errors import InvalidResponseError, PolicyError, RoutingError, TrustError, UnavailableError
+from fincluster.errors import (
+    AdapterError,
+    AdapterRefusedError,
+    InvalidResponseError,
+    PolicyError,
+    RoutingError,
+    TrustError,
+    UnavailableError,
+)
 from fincluster.logs import get_logger
 from fincluster.spans import BlockSpan
 from fincluster.trust.attestation import TrustTier
@@ -113,7 +121,14 @@ SpanRunner = Callable[[BlockSpan, SpanInputs, frozenset[str]], tuple[tuple[str, 
 """Run ``inputs`` statelessly over a span on allowed nodes none of the set: (their ids, output)."""
 
 # Re-execution is best effort: when no other node can run it now, the output stays unverified (logged).
-_NOT_RUN = (RoutingError, UnavailableError, TrustError, InvalidResponseError)
+_NOT_RUN = (
+    RoutingError,
+    UnavailableError,
+    TrustError,
+    InvalidResponseError,
+    AdapterError,
+    AdapterRefusedError,
+)
 
 
 class SpotChecker:
@@ -221,13 +236,14 @@ class SpotChecker:
 
 def concatenated(history: Sequence[SpanInputs]) -> SpanInputs:
     """The inputs of several session steps as one stateless pass: every position so far, with the
-    last step's attention mask (it covers them all)."""
+    last step's attention mask (it covers them all) and the first step's deep prompts."""
     if len(history) == 1:
         return history[0]
     return SpanInputs(
         torch.cat([inputs.hidden_states for inputs in history], 1),
         history[-1].attention_mask,
         torch.cat([inputs.position_ids for inputs in history], 1),
+        prefixes=history[0].prefixes,  # deep prompts go with a session's first step
     )
 
 

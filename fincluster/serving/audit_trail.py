@@ -61,6 +61,7 @@ class ServerAuditTrail:
                 input_sha256=transfer.input_sha256,
                 output_sha256=transfer.output_sha256,
                 receipt=transfer.receipt,
+                adapter_sha256=transfer.adapter_sha256,
             ),
         )
 

@@ -139,9 +139,15 @@ class StepEngine:
 
     # -- one session -----------------------------------------------------------------------------
 
-    def step(self, span: BlockSpan, cache: Cache, inputs: SpanInputs) -> torch.Tensor:
-        """Run validated ``inputs`` (on the model's device) through ``span``, extending ``cache``."""
-        if isinstance(cache, SlotCache) and self.fixed_shape_decode and inputs.hidden_states.shape[1] == 1:
+    def step(self, span: BlockSpan, cache: Cache, inputs: SpanInputs, *, eager: bool = False) -> torch.Tensor:
+        """Run validated ``inputs`` (on the model's device) through ``span``, extending ``cache``;
+        ``eager``: through the model's own forward even for one token (no batch, no captured graph)."""
+        if (
+            not eager
+            and isinstance(cache, SlotCache)
+            and self.fixed_shape_decode
+            and inputs.hidden_states.shape[1] == 1
+        ):
             return self.decode([(span, cache, inputs)])[0]
         output = self.model(
             inputs.hidden_states, inputs.attention_mask, inputs.position_ids, cache, span=span

@@ -102,9 +102,16 @@ class ServeGuard:
         )
 
     def receipt(
-        self, *, session_id: str, step: int, span: BlockSpan, input_sha256: str, output_sha256: str
+        self,
+        *,
+        session_id: str,
+        step: int,
+        span: BlockSpan,
+        input_sha256: str,
+        output_sha256: str,
+        adapter_sha256: str = "",
     ) -> pb.Receipt:
-        """A receipt signed with the current TLS key, naming its certificate."""
+        """A receipt signed with the current TLS key, naming its certificate (and the adapter applied)."""
         identity = self.signer.identity()
         return sign_receipt(
             identity.key,
@@ -116,4 +123,5 @@ class ServeGuard:
             node_id=self.node_id,
             cert_fingerprint=identity.cert_fingerprint or "",
             issued_at=self._clock(),
+            adapter_sha256=adapter_sha256,
         )

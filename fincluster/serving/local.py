@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from fincluster.adapters.manifest import AdapterRef
+from fincluster.serving.adapters import SpanAdapters
 from fincluster.serving.fast_step import StepEngine
 from fincluster.serving.runner import BlockRunner
 from fincluster.serving.sessions import Session
@@ -18,7 +20,7 @@ from fincluster.serving.span_model import SpanModel
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore
 from fincluster.trust.attestation import TrustTier
-from fincluster.wire.codec import SpanInputs, inputs_from_wire, inputs_to_wire
+from fincluster.wire.codec import SpanGradients, SpanInputs, inputs_from_wire, inputs_to_wire
 from fincluster.wire.compression import WireCompression
 from fincluster.wire.tensors import decode, encode
 
@@ -49,12 +51,20 @@ class LocalSpanClient:
 
     tier: TrustTier | None = None  # not attested: the client's own blocks are never re-executed elsewhere
 
-    def __init__(self, model: SpanModel, *, node_id: str = "local", engine: StepEngine | None = None) -> None:
-        """``engine`` runs session steps (default: transformers' eager path)."""
+    def __init__(
+        self,
+        model: SpanModel,
+        *,
+        node_id: str = "local",
+        engine: StepEngine | None = None,
+        adapters: SpanAdapters | None = None,
+    ) -> None:
+        """``engine`` runs session steps (default: transformers' eager path); ``adapters``: LoRA
+        adapters these blocks may apply (none: a call naming one is refused)."""
         self.node_id = node_id
         self.span = model.span
         self.compression = WireCompression.NONE
-        self._runner = BlockRunner(model, engine=engine)
+        self._runner = BlockRunner(model, engine=engine, adapters=adapters)
         self._model = model
 
     @classmethod
@@ -77,13 +87,26 @@ class LocalSpanClient:
         self._model.base.to(device)
         return self
 
-    def forward(self, inputs: SpanInputs, *, session_id: str) -> torch.Tensor:
-        return self._runner.forward(self.span, inputs)
+    def forward(
+        self, inputs: SpanInputs, *, session_id: str, adapter: AdapterRef | None = None
+    ) -> torch.Tensor:
+        loaded = self._runner.adapters.resolve(adapter.adapter_id if adapter is not None else "")
+        return self._runner.forward(self.span, inputs, adapter=loaded)
 
-    def backward(self, inputs: SpanInputs, grad_outputs: torch.Tensor, *, session_id: str) -> torch.Tensor:
-        return self._runner.backward(self.span, inputs, grad_outputs)
+    def backward(
+        self,
+        inputs: SpanInputs,
+        grad_outputs: torch.Tensor,
+        *,
+        session_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> SpanGradients:
+        loaded = self._runner.adapters.resolve(adapter.adapter_id if adapter is not None else "")
+        return self._runner.backward(self.span, inputs, grad_outputs, adapter=loaded)
 
-    def open_session(self, *, max_length: int, batch_size: int, session_id: str) -> LocalSpanSession:
+    def open_session(
+        self, *, max_length: int, batch_size: int, session_id: str, adapter: AdapterRef | None = None
+    ) -> LocalSpanSession:
         session = Session(
             session_id=session_id,
             span=self.span,
@@ -93,5 +116,6 @@ class LocalSpanClient:
             cache=self._runner.engine.new_cache(self.span, batch_size=batch_size, max_length=max_length),
             client_id="local",
             last_used=time.monotonic(),
+            adapter=self._runner.adapters.resolve(adapter.adapter_id if adapter is not None else ""),
         )
         return LocalSpanSession(self._runner, session, self.compression)

@@ -20,6 +20,7 @@ import grpc
 import torch
 from transformers import Cache
 
+from fincluster.adapters.manifest import AdapterKeys
 from fincluster.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError, MovedError
@@ -29,6 +30,7 @@ from fincluster.metrics import MetricsEndpoint, ServerMetrics, session_end
 from fincluster.net import check_advertised, join_host_port
 from fincluster.registry.backend import Registry
 from fincluster.rpc import AioServerThread, run_on_loop
+from fincluster.serving.adapters import SpanAdapters
 from fincluster.serving.announcer import Announcer
 from fincluster.serving.audit_trail import ServerAuditTrail
 from fincluster.serving.batching import step_batch_runner
@@ -123,16 +125,20 @@ class BlockServer:
         audit: AuditSink | None = None,
         on_transfer: TransferHook | None = None,
         store: ModelStore | None = None,
+        adapter_keys: AdapterKeys | None = None,
     ) -> None:
         """``trust`` is what the server enforces (default: public data only, no revocation list);
         ``attestation`` is the server's token, or the file it is in (re-read when it changes);
         ``audit`` receives a record of every transfer and refusal (the CLI passes the server's
         ``AuditLog``); ``on_transfer`` is an extra observer (tests). ``registry_address`` names the
         registry in logs and :attr:`announce_status`. ``store`` is where a server with
-        ``blocks = "auto"`` loads the blocks it moves to (it needs a registry too)."""
+        ``blocks = "auto"`` loads the blocks it moves to (it needs a registry too). ``adapter_keys``:
+        the adapter-signing keys whose LoRA adapters (from ``settings.adapter_store``) this server
+        applies when a request names one."""
         if settings.blocks == "auto" and (store is None or registry is None):
             raise ConfigurationError('blocks = "auto" needs the model store and a registry to place against')
         self.store = store
+        self._adapter_keys = adapter_keys
         self.model = model
         self.served = served
         self.settings = settings
@@ -142,7 +148,13 @@ class BlockServer:
         self.budget = CacheBudget(settings.cache_budget_bytes)
         self.weight_bytes_per_block = weight_bytes_per_block(model)
         self.engine = self._engine_for(model)
-        self.runner = BlockRunner(model, max_stateless_tokens=settings.max_session_length, engine=self.engine)
+        self.adapters = self._adapters(model)
+        self.runner = BlockRunner(
+            model,
+            max_stateless_tokens=settings.max_session_length,
+            engine=self.engine,
+            adapters=self.adapters,
+        )
         self.compute = ComputeQueue(
             weight_of=lambda client: self.admission.weight_of(client),
             on_job=lambda priority, waited, ran: self.metrics.job_done(priority.name.lower(), waited, ran),
@@ -367,6 +379,20 @@ class BlockServer:
             max_batch=self.settings.max_batch_size,
         )
 
+    def _adapters(self, model: SpanModel) -> SpanAdapters:
+        """The adapters of this span: from the configured store, for the model served, signed by the
+        server's adapter keys."""
+        if self.settings.adapter_store is None:
+            return SpanAdapters.none(model)
+        from fincluster.adapters.store import AdapterStore
+
+        return SpanAdapters(
+            model,
+            store=AdapterStore(self.settings.adapter_store),
+            keys=self._adapter_keys or AdapterKeys([]),
+            base_manifest_sha256=self.served.manifest_digest,
+        )
+
     def _new_cache(self, span: BlockSpan, *, batch_size: int, max_length: int) -> Cache:
         model = self.model
         if not model.span.contains(span):  # moved between the open's span check and here
@@ -394,7 +420,8 @@ class BlockServer:
             self.model = model
             self.engine = self._engine_for(model)
             self.weight_bytes_per_block = weight_bytes_per_block(model)
-            self.runner.move_to(model, self.engine)
+            self.adapters = self._adapters(model)
+            self.runner.move_to(model, self.engine, self.adapters)
             if old.pool is not None:
                 self.sessions.close_all(reason="closed: the server moved to other blocks")
 

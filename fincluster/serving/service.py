@@ -25,6 +25,7 @@ from typing import TypeVar
 import grpc
 import torch
 from cryptography import x509
+from google.protobuf.message import Message
 
 from fincluster.admission import Admission
 from fincluster.errors import (
@@ -37,6 +38,7 @@ from fincluster.errors import (
     WireError,
 )
 from fincluster.logs import get_logger
+from fincluster.serving.adapters import LoadedAdapter
 from fincluster.serving.batching import StepItem
 from fincluster.serving.guard import ServeGuard
 from fincluster.serving.runner import BlockRunner
@@ -49,13 +51,20 @@ from fincluster.trust.tls import check_certificate_current, peer_certificate
 from fincluster.values import Clock, utc_now
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
-from fincluster.wire.codec import inputs_from_wire, span_from_wire, wire_tokens
+from fincluster.wire.codec import (
+    backward_input_digest,
+    inputs_from_wire,
+    prefixes_to_wire,
+    span_from_wire,
+    wire_tokens,
+)
 from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import answer_for
 from fincluster.wire.tensors import decode, digest, digest_soon, encode
 
 log = get_logger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 TransferHook = Callable[["Transfer"], None]
 REAUTHORIZE_AFTER = timedelta(seconds=5)
 """How long a session step may rely on the last serve decision before policy is asked again."""
@@ -76,6 +85,7 @@ class Transfer:
     input_sha256: str
     output_sha256: str
     receipt: pb.Receipt
+    adapter_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,19 +215,23 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         client_id: str,
         classification: str,
         inputs: pb.SpanInputs,
-        output: pb.Tensor,
+        output: Message,
+        adapter: LoadedAdapter | None,
         input_sha256: str | None = None,
     ) -> Transfer:
-        """Digest what was received (unless ``input_sha256`` is that digest, made while computing) and
-        returned, and sign the receipt for it."""
+        """Digest what was received (unless ``input_sha256`` is that digest: made while computing, or
+        more than ``inputs``, a backward's incoming gradient too) and returned, and sign the receipt
+        for it, naming the adapter applied."""
         input_sha256 = digest(inputs) if input_sha256 is None else input_sha256
         output_sha256 = digest(output)
+        adapter_sha256 = adapter.digest if adapter is not None else None
         receipt = self._guard.receipt(
             session_id=session_id,
             step=step,
             span=span,
             input_sha256=input_sha256,
             output_sha256=output_sha256,
+            adapter_sha256=adapter_sha256 or "",
         )
         return Transfer(
             session_id=session_id,
@@ -230,6 +244,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             input_sha256=input_sha256,
             output_sha256=output_sha256,
             receipt=receipt,
+            adapter_sha256=adapter_sha256,
         )
 
     # -- unary calls ---------------------------------------------------------------------------
@@ -259,11 +274,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         context: grpc.aio.ServicerContext,
         request: pb.ForwardRequest | pb.BackwardRequest,
         operation: str,
-        compute: Callable[[BlockSpan], pb.Tensor],
-    ) -> tuple[pb.Tensor, pb.Receipt]:
-        """One forward or backward call: authorise, queue, compute and sign; record after answering."""
+        compute: Callable[[BlockSpan, LoadedAdapter | None], M],
+        input_sha256: str | None = None,
+    ) -> tuple[M, pb.Receipt]:
+        """One forward or backward call: authorise, queue, compute (with the adapter the request names)
+        and sign; record after answering."""
 
-        async def work() -> tuple[pb.Tensor, pb.Receipt]:
+        async def work() -> tuple[M, pb.Receipt]:
             client_id, _ = self._authenticate(context)
             self._ready()
             with self._admission.call(client_id):
@@ -277,9 +294,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 tokens = wire_tokens(request.inputs)
                 self._admission.charge(client_id, tokens * len(span))
 
-                def job() -> tuple[pb.Tensor, Transfer]:
-                    received_digest = digest_soon(request.inputs)  # hashed while computing
-                    output = compute(span)
+                def job() -> tuple[M, Transfer]:
+                    # hashed while computing (a backward's digest covers its incoming gradient too)
+                    received_digest = digest_soon(request.inputs) if input_sha256 is None else None
+                    adapter = self._runner.adapters.resolve(request.adapter_id)
+                    output = compute(span, adapter)
                     transfer = self._transfer(
                         session_id=session_id,
                         step=0,
@@ -289,7 +308,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         classification=request.classification,
                         inputs=request.inputs,
                         output=output,
-                        input_sha256=received_digest(),
+                        adapter=adapter,
+                        input_sha256=received_digest() if received_digest is not None else input_sha256,
                     )
                     return output, transfer
 
@@ -308,24 +328,37 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             context,
             request,
             "forward",
-            lambda span: encode(self._runner.forward(span, inputs_from_wire(request.inputs))),
+            lambda span, adapter: encode(
+                self._runner.forward(span, inputs_from_wire(request.inputs), adapter=adapter)
+            ),
         )
         return pb.ForwardResponse(hidden_states=output, receipt=receipt)
 
     async def Backward(
         self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.BackwardResponse:
+
+        def compute(span: BlockSpan, adapter: LoadedAdapter | None) -> pb.BackwardResponse:
+            grads = self._runner.backward(
+                span,
+                inputs_from_wire(request.inputs),
+                decode(request.grad_outputs, name="grad_outputs"),
+                adapter=adapter,
+            )
+            response = pb.BackwardResponse(grad_inputs=encode(grads.inputs))
+            if grads.prefixes is not None:
+                response.grad_prefixes.CopyFrom(prefixes_to_wire(grads.prefixes))
+            return response  # its digest (no receipt yet) is the receipt's output digest
+
         output, receipt = await self._stateless(
             context,
             request,
             "backward",
-            lambda span: encode(
-                self._runner.backward(
-                    span, inputs_from_wire(request.inputs), decode(request.grad_outputs, name="grad_outputs")
-                )
-            ),
+            compute,
+            input_sha256=backward_input_digest(request.inputs, request.grad_outputs),
         )
-        return pb.BackwardResponse(grad_inputs=output, receipt=receipt)
+        output.receipt.CopyFrom(receipt)
+        return output
 
     # -- inference streams ---------------------------------------------------------------------
 
@@ -423,6 +456,7 @@ class _Stream:
         if len(request.nonce) < MIN_NONCE_BYTES:
             raise WireError(f"nonce: at least {MIN_NONCE_BYTES} fresh random bytes are required")
         compression = WireCompression.of_wire(request.compression)
+        adapter = await asyncio.to_thread(servicer._runner.adapters.resolve, request.adapter_id)
         session = await asyncio.to_thread(
             servicer._sessions.open,
             span,
@@ -432,6 +466,7 @@ class _Stream:
             session_id=session_id,
         )
         session.compression = compression
+        session.adapter = adapter
         self.session, self.classification = session, request.classification
         self.authorized_until = self._authorized_until()
         log.info("session_opened", session=session.session_id, client=self.client_id, blocks=str(span))
@@ -497,6 +532,7 @@ class _Stream:
                 inputs=request.inputs,
                 output=output,
                 input_sha256=received_digest(),
+                adapter=session.adapter,
             )
             return output, session.position, transfer
 

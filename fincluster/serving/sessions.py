@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
@@ -26,6 +27,9 @@ from fincluster.errors import (
 )
 from fincluster.spans import BlockSpan
 from fincluster.wire.compression import WireCompression
+
+if TYPE_CHECKING:
+    from fincluster.serving.adapters import LoadedAdapter
 
 CLIENT_CLOSED = "closed"
 """The reason of a session its client closed (every other reason says what ended it)."""
@@ -76,6 +80,10 @@ class Session:
     client_id: str
     last_used: float
     position: int = 0
+    prefix_length: int = 0
+    """Deep-prompt positions the cache holds ahead of the tokens (set by the first step)."""
+    adapter: LoadedAdapter | None = None
+    """The LoRA adapter every step applies (a ``serving.adapters.LoadedAdapter``), chosen at open."""
     closed_reason: str | None = None
     compression: WireCompression = WireCompression.NONE
     """How this session's hidden states travel (negotiated at open)."""

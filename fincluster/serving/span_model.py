@@ -9,7 +9,9 @@ applies it).
 Any contiguous sub-span of the loaded span can be run: a *view* is another base-model object whose
 layer list holds the same decoder-layer modules (no weight is copied), built once per sub-span. A
 session's KV cache over a sub-span is an :class:`OffsetCache`, because the shared layers address the
-cache by their index in the whole span.
+cache by their index in the whole span. Deep prompts (peft prefix tuning) are keys and values put into
+such a cache ahead of the tokens (:func:`prefill_cache`), so the layers attend to them exactly as
+they do locally, and autograd reaches them through the cache's own concatenation.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ class OffsetCache(DynamicCache):
             key_states, value_states, layer_idx - self.offset, *args, **kwargs
         )
         return result
+
+
+def prefill_cache(cache: DynamicCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put deep-prompt prefixes of every block into an empty ``cache`` ahead of the tokens; keys, values:
+    [blocks, batch, kv_heads, prefix, head_dim], indexed by the cache's own blocks (not the offset ones)."""
+    for index in range(keys.shape[0]):
+        DynamicCache.update(cache, keys[index], values[index], index)
 
 
 class SpanModel(torch.nn.Module):
@@ -117,7 +126,7 @@ class SpanModel(torch.nn.Module):
                 self._views[span] = view
             return view
 
-    def new_cache(self, span: BlockSpan | None = None, **_size: int) -> DynamicCache:
+    def new_cache(self, span: BlockSpan | None = None, **_size: int) -> OffsetCache:
         """An empty KV cache for one inference session over ``span`` (default: the whole span); it
         grows as needed, so the session's size (``batch_size``, ``max_length``) does not matter."""
         span = span or self.span
@@ -160,9 +169,15 @@ class SpanModel(torch.nn.Module):
         return hidden
 
 
-def cache_bytes_per_token(config: PretrainedConfig, span: BlockSpan, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token of one sequence takes in ``span`` (keys and values of every block)."""
+def kv_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(key/value heads, head dimension) of one attention layer: the shape of a deep-prompt prefix."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(heads), int(head_dim)
+
+
+def cache_bytes_per_token(config: PretrainedConfig, span: BlockSpan, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token of one sequence takes in ``span`` (keys and values of every block)."""
+    heads, head_dim = kv_shape(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return int(2 * len(span) * heads * head_dim * itemsize)

@@ -1,7 +1,8 @@
 """What one pass over a span carries, and its wire form in both directions (client and server).
 
-``SpanInputs`` is the one noun for a hop's inputs; :func:`inputs_to_wire` / :func:`inputs_from_wire`
-are the two halves of its codec, and :func:`span_to_wire` / :func:`span_from_wire` those of a
+``SpanInputs`` is the one noun for a hop's inputs (with its deep prompts, :class:`BlockPrefixes`, when
+a pass carries them); :func:`inputs_to_wire` / :func:`inputs_from_wire` are the two halves of its codec,
+and :func:`span_to_wire` / :func:`span_from_wire` those of a
 :class:`~fincluster.spans.BlockSpan`. Decoding only checks what the bytes say (dtype, shape, length);
 the server checks sizes and values against its span before running it.
 """
@@ -17,7 +18,28 @@ from fincluster.errors import OutOfRangeError
 from fincluster.spans import BlockSpan
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire.compression import WireCompression
-from fincluster.wire.tensors import decode, encode
+from fincluster.wire.tensors import decode, digest, encode
+
+
+@dataclass(frozen=True)
+class BlockPrefixes:
+    """Deep prompts of a run of blocks: keys and values every attention layer attends to ahead of the
+    tokens (peft's prefix tuning). keys, values: [blocks, batch, kv_heads, prefix, head_dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        """Prefix positions every block's cache holds ahead of the tokens."""
+        return int(self.keys.shape[3])
+
+    def blocks(self, start: int, end: int) -> BlockPrefixes:
+        """The prefixes of blocks ``start:end`` (indices into this run, not model block numbers)."""
+        return BlockPrefixes(self.keys[start:end], self.values[start:end])
+
+    def to(self, device: torch.device | str) -> BlockPrefixes:
+        return BlockPrefixes(self.keys.to(device), self.values.to(device))
 
 
 @dataclass(frozen=True)
@@ -25,12 +47,14 @@ class SpanInputs:
     """One pass over a span.
 
     hidden_states: [batch, seq, hidden]; attention_mask: int64 [batch, past + seq] (1 = attend,
-    0 = padding); position_ids: int64 [batch, seq] of the new tokens.
+    0 = padding) over the tokens only; position_ids: int64 [batch, seq] of the new tokens; prefixes:
+    the span's deep prompts, when the pass has them (a session's first step only).
     """
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    prefixes: BlockPrefixes | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -39,8 +63,20 @@ class SpanInputs:
 
     def to(self, device: torch.device | str) -> SpanInputs:
         return SpanInputs(
-            self.hidden_states.to(device), self.attention_mask.to(device), self.position_ids.to(device)
+            self.hidden_states.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.prefixes.to(device) if self.prefixes is not None else None,
         )
+
+
+@dataclass(frozen=True)
+class SpanGradients:
+    """What a backward returns: the gradient w.r.t. the input hidden states and, for a pass with deep
+    prompts, w.r.t. its prefixes (same shapes as sent)."""
+
+    inputs: torch.Tensor
+    prefixes: BlockPrefixes | None = None
 
 
 def span_to_wire(span: BlockSpan) -> pb.BlockSpan:
@@ -54,13 +90,26 @@ def span_from_wire(message: pb.BlockSpan) -> BlockSpan:
         raise OutOfRangeError(f"invalid block span {message.start}:{message.end}") from None
 
 
+def prefixes_to_wire(prefixes: BlockPrefixes) -> pb.BlockPrefixes:
+    return pb.BlockPrefixes(keys=encode(prefixes.keys), values=encode(prefixes.values))
+
+
+def prefixes_from_wire(message: pb.BlockPrefixes, *, name: str = "prefixes") -> BlockPrefixes:
+    return BlockPrefixes(
+        keys=decode(message.keys, name=f"{name}.keys"), values=decode(message.values, name=f"{name}.values")
+    )
+
+
 def inputs_to_wire(inputs: SpanInputs, compression: WireCompression = WireCompression.NONE) -> pb.SpanInputs:
-    """``compression`` applies to the hidden states (mask and positions travel raw)."""
-    return pb.SpanInputs(
+    """``compression`` applies to the hidden states (mask, positions and deep prompts travel raw)."""
+    message = pb.SpanInputs(
         hidden_states=encode(inputs.hidden_states, compression),
         attention_mask=encode(inputs.attention_mask),
         position_ids=encode(inputs.position_ids),
     )
+    if inputs.prefixes is not None:
+        message.prefixes.CopyFrom(prefixes_to_wire(inputs.prefixes))
+    return message
 
 
 def inputs_from_wire(message: pb.SpanInputs) -> SpanInputs:
@@ -68,7 +117,22 @@ def inputs_from_wire(message: pb.SpanInputs) -> SpanInputs:
         hidden_states=decode(message.hidden_states, name="hidden_states"),
         attention_mask=decode(message.attention_mask, name="attention_mask"),
         position_ids=decode(message.position_ids, name="position_ids"),
+        prefixes=prefixes_from_wire(message.prefixes) if message.HasField("prefixes") else None,
     )
+
+
+def backward_input_digest(inputs: pb.SpanInputs, grad_outputs: pb.Tensor) -> str:
+    """What a backward's receipt and audit records name as its input: the activations (and deep
+    prompts) and the incoming gradient, i.e. the BackwardRequest holding only those two fields."""
+    return digest(pb.BackwardRequest(inputs=inputs, grad_outputs=grad_outputs))
+
+
+def backward_output_digest(grad_inputs: pb.Tensor, grad_prefixes: pb.BlockPrefixes | None) -> str:
+    """What a backward's receipt names as its output: the BackwardResponse without its receipt."""
+    response = pb.BackwardResponse(grad_inputs=grad_inputs)
+    if grad_prefixes is not None:
+        response.grad_prefixes.CopyFrom(grad_prefixes)
+    return digest(response)
 
 
 def wire_tokens(message: pb.SpanInputs) -> int:

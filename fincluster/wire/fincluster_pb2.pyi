@@ -126,9 +126,43 @@ class BlockSpan(_message.Message):
 Global___BlockSpan: _TypeAlias = BlockSpan  # noqa: Y015
 
 @_typing.final
+class BlockPrefixes(_message.Message):
+    """Deep prompts (prefix tuning, peft's PrefixTuningConfig): per-block keys and values that every attention
+    layer of the span attends to ahead of the tokens. They are the client's trainable parameters; the server
+    only computes with them. keys, values: [blocks of the span, batch, kv_heads, prefix, head_dim] in the
+    span's dtype; a hop over blocks a:b carries exactly those blocks' prefixes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> Global___Tensor: ...
+    @_builtins.property
+    def values(self) -> Global___Tensor: ...
+    def __init__(
+        self,
+        *,
+        keys: Global___Tensor | None = ...,
+        values: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockPrefixes: _TypeAlias = BlockPrefixes  # noqa: Y015
+
+@_typing.final
 class SpanInputs(_message.Message):
     """Inputs of one pass over a span. hidden_states: [batch, seq, hidden];
-    attention_mask: INT64 [batch, past + seq] (1 = attend, 0 = padding); position_ids: INT64 [batch, seq].
+    attention_mask: INT64 [batch, past + seq] (1 = attend, 0 = padding) over the tokens only (prefixes are
+    always attended); position_ids: INT64 [batch, seq].
+    prefixes (optional): in a stateless call, this pass's deep prompts; in an inference session, only on
+    step 0, where they fill the session's cache ahead of the tokens (constant for the session; a replay
+    re-sends them). Inside SpanInputs, so the input digest of receipts and audit records covers them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -136,22 +170,26 @@ class SpanInputs(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     ATTENTION_MASK_FIELD_NUMBER: _builtins.int
     POSITION_IDS_FIELD_NUMBER: _builtins.int
+    PREFIXES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hidden_states(self) -> Global___Tensor: ...
     @_builtins.property
     def attention_mask(self) -> Global___Tensor: ...
     @_builtins.property
     def position_ids(self) -> Global___Tensor: ...
+    @_builtins.property
+    def prefixes(self) -> Global___BlockPrefixes: ...
     def __init__(
         self,
         *,
         hidden_states: Global___Tensor | None = ...,
         attention_mask: Global___Tensor | None = ...,
         position_ids: Global___Tensor | None = ...,
+        prefixes: Global___BlockPrefixes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "position_ids", b"position_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "position_ids", b"position_ids", "prefixes", b"prefixes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "position_ids", b"position_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "position_ids", b"position_ids", "prefixes", b"prefixes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,8 +198,11 @@ Global___SpanInputs: _TypeAlias = SpanInputs  # noqa: Y015
 @_typing.final
 class ReceiptBody(_message.Message):
     """What a server signs for every call: it received the input with this digest for this session, step
-    and span, and returned the output with this digest. Digests are SHA-256 (hex) of the deterministic
-    bytes of the SpanInputs sent and of the Tensor returned. Signed bytes: the ASCII line
+    and span, and returned the output with this digest. Digests are SHA-256 (hex) of deterministic bytes:
+    forward and session steps, of the SpanInputs sent and of the Tensor returned; backward, of the
+    BackwardRequest holding only its inputs and grad_outputs, and of the BackwardResponse without its
+    receipt (grad_inputs and grad_prefixes), so activations and gradients are covered both ways.
+    adapter_sha256: the manifest digest of the LoRA adapter the server applied (empty: none). Signed bytes: the ASCII line
     "fincluster-receipt-v2" and a newline, then this message serialized with fields in field-number
     order and default values omitted (protobuf's deterministic encoding); tests/vectors/audit/receipt.json
     pins them. issued_at_us: microseconds since the Unix epoch (UTC). key_id: SHA-256 (hex) of the
@@ -181,6 +222,7 @@ class ReceiptBody(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     step: _builtins.int
     input_sha256: _builtins.str
@@ -190,6 +232,7 @@ class ReceiptBody(_message.Message):
     key_id: _builtins.str
     cert_fingerprint: _builtins.str
     algorithm: _builtins.str
+    adapter_sha256: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -205,10 +248,11 @@ class ReceiptBody(_message.Message):
         key_id: _builtins.str = ...,
         cert_fingerprint: _builtins.str = ...,
         algorithm: _builtins.str = ...,
+        adapter_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "cert_fingerprint", b"cert_fingerprint", "input_sha256", b"input_sha256", "issued_at_us", b"issued_at_us", "key_id", b"key_id", "node_id", b"node_id", "output_sha256", b"output_sha256", "session_id", b"session_id", "span", b"span", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "algorithm", b"algorithm", "cert_fingerprint", b"cert_fingerprint", "input_sha256", b"input_sha256", "issued_at_us", b"issued_at_us", "key_id", b"key_id", "node_id", b"node_id", "output_sha256", b"output_sha256", "session_id", b"session_id", "span", b"span", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,6 +287,7 @@ class ForwardRequest(_message.Message):
     """Data classification of a request ("public", "internal", "confidential", "restricted"); servers
     evaluate their serve policy with it and refuse what they may not see. session_id: chosen by the
     client, shared by every hop of one pass (a backward pass has its own), named in receipts and audit.
+    adapter_id: a LoRA adapter of the server's adapter store to apply to the span (empty: none).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -251,8 +296,10 @@ class ForwardRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     classification: _builtins.str
+    adapter_id: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     @_builtins.property
@@ -264,10 +311,11 @@ class ForwardRequest(_message.Message):
         inputs: Global___SpanInputs | None = ...,
         session_id: _builtins.str = ...,
         classification: _builtins.str = ...,
+        adapter_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "inputs", b"inputs", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "classification", b"classification", "inputs", b"inputs", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,7 +347,9 @@ Global___ForwardResponse: _TypeAlias = ForwardResponse  # noqa: Y015
 
 @_typing.final
 class BackwardRequest(_message.Message):
-    """Gradient of the span's output w.r.t. its input hidden states; server weights never change."""
+    """Gradient of the span's output w.r.t. its input hidden states (and its deep prompts, when the inputs
+    carry them); server weights never change.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -308,8 +358,10 @@ class BackwardRequest(_message.Message):
     GRAD_OUTPUTS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     classification: _builtins.str
+    adapter_id: _builtins.str
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     @_builtins.property
@@ -324,10 +376,11 @@ class BackwardRequest(_message.Message):
         grad_outputs: Global___Tensor | None = ...,
         session_id: _builtins.str = ...,
         classification: _builtins.str = ...,
+        adapter_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad_outputs", b"grad_outputs", "inputs", b"inputs", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "grad_outputs", b"grad_outputs", "inputs", b"inputs", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "classification", b"classification", "grad_outputs", b"grad_outputs", "inputs", b"inputs", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -335,23 +388,29 @@ Global___BackwardRequest: _TypeAlias = BackwardRequest  # noqa: Y015
 
 @_typing.final
 class BackwardResponse(_message.Message):
+    """grad_prefixes: set when the inputs carried prefixes, with their shapes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAD_INPUTS_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    GRAD_PREFIXES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def grad_inputs(self) -> Global___Tensor: ...
     @_builtins.property
     def receipt(self) -> Global___Receipt: ...
+    @_builtins.property
+    def grad_prefixes(self) -> Global___BlockPrefixes: ...
     def __init__(
         self,
         *,
         grad_inputs: Global___Tensor | None = ...,
         receipt: Global___Receipt | None = ...,
+        grad_prefixes: Global___BlockPrefixes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "receipt", b"receipt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "grad_prefixes", b"grad_prefixes", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grad_inputs", b"grad_inputs", "grad_prefixes", b"grad_prefixes", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,7 +420,8 @@ Global___BackwardResponse: _TypeAlias = BackwardResponse  # noqa: Y015
 class OpenSession(_message.Message):
     """nonce: fresh random bytes; the server answers with a proof that it holds its TLS private key.
     session_id: chosen by the client, the same on every hop of its session (audit records and receipts
-    use it); refused when this server already has a session of that id.
+    use it); refused when this server already has a session of that id. max_length counts what the cache
+    will hold, deep-prompt prefixes included. adapter_id: the LoRA adapter of every step (empty: none).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -373,6 +433,7 @@ class OpenSession(_message.Message):
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
     max_length: _builtins.int
     batch_size: _builtins.int
     nonce: _builtins.bytes
@@ -382,6 +443,8 @@ class OpenSession(_message.Message):
     """How hidden states travel in both directions of this session (the server may refuse a mode it
     does not support; it echoes the mode in SessionOpened).
     """
+    adapter_id: _builtins.str
+    """The LoRA adapter applied to this session's steps (empty: the base weights)."""
     @_builtins.property
     def span(self) -> Global___BlockSpan: ...
     def __init__(
@@ -394,10 +457,11 @@ class OpenSession(_message.Message):
         classification: _builtins.str = ...,
         session_id: _builtins.str = ...,
         compression: Global___Compression.ValueType = ...,
+        adapter_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "classification", b"classification", "compression", b"compression", "max_length", b"max_length", "nonce", b"nonce", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "batch_size", b"batch_size", "classification", b"classification", "compression", b"compression", "max_length", b"max_length", "nonce", b"nonce", "session_id", b"session_id", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

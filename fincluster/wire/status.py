@@ -12,6 +12,8 @@ from typing import NoReturn
 import grpc
 
 from fincluster.errors import (
+    AdapterError,
+    AdapterRefusedError,
     CapacityError,
     FinclusterError,
     IdleError,
@@ -55,6 +57,8 @@ STATUS_TABLE: tuple[tuple[type[FinclusterError], grpc.StatusCode], ...] = (
     (UnavailableError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (IdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (MovedError, grpc.StatusCode.ABORTED),
+    (AdapterRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 _STATUS_OF: dict[type[FinclusterError], grpc.StatusCode] = {}
