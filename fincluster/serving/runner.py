@@ -120,10 +120,10 @@ class BlockRunner:
             self.validate_prefixes(inputs.prefixes, span, inputs.hidden_states.shape[0])
             seq += inputs.prefixes.length
         if seq > self.max_stateless_tokens:
+            included = " (deep prompts included)" if inputs.prefixes is not None else ""
             raise WireError(
-                f"hidden_states: {seq} tokens{' (deep prompts included)' if inputs.prefixes is not None else ''} "
-                f"in one stateless call; this server takes at most {self.max_stateless_tokens} (use an "
-                "inference session, or shorter sequences)"
+                f"hidden_states: {seq} tokens{included} in one stateless call; this server takes at most "
+                f"{self.max_stateless_tokens} (use an inference session, or shorter sequences)"
             )
 
     def _prefixed(self, span: BlockSpan, inputs: SpanInputs) -> tuple[torch.Tensor, OffsetCache | None]:
