@@ -213,16 +213,15 @@ def local_concurrent(model: Any, profile: Profile, vocab: int, sessions: int) ->
     return sessions * new / seconds
 
 
-def swarm_concurrent(
-    make_model: Callable[[], tuple[Any, Any]], profile: Profile, vocab: int, sessions: int
+def _generate_together(
+    models: list[tuple[Any, Any]], profile: Profile, vocab: int, wait: Callable[[], None]
 ) -> float:
-    """``sessions`` clients, each its own swarm connection and model, generating at once."""
+    """Generate on every model at once, in threads, after ``wait()``; returns when the last ended
+    (``time.monotonic``, comparable across processes)."""
     new = profile.concurrent_tokens
-    models = [make_model() for _ in range(sessions)]
-    prompts = [torch.randint(3, vocab, (1, 16), device=profile.device) for _ in range(sessions)]
-    for model, _ in models[:1]:
-        model.generate(prompts[0], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-    barrier = threading.Barrier(sessions + 1)
+    prompts = [torch.randint(3, vocab, (1, 16), device=profile.device) for _ in models]
+    models[0][0].generate(prompts[0], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    barrier = threading.Barrier(len(models) + 1)
     errors: list[BaseException] = []
 
     def run(index: int) -> None:
@@ -234,19 +233,75 @@ def swarm_concurrent(
         except BaseException as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(sessions)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(models))]
     for thread in threads:
         thread.start()
+    wait()
     barrier.wait()
-    started = time.perf_counter()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - started
+    ended = time.monotonic()
     for _, swarm in models:
         swarm.close()
     if errors:
         raise errors[0]
-    return sessions * new / seconds
+    return ended
+
+
+def _client_worker(spec: dict[str, Any], arm: str, sessions: int, start: Any, done: Any) -> None:
+    """One client process of a concurrency measurement (its own GIL, as separate clients have)."""
+    profile = (gpu_profile if spec["device"] == "cuda" else cpu_profile)(spec["quick"])
+    processes = LocalSwarmProcesses(
+        spec["registry"], Path(spec["store"]), Path(spec["certs"]), Path(spec["authority"])
+    )
+    store = ModelStore.open(spec["store"])
+    try:
+        with connections(processes, store, profile, Path(spec["audit"]) / f"worker-{os.getpid()}") as arms:
+            models = [arms[arm]() for _ in range(sessions)]
+            done.put(("ended", _generate_together(models, profile, spec["vocab"], start.wait)))
+    except BaseException as error:
+        done.put(("error", repr(error)))
+        start.abort()
+
+
+def swarm_concurrent(
+    processes: LocalSwarmProcesses, arm: str, profile: Profile, vocab: int, sessions: int, audit_dir: Path
+) -> float:
+    """``sessions`` clients, each its own swarm connection and model, generating at once, spread over
+    up to 8 client processes (one Python process would be bound by its own GIL long before the
+    servers are)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = min(sessions, 8)
+    shares = [sessions // workers + (1 if i < sessions % workers else 0) for i in range(workers)]
+    start, done = context.Barrier(workers + 1), context.Queue()
+    spec = {
+        "device": profile.device,
+        "registry": processes.registry_address,
+        "store": str(processes.store_dir),
+        "certs": str(processes.certs),
+        "authority": str(processes.authority),
+        "audit": str(audit_dir),
+        "vocab": vocab,
+        "quick": profile.concurrent_tokens
+        == (gpu_profile(True) if profile.device == "cuda" else cpu_profile(True)).concurrent_tokens,
+    }
+    children = [context.Process(target=_client_worker, args=(spec, arm, n, start, done)) for n in shares]
+    for child in children:
+        child.start()
+    try:
+        start.wait(timeout=600)
+    except threading.BrokenBarrierError:
+        raise RuntimeError(f"a client worker failed: {done.get(timeout=60)[1]}") from None
+    started = time.monotonic()
+    outcomes = [done.get(timeout=600) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    failed = [detail for kind, detail in outcomes if kind == "error"]
+    if failed:
+        raise RuntimeError(f"a client worker failed: {failed[0]}")
+    return sessions * profile.concurrent_tokens / (max(ended for _, ended in outcomes) - started)
 
 
 def copy_bandwidth(device: str) -> float:
@@ -264,8 +319,7 @@ def random_store(workdir: Path, device: str) -> tuple[ModelStore, torch.nn.Modul
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LLAMA2_7B, dtype=torch.bfloat16)
-    for parameter in model.parameters():  # small weights, so bf16 activations stay finite over 32 layers
-        parameter.data.normal_(0, 0.02)
+    # transformers' own initialisation: normal(0, 0.02) projections, unit norms
     model.eval().requires_grad_(False)
     if not (store_dir / "manifest.json").exists():
         started = time.perf_counter()
@@ -603,7 +657,9 @@ def main() -> int:
                         model,
                         profile,
                         vocab,
-                        lambda n, a=arm: swarm_concurrent(arms[a], profile, vocab, n),
+                        lambda n, a=arm: swarm_concurrent(
+                            processes, a, profile, vocab, n, workdir / "client-audit"
+                        ),
                     )
                 )
                 swarm.close()

@@ -296,7 +296,11 @@ class StepEngine:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(captured, pool=self._graph_pool):  # type: ignore[arg-type]
+            with torch.cuda.graph(  # thread-local: other threads' CUDA calls do not break the capture
+                captured,
+                pool=self._graph_pool,  # type: ignore[arg-type]
+                capture_error_mode="thread_local",
+            ):
                 output = self._run(span, graph)
             captured.replay()
         except RuntimeError as error:
