@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -150,6 +151,18 @@ def test_no_other_node_skips_the_check_unless_the_policy_requires_it() -> None:
     required, _, _ = checker(nodes, required=True)
     with pytest.raises(RoutingError, match="must be verified, but no other allowed node could recompute it"):
         required.check("checked", SPAN, inputs, nodes.output("checked", inputs), session_id="s", step=0)
+
+
+def test_a_skipped_check_warns_once_per_node_and_span_not_every_step() -> None:
+    nodes = FakeNodes(["checked"], bad=set())
+    inputs = inputs_of()
+    spot, _, _ = checker(nodes)
+    with capture_logs() as logs:
+        for step in range(5):
+            spot.check("checked", SPAN, inputs, nodes.output("checked", inputs), session_id="s", step=step)
+        spot.check("checked", BlockSpan(4, 6), inputs, inputs.hidden_states, session_id="s", step=5)
+    warned = [entry["blocks"] for entry in logs if entry["log_level"] == "warning"]
+    assert warned == ["2:4", "4:6"]  # the four repeats go to debug
 
 
 def test_sampling_follows_the_rate_and_the_tiers() -> None:

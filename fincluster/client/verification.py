@@ -150,6 +150,7 @@ class SpotChecker:
         self._quarantine = quarantine
         self._record = record
         self._rng = rng
+        self._skipped: set[tuple[str, BlockSpan]] = set()  # warned once each, then logged at debug
 
     def wants(self, tier: TrustTier | None) -> bool:
         """Whether this output of a node of ``tier`` is to be re-executed (None: not attested, e.g.
@@ -179,7 +180,9 @@ class SpotChecker:
                     f"node could recompute it ({error})",
                     missing_blocks=tuple(span.blocks),
                 ) from error
-            log.warning("verification_skipped", node=node_id, blocks=str(span), reason=str(error))
+            emit = log.debug if (node_id, span) in self._skipped else log.warning
+            self._skipped.add((node_id, span))
+            emit("verification_skipped", node=node_id, blocks=str(span), reason=str(error))
             return
         tolerance = self._tolerance(output.dtype)
         again = _last(again, output)
