@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from structlog.testing import capture_logs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from structlog.testing import capture_logs
 
 from fincluster.audit import AuditLog, AuditRecorder, AuditSettings, VerificationEvent, build_report
 from fincluster.audit.render_csv import render_csv
