@@ -15,7 +15,8 @@ import torch
 
 from fincluster.errors import WireError
 from fincluster.wire import fincluster_pb2 as pb
-from fincluster.wire.tensors import decode, digest, encode, expect
+from fincluster.wire.codec import SpanInputs, inputs_from_wire, inputs_to_wire
+from fincluster.wire.tensors import all_finite, decode, digest, encode, expect
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +87,29 @@ def test_digest_soon_gives_the_digest_of_small_and_large_messages() -> None:
         == digest(large)
         == hashlib.sha256(large.SerializeToString(deterministic=True)).hexdigest()
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_finiteness_check_agrees_with_torch_isfinite_on_every_special_value(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    ordinary = torch.tensor([0.0, -0.0, 1.5, -2.25, info.max, -info.max, info.tiny, info.tiny / 4])
+    assert all_finite(ordinary.to(dtype))  # largest finite, subnormals and signed zeros pass
+    for special in (float("nan"), float("inf"), float("-inf"), -float("nan")):
+        tensor = torch.cat([ordinary, torch.tensor([special])]).to(dtype).reshape(3, 3)
+        assert not all_finite(tensor), special
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all())
+
+
+def test_a_payload_encoded_in_place_is_byte_identical_to_one_encoded_apart() -> None:
+    hidden = torch.randn(2, 5, 8).to(torch.bfloat16)
+    inputs = SpanInputs(hidden, torch.ones(2, 5, dtype=torch.int64), torch.arange(5).repeat(2, 1))
+    request = pb.ForwardRequest(session_id="s")
+    inputs_to_wire(inputs, into=request.inputs)
+    assert request.inputs.SerializeToString(deterministic=True) == inputs_to_wire(inputs).SerializeToString(
+        deterministic=True
+    )
+    assert digest(request.inputs) == digest(inputs_to_wire(inputs))  # what receipts name is unchanged
+    again = inputs_from_wire(request.inputs)
+    assert torch.equal(again.hidden_states, hidden) and again.hidden_states.dtype == torch.bfloat16
+    reused = encode(torch.zeros(3), into=encode(torch.ones(4, 4)))  # a filled field is overwritten whole
+    assert list(reused.shape) == [3] and torch.equal(decode(reused, name="x"), torch.zeros(3))

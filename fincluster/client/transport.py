@@ -50,7 +50,7 @@ from fincluster.wire.codec import (
 )
 from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import remote_error
-from fincluster.wire.tensors import decode, digest, digest_soon, encode
+from fincluster.wire.tensors import all_finite, decode, digest, digest_soon, encode
 
 T = TypeVar("T")
 
@@ -228,10 +228,11 @@ class GrpcSpanSession:
     def step(self, inputs: SpanInputs, *, replay: bool = False) -> torch.Tensor:
         """Send new tokens' hidden states (``replay``: inputs re-sent to rebuild a replacement's cache)."""
         self._client.check_still_trusted()
-        wire_inputs = inputs_to_wire(inputs, self.compression)
-        request = pb.SessionStep(session_id=self.session_id, inputs=wire_inputs, step=self.steps)
+        request = pb.InferenceRequest()  # filled in place: the activations are copied once
+        request.step.session_id, request.step.step = self.session_id, self.steps
+        wire_inputs = inputs_to_wire(inputs, self.compression, into=request.step.inputs)
         sent_digest = digest_soon(wire_inputs)  # hashed while the server computes
-        result = self._exchange(pb.InferenceRequest(step=request), "step").step
+        result = self._exchange(request, "step").step
         self._client.observe(
             "replay" if replay else "inference_step",
             self.session_id,
@@ -303,7 +304,7 @@ class GrpcSpanClient:
         """Decode a tensor this node returned and check it before anyone else sees it: the shape and
         dtype of what was sent, and finite values. A failure names this node."""
         try:
-            tensor = decode(message, name=name)
+            tensor = decode(message, name=name, device=like.device)
         except WireError as error:
             raise InvalidResponseError(
                 str(error), node_id=self.node_id, span=self.span, session_id=session_id
@@ -318,7 +319,7 @@ class GrpcSpanClient:
             problem = f"{name}: dtype {tensor.dtype} returned, {like.dtype} sent"
         elif tuple(tensor.shape) != tuple(like.shape):
             problem = f"{name}: shape {tuple(tensor.shape)} returned, {tuple(like.shape)} sent"
-        elif not bool(torch.isfinite(tensor).all()):
+        elif not all_finite(tensor):
             problem = f"{name}: non-finite values returned"
         if problem is not None:
             raise InvalidResponseError(problem, node_id=self.node_id, span=self.span, session_id=session_id)
@@ -493,14 +494,13 @@ class GrpcSpanClient:
         self, inputs: SpanInputs, *, session_id: str, adapter: AdapterRef | None = None
     ) -> torch.Tensor:
         self._ensure_proven()
-        wire_inputs = inputs_to_wire(inputs)
         request = pb.ForwardRequest(
             span=span_to_wire(self.span),
-            inputs=wire_inputs,
             session_id=session_id,
             classification=self.classification,
             adapter_id=adapter.adapter_id if adapter is not None else "",
         )
+        wire_inputs = inputs_to_wire(inputs, into=request.inputs)
         sent_digest = digest_soon(wire_inputs)
         response = self._call(
             lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
@@ -529,17 +529,18 @@ class GrpcSpanClient:
         adapter: AdapterRef | None = None,
     ) -> SpanGradients:
         self._ensure_proven()
-        wire_inputs = inputs_to_wire(inputs)
         request = pb.BackwardRequest(
             span=span_to_wire(self.span),
-            inputs=wire_inputs,
-            grad_outputs=encode(grad_outputs),
             session_id=session_id,
             classification=self.classification,
             adapter_id=adapter.adapter_id if adapter is not None else "",
         )
-        sent = pb.BackwardRequest(inputs=wire_inputs, grad_outputs=request.grad_outputs)
-        sent_digest = digest_soon(sent)  # what the receipt names: activations + incoming gradient
+        wire_inputs = inputs_to_wire(inputs, into=request.inputs)
+        encode(grad_outputs, into=request.grad_outputs)
+        sent = pb.BackwardRequest()  # what the receipt names: activations + incoming gradient
+        sent.inputs.CopyFrom(wire_inputs)
+        sent.grad_outputs.CopyFrom(request.grad_outputs)
+        sent_digest = digest_soon(sent)
         response = self._call(
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )

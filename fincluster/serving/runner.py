@@ -21,7 +21,7 @@ from fincluster.serving.span_model import OffsetCache, SpanModel, kv_shape, pref
 from fincluster.spans import BlockSpan
 from fincluster.values import StepStrategy
 from fincluster.wire.codec import BlockPrefixes, SpanGradients, SpanInputs
-from fincluster.wire.tensors import expect
+from fincluster.wire.tensors import all_finite, expect
 
 
 class BlockRunner:
@@ -91,7 +91,7 @@ class BlockRunner:
             raise WireError(
                 f"position_ids: positions must lie within 0..{self.max_positions - 1} (the model's range)"
             )
-        if not bool(torch.isfinite(hidden).all()):
+        if not all_finite(hidden):
             raise WireError("hidden_states: NaN or infinite values")
 
     def validate_prefixes(self, prefixes: BlockPrefixes, span: BlockSpan, batch: int) -> None:
@@ -105,7 +105,7 @@ class BlockRunner:
                 rank=5,
                 sizes=(len(span), batch, heads, None, head_dim),
             )
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise WireError(f"{name}: NaN or infinite values")
         if prefixes.keys.shape != prefixes.values.shape or prefixes.length < 1:
             raise WireError(
@@ -144,8 +144,8 @@ class BlockRunner:
         self, span: BlockSpan, inputs: SpanInputs, *, adapter: LoadedAdapter | None = None
     ) -> torch.Tensor:
         self.check_span(span)
+        inputs = inputs.to(self.model.device)  # validated there (on a GPU, far faster than on the host)
         self.validate_stateless(inputs, span)
-        inputs = inputs.to(self.model.device)
         mask, cache = self._prefixed(span, inputs)
         with self._applied(adapter):
             return self.model(inputs.hidden_states, mask, inputs.position_ids, cache, span=span)
@@ -160,6 +160,8 @@ class BlockRunner:
     ) -> SpanGradients:
         """Gradients w.r.t. the input hidden states and the deep prompts; the span's weights stay frozen."""
         self.check_span(span)
+        inputs = inputs.to(self.model.device)  # validated there (on a GPU, far faster than on the host)
+        grad_outputs = grad_outputs.to(self.model.device)
         self.validate_stateless(inputs, span)
         expect(
             grad_outputs,
@@ -168,9 +170,8 @@ class BlockRunner:
             rank=3,
             sizes=inputs.hidden_states.shape,
         )
-        if not bool(torch.isfinite(grad_outputs).all()):
+        if not all_finite(grad_outputs):
             raise WireError("grad_outputs: NaN or infinite values")
-        inputs = inputs.to(self.model.device)
         with torch.enable_grad(), self._applied(adapter):
             hidden = inputs.hidden_states.detach().requires_grad_(True)
             leaves = [hidden]

@@ -276,9 +276,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         operation: str,
         compute: Callable[[BlockSpan, LoadedAdapter | None], M],
         input_sha256: str | None = None,
+        recorded: Callable[[M], Message] = lambda output: output,
     ) -> tuple[M, pb.Receipt]:
         """One forward or backward call: authorise, queue, compute (with the adapter the request names)
-        and sign; record after answering."""
+        and sign; record after answering. ``recorded``: the part of the computed response that the
+        receipt and the audit digest as the output (default: all of it)."""
 
         async def work() -> tuple[M, pb.Receipt]:
             client_id, _ = self._authenticate(context)
@@ -307,7 +309,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         client_id=client_id,
                         classification=request.classification,
                         inputs=request.inputs,
-                        output=output,
+                        output=recorded(output),
                         adapter=adapter,
                         input_sha256=received_digest() if received_digest is not None else input_sha256,
                     )
@@ -324,15 +326,18 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     async def Forward(
         self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.ForwardResponse:
-        output, receipt = await self._stateless(
-            context,
-            request,
-            "forward",
-            lambda span, adapter: encode(
-                self._runner.forward(span, inputs_from_wire(request.inputs), adapter=adapter)
-            ),
+
+        def compute(span: BlockSpan, adapter: LoadedAdapter | None) -> pb.ForwardResponse:
+            response = pb.ForwardResponse()  # filled in place: the activations are copied once
+            hidden = self._runner.forward(span, inputs_from_wire(request.inputs), adapter=adapter)
+            encode(hidden, into=response.hidden_states)
+            return response
+
+        response, receipt = await self._stateless(
+            context, request, "forward", compute, recorded=lambda response: response.hidden_states
         )
-        return pb.ForwardResponse(hidden_states=output, receipt=receipt)
+        response.receipt.CopyFrom(receipt)
+        return response
 
     async def Backward(
         self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext
@@ -345,9 +350,10 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 decode(request.grad_outputs, name="grad_outputs"),
                 adapter=adapter,
             )
-            response = pb.BackwardResponse(grad_inputs=encode(grads.inputs))
+            response = pb.BackwardResponse()
+            encode(grads.inputs, into=response.grad_inputs)
             if grads.prefixes is not None:
-                response.grad_prefixes.CopyFrom(prefixes_to_wire(grads.prefixes))
+                prefixes_to_wire(grads.prefixes, into=response.grad_prefixes)
             return response  # its digest (no receipt yet) is the receipt's output digest
 
         output, receipt = await self._stateless(
@@ -520,8 +526,9 @@ class _Stream:
 
         received_digest = digest_soon(request.inputs)  # hashed while the step waits and runs
 
-        def finish(hidden: torch.Tensor) -> tuple[pb.Tensor, int, Transfer]:
-            output = encode(hidden, session.compression)
+        def finish(hidden: torch.Tensor) -> tuple[pb.InferenceResponse, Transfer]:
+            response = pb.InferenceResponse()  # filled in place: the activations are copied once
+            output = encode(hidden, session.compression, into=response.step.hidden_states)
             transfer = servicer._transfer(
                 session_id=session.session_id,
                 step=request.step,
@@ -534,9 +541,11 @@ class _Stream:
                 input_sha256=received_digest(),
                 adapter=session.adapter,
             )
-            return output, session.position, transfer
+            response.step.position = session.position
+            response.step.receipt.CopyFrom(transfer.receipt)
+            return response, transfer
 
-        def job() -> tuple[pb.Tensor, int, Transfer]:
+        def job() -> tuple[pb.InferenceResponse, Transfer]:
             return finish(servicer._runner.step(session, inputs_from_wire(request.inputs)))
 
         shape = request.inputs.hidden_states.shape
@@ -545,13 +554,9 @@ class _Stream:
             if len(shape) == 3 and servicer._runner.batchable(session, int(shape[1]))
             else None
         )
-        output, position, transfer = await servicer._compute.run(
+        return await servicer._compute.run(
             job, client=self.client_id, tokens=tokens, priority=Priority.INTERACTIVE, batch=batch
         )
-        response = pb.InferenceResponse(
-            step=pb.StepResult(hidden_states=output, position=position, receipt=transfer.receipt)
-        )
-        return response, transfer
 
     def _close(self, request: pb.CloseSession) -> pb.InferenceResponse:
         session = self._current(request.session_id)

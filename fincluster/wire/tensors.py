@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,22 +41,34 @@ def dtype_name(wire: pb.DType.ValueType) -> str:
     return pb.DType.Name(wire)
 
 
-def encode(tensor: torch.Tensor, compression: WireCompression = WireCompression.NONE) -> pb.Tensor:
+def encode(
+    tensor: torch.Tensor,
+    compression: WireCompression = WireCompression.NONE,
+    *,
+    into: pb.Tensor | None = None,
+) -> pb.Tensor:
     """Serialise a CPU or GPU tensor (moved to CPU, made contiguous), compressed as asked
-    (floating-point tensors only; ``fincluster.wire.compression``)."""
+    (floating-point tensors only; ``fincluster.wire.compression``). ``into``: the message field to
+    fill in place (a request's or response's own field), which saves copying a large payload into it
+    afterwards; returned."""
     dtype = wire_dtype(tensor.dtype)
+    message = into if into is not None else pb.Tensor()
+    del message.shape[:]
+    message.shape.extend(tensor.shape)
+    message.dtype = dtype
     if compression is not WireCompression.NONE and tensor.is_floating_point():
-        message = pb.Tensor(shape=list(tensor.shape), dtype=dtype)
         compress(tensor, compression, message)
         return message
     tensor = tensor.detach().to("cpu").contiguous()
-    view = tensor.view(_STORAGE_VIEW.get(tensor.dtype, tensor.dtype))
-    data = view.numpy().tobytes()
-    return pb.Tensor(data=data, shape=list(tensor.shape), dtype=dtype, compression=pb.COMPRESSION_NONE)
+    message.data = tensor.view(_STORAGE_VIEW.get(tensor.dtype, tensor.dtype)).numpy().tobytes()
+    message.compression = pb.COMPRESSION_NONE
+    return message
 
 
-def decode(message: pb.Tensor, *, name: str) -> torch.Tensor:
-    """Deserialise ``message`` (raw or compressed); ``name`` labels the field in error messages."""
+def decode(message: pb.Tensor, *, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """Deserialise ``message`` (raw or compressed); ``name`` labels the field in error messages.
+    ``device``: where the tensor is wanted (default: host memory); a raw payload is then copied there
+    straight from the message's bytes."""
     dtype = _FROM_WIRE.get(message.dtype)
     if dtype is None:
         raise WireError(f"{name}: unknown or missing dtype {message.dtype}")
@@ -65,21 +78,43 @@ def decode(message: pb.Tensor, *, name: str) -> torch.Tensor:
     if message.compression != pb.COMPRESSION_NONE:
         if not dtype.is_floating_point:
             raise WireError(f"{name}: {dtype_name(message.dtype)} cannot be compressed")
-        return decompress(message, dtype, shape, name=name)
+        tensor = decompress(message, dtype, shape, name=name)
+        return tensor if device is None else tensor.to(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
-    if len(message.data) != expected:
+    data = message.data  # each read of a bytes field copies it: read once
+    if len(data) != expected:
         raise WireError(
-            f"{name}: {len(message.data)} bytes do not match shape {shape} of {dtype_name(message.dtype)} "
+            f"{name}: {len(data)} bytes do not match shape {shape} of {dtype_name(message.dtype)} "
             f"({expected} bytes expected)"
         )
     storage = _STORAGE_VIEW.get(dtype, dtype)
-    flat = (
-        torch.frombuffer(bytearray(message.data), dtype=storage)
-        if expected
-        else torch.empty(0, dtype=storage)
-    )
+    if not expected:
+        flat = torch.empty(0, dtype=storage)
+    elif device is not None and torch.device(device).type != "cpu":
+        with warnings.catch_warnings():  # read-only view of ``data``, only read by the copy to ``device``
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=storage).to(device)
+    else:
+        flat = torch.frombuffer(bytearray(data), dtype=storage)
     return flat.view(dtype).reshape(shape)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in ``tensor``; on host memory a test of the exponent bits, several times
+    faster than ``torch.isfinite`` for half precision there."""
+    bits = _EXPONENT_BITS.get(tensor.dtype)
+    if bits is None or tensor.device.type != "cpu":
+        return bool(torch.isfinite(tensor).all())
+    view, mask = bits
+    return not bool(((tensor.view(view) & mask) == mask).any())
+
+
+_EXPONENT_BITS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+}
 
 
 def expect(
