@@ -3,6 +3,7 @@
 #   benchmarks/gpu_run.sh speed   # self-test (CUDA graphs vs eager), local vs swarm public/internal,
 #                                 # exactness bf16 vs fp32, concurrency, memory floor, SIGTERM stops
 #   benchmarks/gpu_run.sh quant   # int8 and nf4 servers: weight memory and decode latency
+#   benchmarks/gpu_run.sh profile # py-spy on the client and a server during swarm prefills
 # Results, logs and a copy of the server logs land in $OUT (at most 8 files come back).
 set -uo pipefail
 part="${1:-speed}"
@@ -21,7 +22,11 @@ print("versions:", "torch", torch.__version__, "cuda", torch.version.cuda, "tran
 PY
 status=$?
 if [ $status -eq 0 ]; then
-    python3 benchmarks/harness.py --device cuda --part "$part" --out "$out" 2>&1 | tee "$out/harness-$part.log"
+    if [ "$part" = profile ]; then
+        python3 benchmarks/prefill_profile.py --out "$out" 2>&1 | tee "$out/profile.log"
+    else
+        python3 benchmarks/harness.py --device cuda --part "$part" --out "$out" 2>&1 | tee "$out/harness-$part.log"
+    fi
     status=${PIPESTATUS[0]}
 fi
 tar -czf "$out/server-logs-$part.tgz" -C /tmp/fincluster-bench logs 2>/dev/null || true

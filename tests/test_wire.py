@@ -77,13 +77,15 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
 
 
 def test_digest_soon_gives_the_digest_of_small_and_large_messages() -> None:
-    from fincluster.wire.tensors import OVERLAP_BYTES, digest, digest_soon, encode
+    from fincluster.wire.tensors import OVERLAP_BYTES, digest, digest_soon, encode, payload_size
 
     small = encode(torch.ones(4))
     large = encode(torch.arange(OVERLAP_BYTES // 4 + 1, dtype=torch.float32))
-    assert digest_soon(small)() == digest(small)
+    assert payload_size(small) == 16 and payload_size(large) == OVERLAP_BYTES + 4 < large.ByteSize()
+    assert payload_size(small, large, encode(torch.ones(2, 3).bfloat16())) == 16 + OVERLAP_BYTES + 4 + 12
+    assert digest_soon(small, payload_bytes=payload_size(small))() == digest(small)
     assert (
-        digest_soon(large)()
+        digest_soon(large, payload_bytes=payload_size(large))()
         == digest(large)
         == hashlib.sha256(large.SerializeToString(deterministic=True)).hexdigest()
     )

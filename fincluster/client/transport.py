@@ -50,7 +50,7 @@ from fincluster.wire.codec import (
 )
 from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import remote_error
-from fincluster.wire.tensors import all_finite, decode, digest, digest_soon, encode
+from fincluster.wire.tensors import all_finite, decode, digest, digest_soon, encode, payload_size
 
 T = TypeVar("T")
 
@@ -231,7 +231,8 @@ class GrpcSpanSession:
         request = pb.InferenceRequest()  # filled in place: the activations are copied once
         request.step.session_id, request.step.step = self.session_id, self.steps
         wire_inputs = inputs_to_wire(inputs, self.compression, into=request.step.inputs)
-        sent_digest = digest_soon(wire_inputs)  # hashed while the server computes
+        # hashed while the server computes
+        sent_digest = digest_soon(wire_inputs, payload_bytes=payload_size(wire_inputs.hidden_states))
         result = self._exchange(request, "step").step
         self._client.observe(
             "replay" if replay else "inference_step",
@@ -304,7 +305,7 @@ class GrpcSpanClient:
         """Decode a tensor this node returned and check it before anyone else sees it: the shape and
         dtype of what was sent, and finite values. A failure names this node."""
         try:
-            tensor = decode(message, name=name, device=like.device)
+            tensor = decode(message, name=name)  # host memory: the next hop sends it from there
         except WireError as error:
             raise InvalidResponseError(
                 str(error), node_id=self.node_id, span=self.span, session_id=session_id
@@ -501,7 +502,7 @@ class GrpcSpanClient:
             adapter_id=adapter.adapter_id if adapter is not None else "",
         )
         wire_inputs = inputs_to_wire(inputs, into=request.inputs)
-        sent_digest = digest_soon(wire_inputs)
+        sent_digest = digest_soon(wire_inputs, payload_bytes=payload_size(wire_inputs.hidden_states))
         response = self._call(
             lambda: self.stub.Forward(request, timeout=self._timeout), session_id=session_id
         )
@@ -540,7 +541,9 @@ class GrpcSpanClient:
         sent = pb.BackwardRequest()  # what the receipt names: activations + incoming gradient
         sent.inputs.CopyFrom(wire_inputs)
         sent.grad_outputs.CopyFrom(request.grad_outputs)
-        sent_digest = digest_soon(sent)
+        sent_digest = digest_soon(
+            sent, payload_bytes=payload_size(wire_inputs.hidden_states, request.grad_outputs)
+        )
         response = self._call(
             lambda: self.stub.Backward(request, timeout=self._timeout), session_id=session_id
         )

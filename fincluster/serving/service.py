@@ -60,7 +60,7 @@ from fincluster.wire.codec import (
 )
 from fincluster.wire.compression import WireCompression
 from fincluster.wire.status import answer_for
-from fincluster.wire.tensors import decode, digest, digest_soon, encode
+from fincluster.wire.tensors import decode, digest, digest_soon, encode, payload_size
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -298,7 +298,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
 
                 def job() -> tuple[M, Transfer]:
                     # hashed while computing (a backward's digest covers its incoming gradient too)
-                    received_digest = digest_soon(request.inputs) if input_sha256 is None else None
+                    received_digest = (
+                        digest_soon(request.inputs, payload_bytes=payload_size(request.inputs.hidden_states))
+                        if input_sha256 is None
+                        else None
+                    )
                     adapter = self._runner.adapters.resolve(request.adapter_id)
                     output = compute(span, adapter)
                     transfer = self._transfer(
@@ -329,7 +333,9 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
 
         def compute(span: BlockSpan, adapter: LoadedAdapter | None) -> pb.ForwardResponse:
             response = pb.ForwardResponse()  # filled in place: the activations are copied once
-            hidden = self._runner.forward(span, inputs_from_wire(request.inputs), adapter=adapter)
+            runner = self._runner  # decoded straight onto the span's device
+            inputs = inputs_from_wire(request.inputs, device=runner.model.device)
+            hidden = runner.forward(span, inputs, adapter=adapter)
             encode(hidden, into=response.hidden_states)
             return response
 
@@ -346,8 +352,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         def compute(span: BlockSpan, adapter: LoadedAdapter | None) -> pb.BackwardResponse:
             grads = self._runner.backward(
                 span,
-                inputs_from_wire(request.inputs),
-                decode(request.grad_outputs, name="grad_outputs"),
+                inputs_from_wire(request.inputs, device=self._runner.model.device),
+                decode(request.grad_outputs, name="grad_outputs", device=self._runner.model.device),
                 adapter=adapter,
             )
             response = pb.BackwardResponse()
@@ -524,7 +530,9 @@ class _Stream:
         tokens = wire_tokens(request.inputs)
         servicer._admission.charge(self.client_id, tokens * len(session.span))
 
-        received_digest = digest_soon(request.inputs)  # hashed while the step waits and runs
+        received_digest = digest_soon(  # hashed while the step waits and runs
+            request.inputs, payload_bytes=payload_size(request.inputs.hidden_states)
+        )
 
         def finish(hidden: torch.Tensor) -> tuple[pb.InferenceResponse, Transfer]:
             response = pb.InferenceResponse()  # filled in place: the activations are copied once

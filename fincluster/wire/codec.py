@@ -97,9 +97,12 @@ def prefixes_to_wire(prefixes: BlockPrefixes, *, into: pb.BlockPrefixes | None =
     return message
 
 
-def prefixes_from_wire(message: pb.BlockPrefixes, *, name: str = "prefixes") -> BlockPrefixes:
+def prefixes_from_wire(
+    message: pb.BlockPrefixes, *, name: str = "prefixes", device: torch.device | str | None = None
+) -> BlockPrefixes:
     return BlockPrefixes(
-        keys=decode(message.keys, name=f"{name}.keys"), values=decode(message.values, name=f"{name}.values")
+        keys=decode(message.keys, name=f"{name}.keys", device=device),
+        values=decode(message.values, name=f"{name}.values", device=device),
     )
 
 
@@ -120,12 +123,15 @@ def inputs_to_wire(
     return message
 
 
-def inputs_from_wire(message: pb.SpanInputs) -> SpanInputs:
+def inputs_from_wire(message: pb.SpanInputs, *, device: torch.device | str | None = None) -> SpanInputs:
+    """``device``: where the tensors are wanted (default: host memory), copied there from the bytes."""
     return SpanInputs(
-        hidden_states=decode(message.hidden_states, name="hidden_states"),
-        attention_mask=decode(message.attention_mask, name="attention_mask"),
-        position_ids=decode(message.position_ids, name="position_ids"),
-        prefixes=prefixes_from_wire(message.prefixes) if message.HasField("prefixes") else None,
+        hidden_states=decode(message.hidden_states, name="hidden_states", device=device),
+        attention_mask=decode(message.attention_mask, name="attention_mask", device=device),
+        position_ids=decode(message.position_ids, name="position_ids", device=device),
+        prefixes=prefixes_from_wire(message.prefixes, device=device)
+        if message.HasField("prefixes")
+        else None,
     )
 
 

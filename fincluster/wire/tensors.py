@@ -144,11 +144,22 @@ hash overlaps the network wait or the computation instead of adding to them."""
 _DIGESTER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
 
-def digest_soon(message: Message) -> Callable[[], str]:
+def digest_soon(message: Message, *, payload_bytes: int) -> Callable[[], str]:
     """:func:`digest` of ``message``, started now; call the result for the hex digest. Small messages
-    are digested at once (a thread hand-off would cost more than the hash)."""
-    if message.ByteSize() < OVERLAP_BYTES:
+    are digested at once (a thread hand-off would cost more than the hash). ``payload_bytes``: the
+    size of the tensors it carries (:func:`payload_size`; asking protobuf for the message's size
+    would serialise it once more)."""
+    if payload_bytes < OVERLAP_BYTES:
         value = digest(message)
         return lambda: value
     future = _DIGESTER.submit(digest, message)
     return future.result
+
+
+def payload_size(*tensors: pb.Tensor) -> int:
+    """Bytes the tensors' payloads take at most, from their shapes and dtypes alone (reading ``data``
+    would copy it)."""
+    return sum(math.prod(message.shape) * _ITEM_SIZE.get(message.dtype, 8) for message in tensors)
+
+
+_ITEM_SIZE: dict[pb.DType.ValueType, int] = {pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.INT64: 8}
