@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-from fincluster.audit import AuditRecorder
+from fincluster.audit import AuditLog, AuditRecorder, AuditSettings
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.registry.server import RegistryServer
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
@@ -26,7 +27,7 @@ from fincluster.settings import ClientSettings, ServerSettings
 from fincluster.spans import BlockSpan
 from fincluster.store import ModelStore, import_from_model
 from fincluster.trust.enforcement import TrustContext
-from fincluster.trust.pki import CertificateAuthority, Credential, Role
+from fincluster.trust.pki import CertificateAuthority, Credential, Role, load_certificate
 from fincluster.trust.policy import PolicyEngine
 from fincluster.values import TensorDType
 
@@ -77,6 +78,19 @@ class Pki:
                 cert_path=path, key_path=path.with_suffix(".key"), ca_cert_path=self.ca.cert_path
             )
         return self.ca.issue(role, name)
+
+    def audit_log(self, role: Role, name: str, path: Path) -> AuditLog:
+        """An audit log at ``path`` signed by the node's own TLS key, as the node would open it."""
+        _, _, key_pem = self.credential(role, name).read()
+        return AuditLog(
+            path,
+            signing_key=load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]
+            origin=f"{role.value}-{name}",
+            settings=AuditSettings(),
+        )
+
+    def public_key(self, role: Role, name: str):  # type: ignore[no-untyped-def]
+        return load_certificate(self.credential(role, name).cert_path.read_bytes()).public_key()
 
 
 @dataclass

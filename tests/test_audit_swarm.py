@@ -11,14 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from fincluster.audit import AuditLog, AuditSettings, TransferEvent, read_events, reconcile, verify
+from fincluster.audit import AuditLog, TransferEvent, read_events, reconcile, verify
 from fincluster.cli import main
 from fincluster.client import DistributedModelForCausalLM, Swarm
 from fincluster.errors import ConfigurationError
 from fincluster.store import ModelStore
-from fincluster.trust.pki import Role, load_certificate
+from fincluster.trust.pki import Role
 from fincluster.trust.tls import channel_credentials
 from fincluster.wire import fincluster_pb2 as pb
 from fincluster.wire import fincluster_pb2_grpc as pb_grpc
@@ -30,20 +29,6 @@ PROMPT = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(1
 NEW_TOKENS = 6
 
 
-def audit_log(pki: Pki, role: Role, name: str, path: Path) -> AuditLog:
-    _, _, key_pem = pki.credential(role, name).read()
-    return AuditLog(
-        path,
-        signing_key=load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]
-        origin=f"{role.value}-{name}",
-        settings=AuditSettings(),
-    )
-
-
-def public_key(pki: Pki, role: Role, name: str):
-    return load_certificate(pki.credential(role, name).cert_path.read_bytes()).public_key()
-
-
 @pytest.fixture()
 def audited(pki: Pki, tiny_llama_store: ModelStore, tmp_path: Path):
     """t (trusted 0:2), a and a2 (standard 2:4), b (standard 4:6); every party keeps an audit log."""
@@ -51,7 +36,7 @@ def audited(pki: Pki, tiny_llama_store: ModelStore, tmp_path: Path):
     analyst = pki.credential(Role.CLIENT, "analyst").spiffe_id
     trust = kit.context(clearances={analyst: "confidential"})
     logs = {
-        name: audit_log(pki, Role.SERVER, name, tmp_path / f"server-{name}.sqlite")
+        name: pki.audit_log(Role.SERVER, name, tmp_path / f"server-{name}.sqlite")
         for name in ("t", "a", "a2", "b")
     }
     with running_cluster(pki, tiny_llama_store, [], registry_trust=trust) as cluster:
@@ -69,7 +54,7 @@ def audited(pki: Pki, tiny_llama_store: ModelStore, tmp_path: Path):
                 attestation=kit.attest(name, tiny_llama_store, tier=tier),
             )
         cluster.wait_until_listed(4)
-        client_log = audit_log(pki, Role.CLIENT, "analyst", tmp_path / "client.sqlite")
+        client_log = pki.audit_log(Role.CLIENT, "analyst", tmp_path / "client.sqlite")
         yield cluster, trust, client_log, logs
         client_log.close()
     for log in logs.values():
@@ -95,7 +80,7 @@ def server_events(logs: dict[str, AuditLog], *, transfers_at_least: int = 0):
 
 
 def node_keys(pki: Pki, names) -> dict:
-    return {pki.credential(Role.SERVER, n).spiffe_id: public_key(pki, Role.SERVER, n) for n in names}
+    return {pki.credential(Role.SERVER, n).spiffe_id: pki.public_key(Role.SERVER, n) for n in names}
 
 
 def test_generation_has_one_transfer_per_step_and_node_and_reconciles(audited, pki: Pki) -> None:
@@ -125,9 +110,9 @@ def test_generation_has_one_transfer_per_step_and_node_and_reconciles(audited, p
     kinds = Counter(e.kind for e in read_events(client_log.path))
     assert kinds["session_open"] == 1 and kinds["session_close"] == 1 and kinds["routing"] == 1
     trusted = [pki.credential(Role.CLIENT, "analyst")]
-    assert verify(client_log.path, [public_key(pki, Role.CLIENT, "analyst")]).ok, trusted
+    assert verify(client_log.path, [pki.public_key(Role.CLIENT, "analyst")]).ok, trusted
     for name, log in logs.items():
-        assert verify(log.path, [public_key(pki, Role.SERVER, name)]).ok
+        assert verify(log.path, [pki.public_key(Role.SERVER, name)]).ok
 
 
 def test_forward_and_backward_are_audited_with_receipts(audited, pki: Pki) -> None:

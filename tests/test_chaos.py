@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fincluster.audit import (
     AuditLog,
-    AuditSettings,
     FailoverEvent,
     TransferEvent,
     read_events,
@@ -34,7 +32,7 @@ from fincluster.audit import (
 from fincluster.serving.server import BlockServer
 from fincluster.settings import ClientSettings
 from fincluster.store import ModelStore
-from fincluster.trust.pki import Role, load_certificate
+from fincluster.trust.pki import Role
 from tests.helpers import Cluster, Pki, ServerProcess, running_cluster, spawn_server, tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -46,20 +44,6 @@ PROMPTS = [
 # blocks 0:3 are served by p0, i0, i1 and 3:6 by p1, i0, i2
 SLOTS = {"p0": "0:3", "p1": "3:6", "i0": "0:6", "i1": "0:3", "i2": "3:6"}
 COVERERS = [{"p0", "i0", "i1"}, {"p1", "i0", "i2"}]
-
-
-def audit_log(pki: Pki, role: Role, name: str, path: Path) -> AuditLog:
-    _, _, key_pem = pki.credential(role, name).read()
-    return AuditLog(
-        path,
-        signing_key=load_pem_private_key(key_pem, password=None),  # type: ignore[arg-type]
-        origin=f"{role.value}-{name}",
-        settings=AuditSettings(),
-    )
-
-
-def public_key(pki: Pki, role: Role, name: str):
-    return load_certificate(pki.credential(role, name).cert_path.read_bytes()).public_key()
 
 
 @dataclass
@@ -91,7 +75,7 @@ class Chaos:
             )
             self.server_logs.append((slot, where / f"server-{slot}.sqlite"))
         else:
-            log = audit_log(cluster.pki, Role.SERVER, slot, where.with_suffix(".sqlite"))
+            log = cluster.pki.audit_log(Role.SERVER, slot, where.with_suffix(".sqlite"))
             self.open_logs[slot] = log
             self.running[slot] = cluster.add_server(slot, SLOTS[slot], audit=log)
             self.server_logs.append((slot, log.path))
@@ -157,7 +141,7 @@ def test_chaos_generations_stay_exact_and_every_log_reconciles(
     clients = [f"chaos-{i}" for i in range(3)]
     phase = time.monotonic()
     client_logs = {
-        name: audit_log(pki, Role.CLIENT, name, tmp_path / f"client-{name}.sqlite") for name in clients
+        name: pki.audit_log(Role.CLIENT, name, tmp_path / f"client-{name}.sqlite") for name in clients
     }
     done = threading.Event()
     generations: Counter[str] = Counter()
@@ -224,13 +208,13 @@ def test_chaos_generations_stay_exact_and_every_log_reconciles(
     assert all(generations[name] >= 3 for name in clients), generations
     # every log verifies against its node's key
     for name, log in client_logs.items():
-        assert verify(log.path, [public_key(pki, Role.CLIENT, name)]).ok, name
+        assert verify(log.path, [pki.public_key(Role.CLIENT, name)]).ok, name
     for slot, path in chaos.server_logs:
-        assert verify(path, [public_key(pki, Role.SERVER, slot)]).ok, path
+        assert verify(path, [pki.public_key(Role.SERVER, slot)]).ok, path
     # and the client logs reconcile with the union of the servers' logs
     client_events = [e for log in client_logs.values() for e in read_events(log.path)]
     server_events = [e for _, path in chaos.server_logs for e in read_events(path)]
-    node_keys = {pki.credential(Role.SERVER, s).spiffe_id: public_key(pki, Role.SERVER, s) for s in SLOTS}
+    node_keys = {pki.credential(Role.SERVER, s).spiffe_id: pki.public_key(Role.SERVER, s) for s in SLOTS}
     report = reconcile(client_events, server_events, node_keys=node_keys)
     failovers = [e for e in client_events if isinstance(e, FailoverEvent)]
     failed_sessions = {e.session_id for e in failovers}
