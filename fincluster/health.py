@@ -4,7 +4,9 @@ Load balancers, orchestrators and ``fincluster status`` ask it, over the same mT
 node's own service. A block server answers SERVING only while it is announced to its registry (or
 has none) and not draining; the port opens once its weights are loaded, so a refused connection
 means it is still loading. Both the overall status (service ``""``) and the named service
-(``fincluster.v1.BlockService`` / ``fincluster.v1.RegistryService``) are kept.
+(``fincluster.v1.BlockService`` / ``fincluster.v1.RegistryService``) are kept. A block server also
+keeps ``fincluster.v1.BlockService/classified``: SERVING only while it is SERVING and its own
+attestation is valid, i.e. while it may serve data above ``public``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fincluster.rpc import run_on_loop
 
 BLOCK_SERVICE = "fincluster.v1.BlockService"
 REGISTRY_SERVICE = "fincluster.v1.RegistryService"
+CLASSIFIED_DATA = "fincluster.v1.BlockService/classified"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -29,6 +32,8 @@ class AioHealth:
         self.service = service
         self.servicer = health.aio.HealthServicer()
         self.serving: bool | None = None
+        self._named: dict[str, bool] = {}
+        self._draining = False
         self._lock = threading.Lock()
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -45,10 +50,19 @@ class AioHealth:
             for name in ("", self.service):
                 run_on_loop(self.servicer.set(name, status), timeout=5)
 
+    def set_named(self, name: str, serving: bool) -> None:
+        """SERVING or NOT_SERVING for one more service name (e.g. :data:`CLASSIFIED_DATA`); ignored
+        once draining, like :meth:`set`."""
+        with self._lock:
+            if self._draining or self._named.get(name) == serving:
+                return
+            self._named[name] = serving
+            run_on_loop(self.servicer.set(name, SERVING if serving else NOT_SERVING), timeout=5)
+
     def drain(self) -> None:
         """NOT_SERVING from now on (the server is stopping); later :meth:`set` calls are ignored."""
         with self._lock:
-            self.serving = False
+            self.serving, self._draining = False, True
             run_on_loop(self.servicer.enter_graceful_shutdown(), timeout=5)
 
 

@@ -18,7 +18,7 @@ import grpc
 from fincluster.bootstrap import trust_from_settings
 from fincluster.client.routing import hop_cost, load_warnings
 from fincluster.errors import TrustError
-from fincluster.health import check
+from fincluster.health import CLASSIFIED_DATA, check
 from fincluster.registry.service import RegistryClient
 from fincluster.settings import TrustSettings
 from fincluster.trust.enforcement import TrustContext
@@ -40,6 +40,7 @@ class NodeStatus:
     auto_placed: bool
     tier: str
     health: str
+    classified_health: str  # ``fincluster.health.CLASSIFIED_DATA``: may it serve data above public now
     throughput_blocks_per_s: float
     rtt_ms: float | None
     queue_length: int
@@ -78,20 +79,27 @@ def _tier(record: pb.ServerRecord, trust: TrustContext) -> str:
     return claims.tier.value if claims is not None else "unattested"
 
 
-def _probe(channel: grpc.Channel, timeout: float) -> tuple[str, float | None]:
-    """Health, and the round trip of an Info call in seconds (None when it fails)."""
+def _probe(channel: grpc.Channel, timeout: float) -> tuple[str, str, float | None]:
+    """Health overall and for classified data, and the round trip of an Info call in seconds (None
+    when it fails)."""
     health = check(channel, timeout=timeout)
+    classified = check(channel, service=CLASSIFIED_DATA, timeout=timeout)
     started = time.perf_counter()
     try:
         pb_grpc.BlockServiceStub(channel).Info(pb.InfoRequest(), timeout=timeout)
     except grpc.RpcError:
-        return health, None
-    return health, time.perf_counter() - started
+        return health, classified, None
+    return health, classified, time.perf_counter() - started
 
 
-def node_status(record: pb.ServerRecord, *, health: str, rtt: float | None, tier: str) -> NodeStatus:
+def node_status(
+    record: pb.ServerRecord, *, health: str, rtt: float | None, tier: str, classified_health: str
+) -> NodeStatus:
     blocks = record.span.end - record.span.start
     cost = hop_cost(record, blocks, rtt if rtt is not None else 0.0)
+    warnings = load_warnings(record)
+    if record.attestation and health == SERVING and classified_health == "NOT_SERVING":
+        warnings.append("public data only: its own attestation is not valid now")
     return NodeStatus(
         node_id=record.node_id,
         name=record.node_id.rsplit("/", 1)[-1],
@@ -103,13 +111,14 @@ def node_status(record: pb.ServerRecord, *, health: str, rtt: float | None, tier
         auto_placed=record.auto_placed,
         tier=tier,
         health=health,
+        classified_health=classified_health,
         throughput_blocks_per_s=round(record.throughput, 1),
         rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
         queue_length=record.queue_length,
         cache_bytes_free=record.cache_bytes_free,
         cache_bytes_total=record.cache_bytes_total,
         open_sessions=record.open_sessions,
-        warnings=load_warnings(record),
+        warnings=warnings,
         cost_ms=cost.as_log() if rtt is not None else {},
     )
 
@@ -154,8 +163,12 @@ def gather_status(
                 record.address, credentials, options=expected_server_identity(record.node_id)
             )
             channels.append(node_channel)
-            health, rtt = _probe(node_channel, timeout_seconds)
-            nodes.append(node_status(record, health=health, rtt=rtt, tier=_tier(record, trust)))
+            health, classified, rtt = _probe(node_channel, timeout_seconds)
+            nodes.append(
+                node_status(
+                    record, health=health, rtt=rtt, tier=_tier(record, trust), classified_health=classified
+                )
+            )
     finally:
         for open_channel in channels:
             open_channel.close()

@@ -11,8 +11,10 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from fincluster.audit import AuditRecorder, FailoverEvent
+from fincluster.health import CLASSIFIED_DATA, check
 from fincluster.store import ModelStore
 from fincluster.trust.pki import Role
 from fincluster.trust.tls import channel_credentials
@@ -160,7 +162,15 @@ def test_a_server_whose_own_attestation_expires_stops_serving_classified_data(
         stream = RawStream(stub)
         session_id = stream.send(open_request("internal")).opened.session_id
         assert stream.send(step_request(session_id, 0)).step.position == 1
-        server_clock.advance(hours=1, seconds=1)
+        assert eventually(lambda: check(channel, service=CLASSIFIED_DATA) == "SERVING")
+        with capture_logs() as logs:
+            server_clock.advance(hours=1, seconds=1)
+            # health says so: classified data NOT_SERVING, the server itself still SERVING (public)
+            assert eventually(lambda: check(channel, service=CLASSIFIED_DATA) == "NOT_SERVING")
+            assert check(channel) == "SERVING"
+            time.sleep(0.5)  # more maintenance rounds: the expiry is logged once
+        expired = [entry for entry in logs if entry["event"] == "own_attestation_expired"]
+        assert len(expired) == 1 and "public data is still served" in expired[0]["action"]
         with pytest.raises(grpc.RpcError) as during:  # the open session is refused at its next step
             stream.send(step_request(session_id, 1))
         assert during.value.code() is grpc.StatusCode.PERMISSION_DENIED

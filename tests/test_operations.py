@@ -22,6 +22,7 @@ from fincluster.registry.service import RegistryClient
 from fincluster.serving.server import BlockServer, ServedModel, load_span_model
 from fincluster.settings import ServerSettings
 from fincluster.spans import BlockSpan
+from fincluster.status import SwarmStatus, node_status, render_table
 from fincluster.store import ModelStore
 from fincluster.trust.pki import Role
 from fincluster.trust.tls import channel_credentials
@@ -216,10 +217,10 @@ def test_status_shows_nodes_tiers_health_and_the_gap(pki: Pki, attested_swarm, c
     # without the authority's key the client cannot know tiers
     assert main(status_args(pki, cluster, "--json")) == 1
     report = json.loads(capsys.readouterr().out)
-    assert [(n["name"], n["tier"], n["health"]) for n in report["nodes"]] == [
-        ("gone", "unattested", "UNREACHABLE"),
-        ("s", "unverified", "SERVING"),
-        ("t", "unverified", "SERVING"),
+    assert [(n["name"], n["tier"], n["health"], n["classified_health"]) for n in report["nodes"]] == [
+        ("gone", "unattested", "UNREACHABLE", "UNREACHABLE"),
+        ("s", "unverified", "SERVING", "SERVING"),
+        ("t", "unverified", "SERVING", "SERVING"),
     ]
     assert report["coverage"] == [
         {"blocks": "0:4", "serving_nodes": 1, "listed_nodes": 1},
@@ -244,3 +245,22 @@ def test_status_of_a_fully_covered_swarm_exits_zero(
         assert main(status_args(pki, cluster)) == 0
     out = capsys.readouterr().out
     assert "  blocks     2:4  x2" in out.splitlines() and out.rstrip().endswith("every block is covered")
+
+
+def test_status_warns_of_an_attested_node_whose_attestation_no_longer_lets_it_serve_classified_data() -> None:
+    record = pb.ServerRecord(
+        node_id="spiffe://bank/server/x", address="10.0.0.7:7001", span=pb.BlockSpan(start=0, end=4)
+    )
+    record.attestation = "header.claims.signature"
+    expired = node_status(record, health="SERVING", rtt=None, tier="INVALID", classified_health="NOT_SERVING")
+    assert expired.warnings == ["public data only: its own attestation is not valid now"]
+    assert "public data only" in render_table(SwarmStatus("m", 4, [expired], [], []))
+    valid = node_status(record, health="SERVING", rtt=None, tier="trusted", classified_health="SERVING")
+    assert valid.warnings == []
+    record.attestation = ""  # an unattested node never serves classified data: nothing to warn of
+    assert (
+        node_status(
+            record, health="SERVING", rtt=None, tier="unattested", classified_health="NOT_SERVING"
+        ).warnings
+        == []
+    )

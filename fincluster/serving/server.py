@@ -24,7 +24,7 @@ from fincluster.adapters.manifest import AdapterKeys
 from fincluster.admission import DEFAULT_DEPARTMENT, Admission, Limits
 from fincluster.audit import AuditSink
 from fincluster.errors import ClosedError, ConfigurationError, MovedError
-from fincluster.health import BLOCK_SERVICE, AioHealth
+from fincluster.health import BLOCK_SERVICE, CLASSIFIED_DATA, AioHealth
 from fincluster.logs import get_logger
 from fincluster.metrics import MetricsEndpoint, ServerMetrics, session_end
 from fincluster.net import check_advertised, join_host_port
@@ -229,6 +229,7 @@ class BlockServer:
         self._grpc: AioServerThread | None = None
         self._audit_writer: AuditWriter | None = None
         self._stopping = threading.Event()
+        self._expiry_logged: str | None = None  # the attestation whose expiry was last logged
         self._background: threading.Thread | None = None
         self._closed = False
 
@@ -321,6 +322,7 @@ class BlockServer:
             self.health.register(server)
 
         self.health.set(self.announcer is None)  # NOT_SERVING until announced
+        self.health.set_named(CLASSIFIED_DATA, self.announcer is None and self._attested_now())
         self._grpc = AioServerThread(
             register,
             address=f"{settings.host}:{settings.port}",
@@ -449,8 +451,30 @@ class BlockServer:
             if self.announcer is not None:
                 self.announcer.tick()
             healthy = self.announcer is None or self.announcer.announced
-            self.health.set(healthy and (self._audit_writer is None or self._audit_writer.failure is None))
+            healthy = healthy and (self._audit_writer is None or self._audit_writer.failure is None)
+            self.health.set(healthy)
+            self.health.set_named(CLASSIFIED_DATA, healthy and self._attested_now())
             self._stopping.wait(0.2)
+
+    def _attested_now(self) -> bool:
+        """Whether this server's own attestation is valid now (on the trust context's clock): what
+        data above ``public`` needs. Its expiry is logged once."""
+        claims = self.guard.own_claims
+        if claims is None:
+            return False
+        if claims.expires_at > self.trust.clock():
+            return True
+        if self._expiry_logged != claims.attestation_id:
+            self._expiry_logged = claims.attestation_id
+            log.warning(
+                "own_attestation_expired",
+                node=self.node_id,
+                attestation=claims.attestation_id,
+                expired_at=claims.expires_at.isoformat(),
+                action="data above public is refused until a valid attestation is in place; "
+                "public data is still served",
+            )
+        return False
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Withdraw, drain running calls for the grace period, then close every session."""
