@@ -210,7 +210,11 @@ def test_chaos_generations_stay_exact_and_every_log_reconciles(
     for name, log in client_logs.items():
         assert verify(log.path, [pki.public_key(Role.CLIENT, name)]).ok, name
     for slot, path in chaos.server_logs:
-        assert verify(path, [pki.public_key(Role.SERVER, slot)]).ok, path
+        verified = verify(path, [pki.public_key(Role.SERVER, slot)])
+        if slot.startswith("p") and not verified.ok:  # a process SIGKILLed before its first checkpoint
+            assert [problem.code for problem in verified.problems] == ["no_checkpoint"], verified.problems
+            continue
+        assert verified.ok, (path, verified.problems)
     # and the client logs reconcile with the union of the servers' logs
     client_events = [e for log in client_logs.values() for e in read_events(log.path)]
     server_events = [e for _, path in chaos.server_logs for e in read_events(path)]
